@@ -1,0 +1,397 @@
+"""`LoRAFineTune.spec`: the one typed source of truth for what a user can ask for.
+
+The CRD's OpenAPI schema (crds/), the chart's copy and `kubectl explain` text are generated from these models, and
+the same models validate manifests in local runs, so every field's description says its unit, default and why.
+Cross-field rules live twice on purpose: as pydantic validators (local runs, `lorafinetune validate`) and as CEL
+rules (`x-kubernetes-validations`, enforced by the API server). Keep each pair in step.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from lorafinetune.api.base import APIModel
+from lorafinetune.api.uris import parse_uri
+
+PositiveInt = Annotated[int, Field(ge=1)]
+K8sObject = dict[str, Any]  # a Kubernetes type (affinity, tolerations, ...) passed through to the pod unchanged
+
+
+def cel(rule: str, message: str) -> dict:
+    """A CEL validation rule attached to a model's schema (picked up by the CRD generator)."""
+    return {"rule": rule, "message": message}
+
+
+class ModelSpec(APIModel):
+    """The base model to fine-tune."""
+
+    uri: str = Field(
+        description="Where the base model is: hf://org/name[@revision] (Hugging Face Hub), pvc://claim/path, "
+        "s3://bucket/prefix, file:///abs/path, or package://python_package (a model shipped in an installed "
+        "Python package, local runs only).",
+    )
+    gguf_file: str | None = Field(
+        default=None,
+        description="Name of a GGUF file inside `uri` to load instead of safetensors weights. The weights are "
+        "dequantised to `dtype` once and cached as an ordinary checkpoint, because transformers refuses to train "
+        "or save a model it loaded from GGUF.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="dtype the frozen base weights are loaded in. `auto` follows training.precision "
+        "(bf16 -> bfloat16, fp16 -> float16, fp32 -> float32).",
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Allow the model repository to run its own Python code. Off by default: it executes code "
+        "from the model source inside your pods.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        parse_uri(v, ("hf", "pvc", "s3", "file", "package"))
+        return v
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _gguf(cls, v: str | None) -> str | None:
+        if v is not None and ("/" in v or not v.endswith(".gguf")):
+            raise ValueError(f"{v!r} must be a file name ending in .gguf inside model.uri, without '/'")
+        return v
+
+
+class DatasetSpec(APIModel):
+    """JSON Lines training data and how to turn it into tokens."""
+
+    model_config = APIModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(
+                    "!(has(self.validation) && has(self.validationSplit) && self.validationSplit > 0.0)",
+                    "set either dataset.validation (a file) or dataset.validationSplit (a fraction), not both",
+                )
+            ]
+        }
+    }
+
+    train: str = Field(description="JSONL file with training rows: file://, pvc:// or s3:// URI.")
+    validation: str | None = Field(
+        default=None, description="JSONL file with held-out rows for evaluation; same schemes as `train`."
+    )
+    validation_split: float | None = Field(
+        default=None,
+        ge=0.0,
+        lt=0.5,
+        description="Fraction of `train` held out (seeded by training.seed) when no validation file is given. "
+        "Default 0.1 when `validation` is unset; 0 disables evaluation.",
+    )
+    format: Literal["text", "completion", "chat"] = Field(
+        default="chat",
+        description="Row format. text: {\"text\"}; all tokens trained. completion: {\"prompt\", \"completion\"}; "
+        "the prompt is masked out of the loss. chat: {\"messages\": [{\"role\", \"content\"}]} rendered with the "
+        "model's chat template; only assistant turns (with their end-of-turn token) are trained.",
+    )
+    max_seq_length: int = Field(
+        default=1024,
+        ge=16,
+        le=131072,
+        description="Tokens per example (or per packed sequence). Longer examples are truncated from the end.",
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack several examples into one sequence to remove padding. Each example keeps its own "
+        "position ids and attends only to itself (block-diagonal mask), so results equal unpacked training.",
+    )
+    train_on_prompt: bool = Field(
+        default=False,
+        description="Also train on prompt / user tokens. Off by default: the loss is on completions only.",
+    )
+
+    @field_validator("train", "validation")
+    @classmethod
+    def _data_uri(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_uri(v, ("file", "pvc", "s3"))
+        return v
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> DatasetSpec:
+        if self.validation is not None and self.validation_split:
+            raise ValueError("set either dataset.validation (a file) or dataset.validationSplit (a fraction), not both")
+        return self
+
+    @property
+    def effective_validation_split(self) -> float:
+        if self.validation is not None:
+            return 0.0
+        return 0.1 if self.validation_split is None else self.validation_split
+
+
+class LoRASpec(APIModel):
+    """The LoRA adapter (PEFT `LoraConfig`)."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="Rank of the low-rank update matrices.")
+    alpha: float = Field(
+        default=32.0, gt=0, description="Scaling numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."
+    )
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="Module names to adapt (e.g. q_proj, v_proj) or [\"all-linear\"] for every linear layer except "
+        "the output head.",
+    )
+    use_rslora: bool = Field(default=False, description="Rank-stabilised LoRA scaling (alpha/sqrt(r)).")
+    use_dora: bool = Field(
+        default=False,
+        description="Weight-decomposed LoRA (DoRA): adds a magnitude vector per adapted module; slower per step.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if "all-linear" in v and len(v) > 1:
+            raise ValueError("use either [\"all-linear\"] or a list of module names, not both")
+        return v
+
+
+class TrainingSpec(APIModel):
+    """Optimisation settings. Exactly one of `epochs` and `maxSteps`."""
+
+    model_config = APIModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel("has(self.epochs) != has(self.maxSteps)", "set exactly one of training.epochs and training.maxSteps")
+            ]
+        }
+    }
+
+    epochs: float | None = Field(default=None, gt=0, le=1000, description="Passes over the training set.")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run (overrides epochs).")
+    learning_rate: float = Field(default=2e-4, gt=0, le=1.0, description="Peak learning rate of AdamW.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        default="cosine", description="Decay after warm-up: to 0 (linear, cosine) or none (constant)."
+    )
+    warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0, description="Fraction of steps with linear warm-up.")
+    micro_batch_size: int = Field(default=4, ge=1, le=4096, description="Sequences per process per forward pass.")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, le=4096, description="Micro-batches per optimizer step. Global batch = micro x accum x ranks."
+    )
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW decoupled weight decay.")
+    max_grad_norm: float = Field(
+        default=1.0, ge=0.0, description="Clip the global gradient norm to this value; 0 disables clipping."
+    )
+    seed: int = Field(default=42, ge=0, description="Seeds the LoRA init, data order, validation split and dropout.")
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16",
+        description="Compute precision. bf16 on GPUs from Ampere on; fp32 is the safe choice on CPU.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in the backward pass: less memory, about a third more compute.",
+    )
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainingSpec:
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ValueError("set exactly one of training.epochs and training.maxSteps")
+        return self
+
+
+class DeepSpeedSpec(APIModel):
+    """DeepSpeed ZeRO sharding."""
+
+    model_config = APIModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel("!self.offloadParams || self.zeroStage == 3", "deepspeed.offloadParams needs zeroStage 3"),
+                cel("!self.offloadOptimizer || self.zeroStage >= 1", "deepspeed.offloadOptimizer needs zeroStage >= 1"),
+            ]
+        }
+    }
+
+    zero_stage: int = Field(
+        default=2,
+        ge=0,
+        le=3,
+        description="0: data parallel; 1: shard optimizer states; 2: also gradients; 3: also parameters.",
+    )
+    offload_optimizer: bool = Field(default=False, description="Keep optimizer states in CPU memory (stage >= 1).")
+    offload_params: bool = Field(default=False, description="Keep parameters in CPU memory (stage 3 only).")
+
+    @model_validator(mode="after")
+    def _offload(self) -> DeepSpeedSpec:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("deepspeed.offloadParams needs zeroStage 3")
+        if self.offload_optimizer and self.zero_stage < 1:
+            raise ValueError("deepspeed.offloadOptimizer needs zeroStage >= 1")
+        return self
+
+
+class EarlyStoppingSpec(APIModel):
+    """Stop when the evaluation loss stops improving."""
+
+    patience: int = Field(default=3, ge=1, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(default=0.0, ge=0.0, description="Smallest decrease of eval loss that counts.")
+
+
+class EvaluationSpec(APIModel):
+    """Evaluation on the held-out split (loss and perplexity; logits are never accumulated)."""
+
+    every_steps: int = Field(
+        default=50, ge=1, description="Evaluate every N optimizer steps (and always before step 1 and at the end)."
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(default=None, description="Optional early stopping.")
+
+
+class CheckpointingSpec(APIModel):
+    """Resumable checkpoints (adapter, optimizer, scheduler, data position, RNG), written atomically."""
+
+    every_steps: int = Field(default=100, ge=1, description="Checkpoint every N optimizer steps.")
+    keep_last: int = Field(default=2, ge=1, le=100, description="Complete checkpoints kept; older ones are removed.")
+
+
+class ResourcesSpec(APIModel):
+    """Where and on how much hardware the trainer runs."""
+
+    nodes: int = Field(default=1, ge=1, le=1024, description="Pods (machines); one torchrun agent each.")
+    gpus_per_node: int = Field(default=1, ge=0, le=16, description="nvidia.com/gpu per pod; 0 trains on CPU.")
+    processes_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Training processes per node. Default: gpusPerNode, or 1 on CPU. Must equal gpusPerNode "
+        "when GPUs are used (one process per GPU).",
+    )
+    resources: K8sObject | None = Field(
+        default=None,
+        description="Pod container resources (requests/limits of cpu, memory); nvidia.com/gpu is set from "
+        "gpusPerNode.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    image: str | None = Field(default=None, description="Trainer image; default: the operator's configured image.")
+    node_selector: dict[str, str] | None = Field(default=None, description="Pod nodeSelector.")
+    tolerations: list[K8sObject] | None = Field(
+        default=None,
+        description="Pod tolerations.",
+        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+    )
+    affinity: K8sObject | None = Field(
+        default=None, description="Pod affinity.", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    priority_class_name: str | None = Field(default=None, description="Pod priorityClassName.")
+    service_account_name: str | None = Field(default=None, description="Pod serviceAccountName.")
+
+    @model_validator(mode="after")
+    def _processes(self) -> ResourcesSpec:
+        if self.gpus_per_node and self.processes_per_node not in (None, self.gpus_per_node):
+            raise ValueError(
+                f"resources.processesPerNode ({self.processes_per_node}) must equal gpusPerNode "
+                f"({self.gpus_per_node}) when GPUs are used, or be left unset"
+            )
+        return self
+
+    @property
+    def procs_per_node(self) -> int:
+        return self.processes_per_node or self.gpus_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+class OutputSpec(APIModel):
+    """Where the adapter, summary, model card and checkpoints go."""
+
+    uri: str = Field(description="Output folder: pvc://claim/path, s3://bucket/prefix or file:///abs/path.")
+    merge_adapter: bool = Field(
+        default=False,
+        description="Also write the base model with the adapter merged in (16-bit base, done after training).",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        parse_uri(v, ("pvc", "s3", "file"))
+        return v
+
+
+class S3Spec(APIModel):
+    """Connection to S3 or an S3-compatible store, used for every s3:// URI in the spec."""
+
+    endpoint_url: str | None = Field(
+        default=None, description="Endpoint of an S3-compatible store (http(s)://host:port); unset for AWS S3."
+    )
+    region: str | None = Field(default=None, description="Region, e.g. us-east-1.")
+    credentials_secret: str | None = Field(
+        default=None,
+        description="Name of a Secret in the same namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+        "passed to pods by reference (never copied into config, status or logs). Unset: the pod's own identity.",
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"{v!r} must start with http:// or https://")
+        return v
+
+
+class RunPolicySpec(APIModel):
+    """Retries, deadlines and clean-up of the whole run."""
+
+    backoff_limit: int = Field(
+        default=3, ge=0, le=100, description="Failed attempts retried (whole gang, resuming from the last checkpoint)."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the run (DeadlineExceeded) after this many seconds since it started."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the run's pods, Jobs and config this long after it finishes."
+    )
+    suspend: bool = Field(
+        default=False, description="Stop the running attempt after a checkpoint; set back to false to resume."
+    )
+
+
+class LoRAFineTuneSpec(APIModel):
+    """What to fine-tune, on what, how, and where the adapter goes."""
+
+    model_config = APIModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(
+                    "!((self.model.uri.startsWith('s3://') || self.dataset.train.startsWith('s3://') || "
+                    "(has(self.dataset.validation) && self.dataset.validation.startsWith('s3://')) || "
+                    "self.output.uri.startsWith('s3://')) && !has(self.s3))",
+                    "s3:// URIs need spec.s3 (endpointUrl, region, credentialsSecret)",
+                ),
+                cel(
+                    "!self.model.uri.startsWith('package://')",
+                    "package:// models exist only in local runs; use pvc://, s3:// or hf:// in a cluster",
+                ),
+            ]
+        }
+    }
+
+    model: ModelSpec = Field(description="The base model.")
+    dataset: DatasetSpec = Field(description="Training and validation data.")
+    lora: LoRASpec = Field(default_factory=LoRASpec, description="LoRA adapter settings.")
+    training: TrainingSpec = Field(default_factory=lambda: TrainingSpec(epochs=1), description="Optimisation.")
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO settings.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Held-out evaluation.")
+    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Nodes, GPUs and pod scheduling.")
+    output: OutputSpec = Field(description="Where results go.")
+    s3: S3Spec | None = Field(default=None, description="S3 connection for s3:// URIs.")
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadlines, clean-up.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> LoRAFineTuneSpec:
+        uris = [self.model.uri, self.dataset.train, self.dataset.validation or "", self.output.uri]
+        if any(u.startswith("s3://") for u in uris) and self.s3 is None:
+            raise ValueError("s3:// URIs need spec.s3 (endpointUrl, region, credentialsSecret)")
+        return self

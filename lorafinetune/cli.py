@@ -1,0 +1,114 @@
+"""`lorafinetune` command line: validate, run, evaluate, crd.
+
+    lorafinetune validate examples/quickstart.yaml
+    lorafinetune run examples/quickstart.yaml --pvc quickstart-data=examples/data
+    lorafinetune evaluate examples/quickstart.yaml --pvc quickstart-data=examples/data
+    lorafinetune crd --write            # regenerate crds/ from the API models
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lorafinetune.api.manifest import ManifestError, load_manifest
+
+
+def _pvc_mount(value: str) -> tuple[str, Path]:
+    claim, sep, path = value.partition("=")
+    if not sep or not claim or not path:
+        raise argparse.ArgumentTypeError(f"--pvc {value!r}: expected CLAIM=DIR, e.g. --pvc data=./examples/data")
+    return claim, Path(path).resolve()
+
+
+def _add_local_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", type=Path, help="LoRAFineTune YAML file")
+    p.add_argument(
+        "--pvc", type=_pvc_mount, action="append", default=[], metavar="CLAIM=DIR",
+        help="map pvc://CLAIM/... to a local folder (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--pvc-root", type=Path, default=Path("runs"), help="folder for other claims (default: ./runs)")
+
+
+def _options(args: argparse.Namespace):
+    from lorafinetune.local.runner import LocalOptions
+
+    return LocalOptions(
+        pvc_root=args.pvc_root.resolve(),
+        pvc_mounts=dict(args.pvc),
+        metrics_port=getattr(args, "metrics_port", 0),
+    )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    lft = load_manifest(args.manifest)
+    s = lft.spec
+    print(
+        f"{args.manifest}: valid LoRAFineTune {lft.metadata.name!r}: {s.resources.nodes} node(s) x "
+        f"{s.resources.procs_per_node} process(es), ZeRO-{s.deepspeed.zero_stage}, LoRA r={s.lora.r}"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lorafinetune.local.runner import run_local
+
+    return run_local(load_manifest(args.manifest), _options(args), show_progress=not args.quiet)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lorafinetune.evaluation import evaluate_manifest
+
+    return evaluate_manifest(load_manifest(args.manifest), _options(args), args.adapter, args.limit)
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from lorafinetune.api.crd import CRD_PATH, render_crd
+
+    text = render_crd()
+    if args.write:
+        CRD_PATH.write_text(text)
+        print(f"wrote {CRD_PATH}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafinetune", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a manifest without running it")
+    p.add_argument("manifest", type=Path)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="run a manifest on this machine (local ranks over gloo)")
+    _add_local_flags(p)
+    p.add_argument("--metrics-port", type=int, default=0, help="serve rank 0's Prometheus metrics on this port")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("evaluate", help="validation loss and task score of the base model and the adapter")
+    _add_local_flags(p)
+    p.add_argument("--adapter", type=Path, help="adapter folder (default: <output>/adapter)")
+    p.add_argument("--limit", type=int, default=None, help="score at most this many held-out prompts")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("crd", help="print (or --write) the CustomResourceDefinition generated from the API")
+    p.add_argument("--write", action="store_true", help="write crds/lorafinetune.io_lorafinetunes.yaml")
+    p.set_defaults(func=cmd_crd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ManifestError as err:
+        print(err, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

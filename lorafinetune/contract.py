@@ -1,0 +1,81 @@
+"""The contract between whoever launches the trainer (operator pods, the local runner) and the trainer itself.
+
+Both sides import this module and nothing else of each other: environment variable names, the layout of the run
+folder, and exit codes that tell a launcher whether retrying can help.
+
+Launch (one torchrun agent per node; the operator and the local runner both do exactly this):
+
+    LFT_CONFIG=/etc/lorafinetune/config.json LFT_RUN_DIR=/output/run \\
+    torchrun --nnodes N --node-rank R --nproc-per-node P --master-addr ADDR --master-port 29500 \\
+        -m lorafinetune.trainer
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+# Environment variables read by the trainer.
+ENV_CONFIG = "LFT_CONFIG"  # path of the rendered trainer config (JSON: the spec plus the run name)
+ENV_RUN_DIR = "LFT_RUN_DIR"  # local folder for checkpoints, progress and the adapter before publishing
+ENV_METRICS_PORT = "LFT_METRICS_PORT"  # rank 0 serves Prometheus metrics here; unset or 0 disables
+ENV_CACHE_DIR = "LFT_CACHE_DIR"  # converted models and tokenised data; default ~/.cache/lorafinetune
+ENV_PVC_ROOT = "LFT_PVC_ROOT"  # where pvc://claim/... is mounted: <root>/<claim>/... (pods: /mnt/pvc)
+ENV_TERMINATION_LOG = "LFT_TERMINATION_LOG"  # the failing process writes {exitCode, reason, message} here
+ENV_FAIL_AT_STEP = "LFT_FAIL_AT_STEP"  # fault injection for tests: rank 0 exits with FAILED after this step
+
+# Files in the run folder.
+CONFIG_FILE = "config.json"
+PROGRESS_FILE = "progress.json"  # rank 0 rewrites it atomically after every step and evaluation
+CHECKPOINTS_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"
+SUMMARY_FILE = "training_summary.json"
+MODEL_CARD_FILE = "README.md"
+LOSS_PLOT_FILE = "loss_curve.png"
+COMPLETE_MARKER = "COMPLETE.json"  # written last into a checkpoint or adapter folder: its presence means complete
+
+
+class ExitCode(IntEnum):
+    """Trainer exit codes. Launchers retry RETRYABLE codes (and signals), never PERMANENT ones."""
+
+    OK = 0
+    FAILED = 1  # unexpected error: retryable, resumes from the last checkpoint
+    INVALID_CONFIG = 2  # permanent: the spec or the environment cannot work (fix the manifest)
+    DATA_ERROR = 3  # permanent: a malformed dataset row or an example with nothing to train on
+    MODEL_ERROR = 4  # permanent: the model cannot be found or loaded (offline hub, missing file)
+    INTERRUPTED = 130  # stopped on request (SIGINT/SIGTERM) after writing a checkpoint: resume later
+
+    @property
+    def permanent(self) -> bool:
+        return self in (ExitCode.INVALID_CONFIG, ExitCode.DATA_ERROR, ExitCode.MODEL_ERROR)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so readers see the old file or the new one, never half of it (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_termination(path: Path) -> dict[str, Any] | None:
+    """What a failed trainer wrote to its termination log (Kubernetes shows it as the termination message)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def read_progress(run_dir: Path) -> dict[str, Any] | None:
+    """The last progress rank 0 published, or None before the first one."""
+    try:
+        return json.loads((run_dir / PROGRESS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,82 @@
+"""Terminal output of local runs: a one-line progress bar while training and a summary table at the end."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lorafinetune.contract import ADAPTER_DIR, LOSS_PLOT_FILE, SUMMARY_FILE
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _num(v: float | None, fmt: str = ".4f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+class ProgressDisplay:
+    """Redraws one line on a terminal; prints a line per step change (at most every 5 s) elsewhere (CI logs)."""
+
+    def __init__(self, name: str, enabled: bool = True, width: int = 24):
+        self.name, self.enabled, self.width = name, enabled, width
+        self.tty = sys.stdout.isatty()
+        self.last_step: int | None = None
+        self.last_print = 0.0
+        self.started = time.time()
+
+    def line(self, p: dict[str, Any]) -> str:
+        total = p.get("totalSteps") or 1
+        done = int(self.width * p["step"] / total)
+        bar = "#" * done + "." * (self.width - done)
+        tps = p.get("tokensPerSecond")
+        return (
+            f"{self.name} [{bar}] step {p['step']}/{total}  loss {_num(p.get('trainLoss'))}  "
+            f"eval {_num(p.get('evalLoss'))}  {_num(tps, '.0f')} tok/s  ETA {_fmt_seconds(p.get('etaSeconds'))}"
+        )
+
+    def update(self, progress: dict[str, Any] | None) -> None:
+        if not self.enabled or progress is None:
+            return
+        now = time.time()
+        if self.tty:
+            sys.stdout.write("\r" + self.line(progress).ljust(110))
+            sys.stdout.flush()
+        elif progress["step"] != self.last_step and (now - self.last_print >= 5 or progress["step"] == progress.get("totalSteps")):
+            print(self.line(progress), flush=True)
+            self.last_step, self.last_print = progress["step"], now
+
+    def note(self, text: str) -> None:
+        print(("\n" if self.tty else "") + text, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print()
+
+
+def print_summary(run_dir: Path) -> None:
+    summary = json.loads((run_dir / ADAPTER_DIR / SUMMARY_FILE).read_text())
+    tokens, secs = summary["trainedTokens"], summary["durationSeconds"]
+    rows = [
+        ("steps", f"{summary['steps']} / {summary['totalSteps']} ({summary['epochs']:.2f} epochs)"),
+        ("processes", str(summary["worldSize"])),
+        ("trained tokens", f"{tokens} ({tokens / max(secs, 1e-9):.0f} tokens/s over {secs:.0f} s incl. start-up)"),
+        ("trainable params", f"{summary['trainableParameters']:,} of {summary['totalParameters']:,}"),
+        ("eval loss", f"{_num(summary['initialEvalLoss'])} before -> {_num(summary['finalEvalLoss'])} after "
+                      f"(best {_num(summary['bestEvalLoss'])})"),
+        ("final train loss", _num(summary["finalTrainLoss"])),
+        ("adapter", f"{run_dir / ADAPTER_DIR} ({summary['adapter']['sizeBytes'] / 1e6:.1f} MB, "
+                    f"sha256 {summary['adapter']['sha256'][:12]}...)"),
+        ("loss curve", str(run_dir / ADAPTER_DIR / LOSS_PLOT_FILE)),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    print(f"\n{summary['name']}: done")
+    for k, v in rows:
+        print(f"  {k.ljust(width)}  {v}")

@@ -1,0 +1,173 @@
+"""Run a LoRAFineTune manifest on this machine, with the same contract as the operator's pods.
+
+    lorafinetune run examples/quickstart.yaml --pvc quickstart-data=examples/data
+
+One torchrun agent per `resources.nodes`, each with `processesPerNode` ranks, rendezvousing on 127.0.0.1 over
+gloo: exactly what the pods do, minus Kubernetes. `pvc://claim/path` URIs map to local folders (`--pvc CLAIM=DIR`,
+or `<pvc-root>/<claim>`), the rendered config and logs go into the output folder, and a run started again with the
+same output resumes from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorafinetune.api.manifest import LoRAFineTune
+from lorafinetune.api.uris import parse_uri
+from lorafinetune.contract import (
+    CONFIG_FILE, ENV_CACHE_DIR, ENV_CONFIG, ENV_METRICS_PORT, ENV_RUN_DIR, ENV_TERMINATION_LOG, ExitCode,
+    read_progress, read_termination, write_json_atomic,
+)  # fmt: skip
+from lorafinetune.local.display import ProgressDisplay, print_summary
+from lorafinetune.storage import local_path
+
+GRACE_SECONDS = 120  # time given to ranks to write a checkpoint after Ctrl-C
+
+
+class LocalRunError(ValueError):
+    """A manifest that cannot run locally; the message says why and what to do."""
+
+
+@dataclass
+class LocalOptions:
+    pvc_root: Path = Path("runs")
+    pvc_mounts: dict[str, Path] = field(default_factory=dict)
+    metrics_port: int = 0
+    cache_dir: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def _local_uri(uri: str | None, opts: LocalOptions) -> str | None:
+    """pvc:// -> file:// under the local mount of that claim; other schemes unchanged."""
+    if uri is None:
+        return None
+    parsed = parse_uri(uri, ("hf", "pvc", "s3", "file", "package"))
+    if parsed.scheme != "pvc":
+        return uri
+    base = opts.pvc_mounts.get(parsed.location, opts.pvc_root / parsed.location)
+    return f"file://{(base / parsed.path).resolve()}"
+
+
+def render_local_config(lft: LoRAFineTune, opts: LocalOptions) -> dict:
+    """The trainer config for a local run: the spec with pvc:// URIs replaced by the local folders they map to."""
+    spec = lft.spec.model_copy(deep=True)
+    spec.model.uri = _local_uri(spec.model.uri, opts)
+    spec.dataset.train = _local_uri(spec.dataset.train, opts)
+    spec.dataset.validation = _local_uri(spec.dataset.validation, opts)
+    spec.output.uri = _local_uri(spec.output.uri, opts)
+    return {"name": lft.metadata.name, "spec": spec.to_manifest()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _agent_env(run_dir: Path, node: int, threads: int, opts: LocalOptions, on_cpu: bool) -> dict[str, str]:
+    env = {
+        **os.environ,
+        ENV_CONFIG: str(run_dir / CONFIG_FILE),
+        ENV_RUN_DIR: str(run_dir),
+        ENV_TERMINATION_LOG: str(run_dir / "logs" / f"termination-node{node}.json"),
+        ENV_METRICS_PORT: str(opts.metrics_port if node == 0 else 0),
+        "OMP_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        **opts.extra_env,
+    }
+    if opts.cache_dir:
+        env[ENV_CACHE_DIR] = str(opts.cache_dir)
+    if on_cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def run_local(lft: LoRAFineTune, opts: LocalOptions, show_progress: bool = True) -> int:
+    """Launch the ranks, show progress, and return the trainer's exit code (see contract.ExitCode)."""
+    res = lft.spec.resources
+    config = render_local_config(lft, opts)
+    out_uri = parse_uri(config["spec"]["output"]["uri"], ("file", "s3"))
+    if out_uri.scheme != "file":
+        raise LocalRunError(f"spec.output.uri {lft.spec.output.uri}: local runs write to pvc:// or file:// outputs")
+    run_dir = local_path(out_uri)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / CONFIG_FILE, config)
+    for stale in (run_dir / "logs").glob("termination-node*.json"):
+        stale.unlink()
+
+    on_cpu = res.gpus_per_node == 0
+    threads = max(1, (os.cpu_count() or 1) // res.world_size) if on_cpu else 4
+    port = _free_port()
+    agents = []
+    for node in range(res.nodes):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            f"--nnodes={res.nodes}", f"--node-rank={node}", f"--nproc-per-node={res.procs_per_node}",
+            "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "lorafinetune.trainer",
+        ]  # fmt: skip
+        log = open(run_dir / "logs" / f"node-{node}.log", "ab")
+        agents.append(
+            subprocess.Popen(
+                cmd, env=_agent_env(run_dir, node, threads, opts, on_cpu), stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches only us; we forward it deliberately
+            )
+        )  # fmt: skip
+    display = ProgressDisplay(lft.metadata.name, enabled=show_progress)
+    interrupted = False
+    try:
+        while any(a.poll() is None for a in agents):
+            display.update(read_progress(run_dir))
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        interrupted = True
+        display.note("interrupt: asking the ranks to checkpoint and stop (Ctrl-C again to kill)")
+        for a in agents:
+            _signal_group(a, signal.SIGTERM)
+        try:
+            for a in agents:
+                a.wait(timeout=GRACE_SECONDS)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            for a in agents:
+                _signal_group(a, signal.SIGKILL)
+    display.update(read_progress(run_dir))
+    display.close()
+    codes = [a.wait() for a in agents]
+    if all(c == 0 for c in codes) and not interrupted:
+        print_summary(run_dir)
+        return ExitCode.OK
+    return _report_failure(run_dir, res.nodes, interrupted)
+
+
+def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _report_failure(run_dir: Path, nodes: int, interrupted: bool) -> int:
+    records = [read_termination(run_dir / "logs" / f"termination-node{n}.json") for n in range(nodes)]
+    records = [r for r in records if r]
+    permanent = [r for r in records if ExitCode(r["exitCode"]).permanent]
+    record = (permanent or records or [None])[0]
+    if record and record["exitCode"] == ExitCode.INTERRUPTED or (interrupted and not permanent):
+        print(f"stopped; the last complete checkpoint is in {run_dir}/checkpoints. Run the same command to resume.")
+        return ExitCode.INTERRUPTED
+    if record:
+        print(f"training failed: {record['reason']}: {record['message']}", file=sys.stderr)
+        code = ExitCode(record["exitCode"])
+    else:
+        code = ExitCode.FAILED
+    tail = (run_dir / "logs" / "node-0.log").read_text(errors="replace").splitlines()[-25:]
+    print(f"last lines of {run_dir}/logs/node-0.log:\n  " + "\n  ".join(tail), file=sys.stderr)
+    hint = "fix the manifest or data; retrying will not help" if code.permanent else "run again to resume"
+    print(f"exit code {int(code)} ({code.name}): {hint}", file=sys.stderr)
+    return code

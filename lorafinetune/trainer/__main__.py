@@ -1,0 +1,80 @@
+"""Trainer entry point, one process per GPU (or CPU slot), started by torchrun:
+
+    LFT_CONFIG=config.json LFT_RUN_DIR=/output/run torchrun --nproc-per-node 2 -m lorafinetune.trainer
+
+The exit code tells the launcher whether a retry can help (see lorafinetune.contract.ExitCode).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from lorafinetune.contract import ENV_CONFIG, ENV_RUN_DIR, ENV_TERMINATION_LOG, ExitCode
+
+
+def main() -> int:
+    config_path, run_dir = os.environ.get(ENV_CONFIG), os.environ.get(ENV_RUN_DIR)
+    if not config_path or not run_dir:
+        print(f"the trainer needs {ENV_CONFIG} and {ENV_RUN_DIR} in its environment", file=sys.stderr)
+        return ExitCode.INVALID_CONFIG
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
+
+    from lorafinetune.api.spec import LoRAFineTuneSpec
+    from lorafinetune.trainer.errors import TrainerError
+    from lorafinetune.trainer.output import published_adapter
+    from lorafinetune.trainer.recipe import LoRAFineTuneRecipe
+
+    config = json.loads(Path(config_path).read_text())
+    spec = LoRAFineTuneSpec.model_validate(config["spec"])
+    run = Path(run_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    if published_adapter(run) is not None:
+        if rank == 0:
+            print(f"{run} already holds a complete adapter; nothing to do (use a new output.uri to train again)")
+        return ExitCode.OK
+    started = time.time()
+    recipe = LoRAFineTuneRecipe(config["name"], spec, run)
+    try:
+        recipe.setup()
+        recipe.train()
+        recipe.save_adapter(started)
+        recipe.cleanup()
+        return ExitCode.OK
+    except TrainerError as err:
+        if rank == 0 or err.exit_code.permanent:
+            print(f"[rank {rank}] {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            _write_termination(err.exit_code, type(err).__name__, str(err))
+        if err.exit_code == ExitCode.INTERRUPTED:
+            recipe.cleanup()
+        return err.exit_code
+    except Exception as err:
+        traceback.print_exc()
+        _write_termination(ExitCode.FAILED, type(err).__name__, str(err))
+        return ExitCode.FAILED
+
+
+def _write_termination(code: ExitCode, reason: str, message: str) -> None:
+    """Kubernetes surfaces this file as the container's termination message; the local runner reads it too."""
+    path = os.environ.get(ENV_TERMINATION_LOG)
+    if path:
+        payload = {"exitCode": int(code), "reason": reason, "message": message[-3000:]}
+        try:
+            Path(path).write_text(json.dumps(payload))
+        except OSError:
+            pass  # never let reporting a failure hide the failure
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

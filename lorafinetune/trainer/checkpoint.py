@@ -1,0 +1,121 @@
+"""Atomic, resumable checkpoints.
+
+Layout under <run>/checkpoints/:
+    step-00000040/            complete: DeepSpeed state (adapter weights, optimizer, scheduler; frozen base weights
+        ds/ ...               are excluded), one RNG file per rank, and COMPLETE.json, written last
+        rng-rank0.pt ...
+        COMPLETE.json
+    step-00000060.partial/    being written, or left by a crash: never resumed from, removed on the next save
+
+The folder is renamed from `.partial` only after every rank has written its part (a barrier), so a partial
+checkpoint is never picked. Resuming needs the same world size: ZeRO shards optimizer state per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lorafinetune.contract import CHECKPOINTS_DIR, COMPLETE_MARKER, write_json_atomic
+from lorafinetune.trainer.errors import ConfigError
+
+_NAME = re.compile(r"^step-(\d{8})$")
+DS_TAG = "ds"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+    meta: dict[str, Any]
+
+
+def complete_checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """Complete checkpoints, oldest first. A folder without its marker (or a .partial one) does not count."""
+    root = run_dir / CHECKPOINTS_DIR
+    found = []
+    for p in root.iterdir() if root.is_dir() else []:
+        m = _NAME.match(p.name)
+        marker = p / COMPLETE_MARKER
+        if m and marker.is_file():
+            try:
+                meta = json.loads(marker.read_text())
+            except json.JSONDecodeError:
+                continue
+            found.append(Checkpoint(p, int(m.group(1)), meta))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_checkpoint(run_dir: Path, world_size: int, fingerprint: dict[str, Any]) -> Checkpoint | None:
+    """The newest complete checkpoint, if it can be resumed by this run; a clear error if it cannot."""
+    done = complete_checkpoints(run_dir)
+    if not done:
+        return None
+    last = done[-1]
+    if last.meta.get("worldSize") != world_size:
+        raise ConfigError(
+            f"checkpoint {last.path} was written by {last.meta.get('worldSize')} processes but this run has "
+            f"{world_size}; ZeRO optimizer state is sharded per process. Keep resources.nodes x processesPerNode "
+            f"as before, or write to a new output.uri to start over"
+        )
+    changed = sorted(k for k in fingerprint if last.meta.get("fingerprint", {}).get(k) != fingerprint[k])
+    if changed:
+        raise ConfigError(
+            f"checkpoint {last.path} was made with a different spec (changed: {', '.join(changed)}); resuming "
+            f"would mix two trainings. Restore those fields, or write to a new output.uri to start over"
+        )
+    return last
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save(engine: Any, run_dir: Path, step: int, rank: int, meta: dict[str, Any], keep_last: int) -> Path:
+    """Every rank must call this (DeepSpeed saves its shards collectively). Returns the complete folder."""
+    root = run_dir / CHECKPOINTS_DIR
+    final = root / f"step-{step:08d}"
+    staging = root / f"step-{step:08d}.partial"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a crash mid-save
+        staging.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(staging), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+    torch.save(rng_state(), staging / f"rng-rank{rank}.pt")
+    dist.barrier()  # sync point: every rank's files are on disk before the marker says "complete"
+    if rank == 0:
+        write_json_atomic(staging / COMPLETE_MARKER, {**meta, "step": step, "savedAt": datetime.now(UTC).isoformat()})
+        if final.exists():  # same step saved before a crash (e.g. by an attempt that then failed)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        for old in complete_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old.path, ignore_errors=True)
+        for stale in root.glob("*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load(engine: Any, ckpt: Checkpoint, rank: int) -> None:
+    """Restore adapter weights, optimizer, scheduler and this rank's RNG streams (every rank calls this)."""
+    path, _ = engine.load_checkpoint(str(ckpt.path), tag=DS_TAG, load_module_strict=False)
+    if path is None:
+        raise ConfigError(f"DeepSpeed could not read checkpoint {ckpt.path}")
+    restore_rng(torch.load(ckpt.path / f"rng-rank{rank}.pt", weights_only=False))

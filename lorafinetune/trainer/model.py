@@ -1,0 +1,150 @@
+"""Base model and tokenizer loading (local folders, PVCs, packages, GGUF files, the Hugging Face Hub) and the LoRA wrap.
+
+A GGUF model is dequantised by transformers, but then carries a quantisation marker that makes `Trainer`, PEFT
+saving and `save_pretrained` refuse it. We rebuild it once as an ordinary float checkpoint in the cache and load
+that from then on (same weights, trainable, saveable).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafinetune.api.spec import LoRASpec, ModelSpec
+from lorafinetune.api.uris import parse_uri
+from lorafinetune.contract import COMPLETE_MARKER, ENV_CACHE_DIR, write_json_atomic
+from lorafinetune.storage import StorageError, local_path
+from lorafinetune.trainer.errors import ModelError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(ENV_CACHE_DIR, Path.home() / ".cache" / "lorafinetune"))
+
+
+def load_dtype(spec: ModelSpec, precision: str) -> torch.dtype:
+    return DTYPES[PRECISION_DTYPE[precision] if spec.dtype == "auto" else spec.dtype]
+
+
+def resolve_model_dir(spec: ModelSpec) -> Path | str:
+    """A local folder holding an ordinary HF checkpoint, or a Hub repo id. GGUF files are converted on first use."""
+    uri = parse_uri(spec.uri, ("hf", "pvc", "s3", "file", "package"))
+    if uri.scheme == "hf":
+        source: Path | str = uri.location
+    else:
+        try:
+            source = local_path(uri)
+        except StorageError as err:
+            raise ModelError(str(err)) from None
+        if not source.is_dir():
+            raise ModelError(f"model.uri {spec.uri}: {source} is not a folder")
+        if spec.gguf_file and not (source / spec.gguf_file).is_file():
+            found = sorted(p.name for p in source.glob("*.gguf"))
+            raise ModelError(f"model.ggufFile {spec.gguf_file!r} is not in {source} (GGUF files there: {found})")
+    if spec.gguf_file:
+        return _converted_gguf(source, spec, revision=uri.revision)
+    return source
+
+
+def _hub_error(source: Path | str, err: Exception) -> ModelError:
+    if isinstance(source, str):
+        return ModelError(
+            f"could not load {source!r} from the Hugging Face Hub ({type(err).__name__}: {err}). If this machine is "
+            f"offline, copy the model to a PVC or folder and use pvc:// or file:// instead"
+        )
+    return ModelError(f"could not load the model in {source}: {type(err).__name__}: {err}")
+
+
+def _converted_gguf(source: Path | str, spec: ModelSpec, revision: str | None) -> Path:
+    """Dequantise a GGUF file into a cached float checkpoint, once per file (file-locked across local ranks)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ident = f"{source}|{spec.gguf_file}|{revision}"
+    if isinstance(source, Path):
+        st = (source / spec.gguf_file).stat()
+        ident += f"|{st.st_size}|{st.st_mtime_ns}"
+    target = cache_dir() / "models" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first local rank converts; the others wait and reuse
+        if (target / COMPLETE_MARKER).is_file():
+            return target
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            kw: dict[str, Any] = {"gguf_file": spec.gguf_file, "revision": revision}
+            tok = AutoTokenizer.from_pretrained(source, **kw)
+            gguf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kw)
+        except (OSError, ValueError) as err:
+            raise _hub_error(source, err) from None
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.tie_weights()
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        write_json_atomic(staging / COMPLETE_MARKER, {"source": str(source), "ggufFile": spec.gguf_file})
+        os.replace(staging, target)
+    return target
+
+
+def load_tokenizer(source: Path | str, spec: ModelSpec, revision: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(source, err) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # safe: padding is masked by position, never by token id
+    return tok
+
+
+def load_base_model(source: Path | str, spec: ModelSpec, dtype: torch.dtype, revision: str | None = None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, revision=revision, trust_remote_code=spec.trust_remote_code, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError) as err:
+        raise _hub_error(source, err) from None
+
+
+def lora_config(spec: LoRASpec) -> Any:
+    from peft import LoraConfig
+
+    targets: str | list[str] = "all-linear" if spec.target_modules == ["all-linear"] else spec.target_modules
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        use_rslora=spec.use_rslora,
+        use_dora=spec.use_dora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def wrap_with_lora(model: Any, spec: LoRASpec, gradient_checkpointing: bool) -> Any:
+    """Freeze the base and add LoRA modules; a target list that matches nothing is a clear error."""
+    from peft import get_peft_model
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    try:
+        return get_peft_model(model, lora_config(spec))
+    except ValueError as err:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ModelError(f"lora.targetModules {spec.target_modules}: {err} (linear modules in this model: {names})")

@@ -1,0 +1,398 @@
+"""The LoRA fine-tuning recipe each rank runs: setup -> train (with evaluate and checkpoint) -> save_adapter.
+
+Every rank executes the same sequence of collective calls; comments mark the ones all ranks must reach together.
+Rank 0 alone publishes progress, metrics, the adapter and the summary (`self.is_main`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import math
+import os
+import random
+import signal
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lorafinetune.api.spec import LoRAFineTuneSpec
+from lorafinetune.api.uris import parse_uri
+from lorafinetune.contract import ENV_FAIL_AT_STEP, ExitCode, ENV_METRICS_PORT, LOSS_PLOT_FILE, PROGRESS_FILE, write_json_atomic
+from lorafinetune.plots import plot_loss_curves
+from lorafinetune.storage import StorageError, local_path
+from lorafinetune.trainer import batching, checkpoint, data, engine, model, output
+from lorafinetune.trainer.errors import ConfigError, DataError, TrainerError
+from lorafinetune.trainer.metrics import TrainerMetrics
+
+
+class Interrupted(TrainerError):
+    """Stopped on SIGINT/SIGTERM after writing a checkpoint."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
+def _file_sha256(path: Path) -> str:
+    return output.sha256_of(path) if path.is_file() else ""
+
+
+class LoRAFineTuneRecipe:
+    def __init__(self, name: str, spec: LoRAFineTuneSpec, run_dir: Path):
+        self.name, self.spec, self.run_dir = name, spec, run_dir
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.is_main = self.rank == 0
+        self.on_gpu = spec.resources.gpus_per_node > 0 and torch.cuda.is_available()
+        self.stop_requested = False
+        self.history: list[dict[str, Any]] = []
+        self.best_eval: float | None = None
+        self.initial_eval: float | None = None
+        self.evals_without_gain = 0
+        self.trained_tokens = 0
+        self.metrics = TrainerMetrics() if self.is_main else None
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        import deepspeed
+
+        spec = self.spec
+        if spec.resources.gpus_per_node > 0 and not torch.cuda.is_available():
+            raise ConfigError(
+                f"resources.gpusPerNode is {spec.resources.gpus_per_node} but no CUDA device is visible; "
+                f"set gpusPerNode: 0 to train on CPU"
+            )
+        if self.on_gpu:
+            torch.cuda.set_device(self.local_rank)
+        deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", verbose=False)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._request_stop)
+
+        # 1. Tokenizer and data first: every rank tokenises on its own, before the next collective.
+        self.model_dir = model.resolve_model_dir(spec.model)
+        revision = parse_uri(spec.model.uri, ("hf", "pvc", "s3", "file", "package")).revision
+        self.tokenizer = model.load_tokenizer(self.model_dir, spec.model, None if spec.model.gguf_file else revision)
+        self._load_data()
+
+        # 2. Model + LoRA, seeded identically on every rank (DeepSpeed also broadcasts rank 0's weights).
+        torch.manual_seed(spec.training.seed)
+        dtype = model.load_dtype(spec.model, spec.training.precision)
+        base = model.load_base_model(self.model_dir, spec.model, dtype, None if spec.model.gguf_file else revision)
+        self.peft_model = model.wrap_with_lora(base, spec.lora, spec.training.gradient_checkpointing)
+        self.adapted_modules = sum(1 for n, _ in self.peft_model.named_modules() if n.endswith("lora_A.default"))
+        self.trainable = sum(p.numel() for p in self.peft_model.parameters() if p.requires_grad)
+        self.total_params = sum(p.numel() for p in self.peft_model.parameters())
+
+        # 3. DeepSpeed engine (collective: all ranks).
+        params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        optimizer = engine.make_optimizer(params, spec, self.on_gpu)
+        scheduler = engine.make_scheduler(optimizer, spec, self.total_steps)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.peft_model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=engine.deepspeed_config(spec, self.world, self.on_gpu),
+        )
+        self.device = self.engine.device
+        self.compute_dtype = next(p.dtype for p in self.engine.module.parameters() if not p.requires_grad)
+
+        # 4. Resume from the newest complete checkpoint, if any (collective load).
+        self.start_step = 0
+        last = checkpoint.latest_checkpoint(self.run_dir, self.world, self.fingerprint)
+        if last is not None:
+            checkpoint.load(self.engine, last, self.rank)
+            self.start_step = last.step
+            meta = last.meta
+            self.history, self.best_eval = meta.get("history", []), meta.get("bestEvalLoss")
+            self.initial_eval, self.trained_tokens = meta.get("initialEvalLoss"), meta.get("trainedTokens", 0)
+            self.evals_without_gain = meta.get("evalsWithoutGain", 0)
+        # Per-rank dropout streams, distinct across ranks; restored exactly from the checkpoint on resume.
+        if last is None:
+            seed = spec.training.seed + 1000 * (self.rank + 1)
+            random.seed(seed), np.random.seed(seed % 2**32), torch.manual_seed(seed)
+
+        if self.metrics is not None:
+            port = int(os.environ.get(ENV_METRICS_PORT, "0") or 0)
+            if port:
+                self.metrics.serve(port)
+            self.metrics.describe(spec.model.uri, self.world)
+            self.metrics.total_steps.set(self.total_steps)
+            self.metrics.global_step.set(self.start_step)
+
+    def _data_path(self, uri: str) -> Path:
+        try:
+            return local_path(parse_uri(uri, ("file", "pvc", "s3")))
+        except StorageError as err:
+            raise ConfigError(str(err)) from None
+
+    def _load_data(self) -> None:
+        ds, t = self.spec.dataset, self.spec.training
+        fmt = data.Formatter(self.tokenizer, ds.format, ds.max_seq_length, ds.train_on_prompt)
+        self.train_path = self._data_path(ds.train)
+        examples = data.load_examples(self.train_path, fmt)
+        self.val_path = self._data_path(ds.validation) if ds.validation else None
+        if self.val_path is not None:
+            train, val = examples, data.load_examples(self.val_path, fmt)
+        else:
+            train, val = data.split_validation(examples, ds.effective_validation_split, t.seed)
+        self.train_examples, self.val_examples = train, val
+        self.train_units = batching.make_units(train, ds.max_seq_length, ds.packing)
+        self.val_units = batching.make_units(val, ds.max_seq_length, packing=False)
+        self.schedule = batching.Schedule(
+            len(self.train_units), t.micro_batch_size, t.gradient_accumulation_steps, self.world, t.seed
+        )
+        if self.schedule.steps_per_epoch == 0:
+            raise DataError(
+                f"{self.train_path}: {len(self.train_units)} training rows are fewer than one global batch "
+                f"({self.schedule.global_batch} = microBatchSize x gradientAccumulationSteps x {self.world} "
+                f"processes); add data or lower the batch settings"
+            )
+        self.total_steps = self.schedule.total_steps(t.epochs, t.max_steps)
+        self.fingerprint = {
+            "spec": hashlib.sha256(
+                repr({k: getattr(self.spec, k).to_manifest() for k in ("model", "dataset", "lora", "training", "deepspeed")}).encode()
+            ).hexdigest()[:16],
+            "trainData": _file_sha256(self.train_path)[:16],
+        }
+
+    def _request_stop(self, signum: int, _frame: Any) -> None:
+        self.stop_requested = True  # acted on at the next step boundary, by all ranks together
+
+    # ---------------------------------------------------------------- train
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {k: v.to(self.device) for k, v in batch.items()}
+        if out["attention_mask"].dim() == 4:  # additive packing mask must match the compute dtype
+            out["attention_mask"] = out["attention_mask"].to(self.compute_dtype)
+        return out
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed token loss of a batch (normalised later by the global token count)."""
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = self.engine(**inputs).logits
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=data.IGNORE, reduction="sum"
+        )
+
+    def train(self) -> None:
+        spec, sched = self.spec, self.schedule
+        accum = spec.training.gradient_accumulation_steps
+        if self.start_step == 0 and self.val_units:
+            self.initial_eval = self.evaluate(step=0)
+        fail_at = int(os.environ.get(ENV_FAIL_AT_STEP, "0") or 0)
+        step_times: list[float] = []
+        self.engine.train()
+        step = self.start_step
+        while step < self.total_steps:
+            t0 = time.perf_counter()
+            micro = [
+                self._to_device(
+                    batching.collate(
+                        [self.train_units[i] for i in sched.micro_batch(step, k, self.rank)],
+                        self.tokenizer.pad_token_id,
+                        spec.dataset.packing,
+                    )
+                )
+                for k in range(accum)
+            ]
+            # Collective: the global count of trained tokens in this optimizer step normalises the loss, so
+            # batch 8 x accum 1 equals batch 1 x accum 8 and ranks with more tokens weigh more.
+            count = torch.tensor([float(sum(batching.trained_token_count(b) for b in micro))], device=self.device)
+            dist.all_reduce(count)
+            global_tokens = count.item()
+            loss_total = 0.0
+            for b in micro:
+                loss_sum = self._loss_sum(b)
+                # DeepSpeed averages gradients over ranks, hence the world factor; GAS scaling is ours.
+                self.engine.backward(loss_sum * (self.world / global_tokens), scale_wrt_gas=False)
+                self.engine.step()
+                loss_total += loss_sum.item()
+            step += 1
+            # Collective: summed loss for reporting, and the stop flag so that all ranks stop at the same step.
+            stats = torch.tensor([loss_total, float(self.stop_requested)], device=self.device, dtype=torch.float64)
+            dist.all_reduce(stats)
+            train_loss, stop = stats[0].item() / global_tokens, stats[1].item() > 0
+            self.trained_tokens += int(global_tokens)
+            step_times.append(time.perf_counter() - t0)
+            self._record(step, train_loss, global_tokens, step_times)
+
+            evaluated = False
+            if self.val_units and (step % spec.evaluation.every_steps == 0 or step == self.total_steps):
+                self.evaluate(step)
+                evaluated = True
+            due = step % spec.checkpointing.every_steps == 0 and step < self.total_steps
+            if due or (stop and step < self.total_steps):
+                self.save_checkpoint(step)
+            if fail_at and step == fail_at and self.is_main:
+                os._exit(1)  # fault injection for tests: a crash, not a clean exit
+            if stop and step < self.total_steps:
+                raise Interrupted(f"stopped at step {step} on request; checkpoint saved, run again to resume")
+            if evaluated and self._early_stop():
+                if self.is_main:
+                    print(f"early stopping at step {step}: eval loss did not improve for "
+                          f"{spec.evaluation.early_stopping.patience} evaluations", flush=True)
+                break
+        self.steps_done = step
+
+    def _record(self, step: int, train_loss: float, tokens: float, step_times: list[float]) -> None:
+        lr = self.engine.get_lr()[0]
+        entry = {"step": step, "trainLoss": round(train_loss, 6), "learningRate": lr}
+        self.history.append(entry)
+        if not self.is_main:
+            return
+        recent = step_times[-20:]
+        step_s = sum(recent) / len(recent)
+        m = self.metrics
+        m.train_loss.set(train_loss), m.learning_rate.set(lr), m.global_step.set(step)
+        m.optimizer_steps.inc(), m.tokens.inc(tokens), m.step_seconds.observe(step_times[-1])
+        self.tokens_per_second = tokens / step_times[-1]
+        self._publish_progress(step, train_loss, eta=(self.total_steps - step) * step_s)
+
+    def _publish_progress(self, step: int, train_loss: float | None, eta: float) -> None:
+        evals = [h["evalLoss"] for h in self.history if "evalLoss" in h]
+        write_json_atomic(
+            self.run_dir / PROGRESS_FILE,
+            {
+                "step": step,
+                "totalSteps": self.total_steps,
+                "summary": f"{step}/{self.total_steps}",
+                "epoch": round(self.schedule.epoch_of(step), 4),
+                "trainLoss": train_loss,
+                "evalLoss": evals[-1] if evals else None,
+                "bestEvalLoss": self.best_eval,
+                "tokensPerSecond": getattr(self, "tokens_per_second", None),
+                "etaSeconds": round(eta, 1),
+                "updatedAt": datetime.now(UTC).isoformat(),
+            },
+        )
+
+    # ---------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def evaluate(self, step: int) -> float:
+        """Mean loss per token on the held-out set. Every rank runs the same number of forward passes (ZeRO-3
+        gathers parameters collectively in forward); ranks with nothing left run a fully masked batch."""
+        micro = self.spec.training.micro_batch_size
+        per_round = micro * self.world
+        rounds = math.ceil(len(self.val_units) / per_round)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.engine.eval()
+        for r in range(rounds):
+            start = r * per_round + self.rank * micro
+            units = self.val_units[start : start + micro]
+            batch = batching.collate(units or self.val_units[:1], self.tokenizer.pad_token_id, packing=False)
+            if not units:
+                batch["labels"].fill_(data.IGNORE)
+            batch = self._to_device(batch)
+            total[0] += self._loss_sum(batch).double()
+            total[1] += batching.trained_token_count(batch)
+        self.engine.train()
+        dist.all_reduce(total)  # collective: sum of losses and token counts over ranks
+        loss = (total[0] / total[1]).item()
+        if self.best_eval is None or loss < self.best_eval - self._min_delta():
+            self.best_eval, self.evals_without_gain = loss, 0
+        elif step > 0:
+            self.evals_without_gain += 1
+        if self.history and self.history[-1]["step"] == step:
+            self.history[-1]["evalLoss"] = round(loss, 6)
+        else:
+            self.history.append({"step": step, "evalLoss": round(loss, 6)})
+        if self.is_main:
+            self.metrics.eval_loss.set(loss)
+            print(f"step {step}: eval loss {loss:.4f} (perplexity {math.exp(min(loss, 50)):.2f})", flush=True)
+        return loss
+
+    def _min_delta(self) -> float:
+        es = self.spec.evaluation.early_stopping
+        return es.min_delta if es else 0.0
+
+    def _early_stop(self) -> bool:
+        es = self.spec.evaluation.early_stopping
+        return es is not None and self.evals_without_gain >= es.patience
+
+    # ---------------------------------------------------------------- checkpoint and output
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "worldSize": self.world,
+            "fingerprint": self.fingerprint,
+            "history": self.history,
+            "bestEvalLoss": self.best_eval,
+            "initialEvalLoss": self.initial_eval,
+            "trainedTokens": self.trained_tokens,
+            "evalsWithoutGain": self.evals_without_gain,
+        }
+
+    def save_checkpoint(self, step: int) -> None:
+        path = checkpoint.save(
+            self.engine, self.run_dir, step, self.rank, self._meta(), self.spec.checkpointing.keep_last
+        )
+        if self.is_main:
+            self.metrics.checkpoint_time.set_to_current_time()
+            print(f"step {step}: checkpoint {path}", flush=True)
+
+    def save_adapter(self, started: float) -> dict[str, Any] | None:
+        """Gather the LoRA weights (collective under ZeRO-3), then rank 0 writes, verifies and publishes."""
+        import deepspeed
+
+        staging = output.staging_dir(self.run_dir)
+        trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
+        gather = (
+            deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
+            if self.spec.deepspeed.zero_stage == 3
+            else contextlib.nullcontext()
+        )
+        with gather:  # collective under ZeRO-3: every rank enters, rank 0 writes
+            if self.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+                self.engine.module.save_pretrained(staging)
+                self.tokenizer.save_pretrained(staging)
+        dist.barrier()
+        if not self.is_main:
+            return None
+        count = output.check_tensors(staging, self.adapted_modules, self.spec.lora.use_dora)
+        output.verify_in_fresh_process(staging, self.model_dir)
+        plot_loss_curves(self.history, staging / LOSS_PLOT_FILE, f"{self.name}: loss per trained token")
+        evals = [h["evalLoss"] for h in self.history if "evalLoss" in h]
+        trains = [h["trainLoss"] for h in self.history if "trainLoss" in h]
+        summary = {
+            "name": self.name,
+            "spec": self.spec.to_manifest(),
+            "baseModel": {"uri": self.spec.model.uri, "resolvedPath": str(self.model_dir)},
+            "dataset": {
+                "train": self.spec.dataset.train,
+                "trainSha256": _file_sha256(self.train_path),
+                "validation": self.spec.dataset.validation,
+                "validationSha256": _file_sha256(self.val_path) if self.val_path else None,
+                "trainExamples": len(self.train_examples),
+                "validationExamples": len(self.val_examples),
+            },
+            "worldSize": self.world,
+            "steps": self.steps_done,
+            "totalSteps": self.total_steps,
+            "epochs": self.schedule.epoch_of(self.steps_done),
+            "trainedTokens": self.trained_tokens,
+            "trainableParameters": self.trainable,
+            "totalParameters": self.total_params,
+            "adapterTensors": count,
+            "durationSeconds": round(time.time() - started, 1),
+            "finalTrainLoss": trains[-1] if trains else None,
+            "initialEvalLoss": self.initial_eval,
+            "finalEvalLoss": evals[-1] if evals else None,
+            "bestEvalLoss": self.best_eval,
+            "history": self.history,
+            "completedAt": datetime.now(UTC).isoformat(),
+        }
+        ref = output.publish(self.run_dir, summary)
+        self._publish_progress(self.steps_done, trains[-1] if trains else None, eta=0.0)
+        return ref
+
+    def cleanup(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()  # a rank leaving early can abort the others at exit
+            dist.destroy_process_group()
