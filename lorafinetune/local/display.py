@@ -63,11 +63,12 @@ class ProgressDisplay:
 
 def print_summary(run_dir: Path) -> None:
     summary = json.loads((run_dir / ADAPTER_DIR / SUMMARY_FILE).read_text())
-    tokens, secs = summary["trainedTokens"], summary["durationSeconds"]
+    tokens, secs = summary["inputTokens"], summary["trainSeconds"]
     rows = [
         ("steps", f"{summary['steps']} / {summary['totalSteps']} ({summary['epochs']:.2f} epochs)"),
         ("processes", str(summary["worldSize"])),
-        ("trained tokens", f"{tokens} ({tokens / max(secs, 1e-9):.0f} tokens/s over {secs:.0f} s incl. start-up)"),
+        ("tokens", f"{tokens} non-padding, {summary['trainedTokens']} in the loss; {summary['tokensPerSecond']:.0f} "
+                   f"tokens/s over {secs:.0f} s of optimizer steps"),
         ("trainable params", f"{summary['trainableParameters']:,} of {summary['totalParameters']:,}"),
         ("eval loss", f"{_num(summary['initialEvalLoss'])} before -> {_num(summary['finalEvalLoss'])} after "
                       f"(best {_num(summary['bestEvalLoss'])})"),

@@ -26,8 +26,9 @@ class TrainerMetrics:
         self.optimizer_steps = Counter(
             "lorafinetune_optimizer_steps", "Optimizer steps run by this process (resets on restart)", registry=r
         )
-        self.tokens = Counter(
-            "lorafinetune_trained_tokens", "Non-padding trained tokens, all ranks", registry=r
+        self.tokens = Counter("lorafinetune_tokens", "Non-padding tokens processed, all ranks", registry=r)
+        self.trained_tokens = Counter(
+            "lorafinetune_trained_tokens", "Tokens in the loss (completion tokens), all ranks", registry=r
         )
         self.step_seconds = Histogram(
             "lorafinetune_step_duration_seconds", "Wall time of one optimizer step", buckets=STEP_BUCKETS, registry=r

