@@ -90,9 +90,13 @@ def validation_loss(model: Any, examples: list, pad_id: int, batch: int = 8) -> 
 
 def evaluate_manifest(lft: LoRAFineTune, opts: LocalOptions, adapter: Path | None, limit: int | None) -> int:
     import torch
+    import transformers
     from peft import PeftModel
 
     from lorafinetune.api.spec import LoRAFineTuneSpec
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     from lorafinetune.trainer import data, model
 
     spec = LoRAFineTuneSpec.model_validate(render_local_config(lft, opts)["spec"])

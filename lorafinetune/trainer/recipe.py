@@ -116,6 +116,8 @@ class LoRAFineTuneRecipe:
             self.initial_eval, self.trained_tokens = meta.get("initialEvalLoss"), meta.get("trainedTokens", 0)
             self.input_tokens, self.train_seconds = meta.get("inputTokens", 0), meta.get("trainSeconds", 0.0)
             self.evals_without_gain = meta.get("evalsWithoutGain", 0)
+            if self.is_main:
+                print(f"resuming from step {last.step} ({last.path})", flush=True)
         # Per-rank dropout streams, distinct across ranks; restored exactly from the checkpoint on resume.
         if last is None:
             seed = spec.training.seed + 1000 * (self.rank + 1)

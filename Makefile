@@ -1,0 +1,25 @@
+# The two commands a new user needs:  make quickstart   and   make test
+SHELL := /bin/bash
+.ONESHELL:
+.SHELLFLAGS := -euo pipefail -c
+
+QUICKSTART := examples/quickstart.yaml --pvc quickstart-data=examples/data
+
+.PHONY: quickstart test test-unit crd
+
+quickstart:  ## fine-tune the packaged SmolLM2 on 2 CPU ranks, then compare base vs adapter
+	VENV=$$(scripts/env.sh)
+	"$$VENV/bin/lorafinetune" run $(QUICKSTART)
+	"$$VENV/bin/lorafinetune" evaluate $(QUICKSTART)
+
+test:  ## every test: unit, multi-process training, and the quick start end to end
+	VENV=$$(scripts/env.sh)
+	"$$VENV/bin/python" -m pytest -v -p no:cacheprovider $(PYTEST_ARGS)
+
+test-unit:  ## the fast ones only
+	VENV=$$(scripts/env.sh)
+	"$$VENV/bin/python" -m pytest tests/unit -q $(PYTEST_ARGS)
+
+crd:  ## regenerate crds/ from lorafinetune/api
+	VENV=$$(scripts/env.sh)
+	"$$VENV/bin/lorafinetune" crd --write

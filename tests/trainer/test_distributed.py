@@ -1,0 +1,205 @@
+"""Real multi-process training: 2 ranks over gloo on CPU, DeepSpeed ZeRO 0-3, PEFT LoRA, a tiny random Llama.
+
+Each run goes through `lorafinetune run`, exactly as a user's would (torchrun agents, the trainer, the adapter check).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorafinetune.contract import ExitCode
+from tests.conftest import REPO, run_cli, tiny_manifest, write_manifest
+
+pytestmark = pytest.mark.multiprocess
+
+
+def train(tmp: Path, model: Path, data: Path, name: str, env: dict | None = None, **spec) -> tuple:
+    """Run one manifest; returns (process, output folder)."""
+    out = tmp / name
+    manifest = write_manifest(tmp / f"{name}.yaml", tiny_manifest(model, data, out, **spec))
+    proc = run_cli("run", str(manifest), "--quiet", env={**os.environ, **(env or {})})
+    return proc, out
+
+
+def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "adapter" / "training_summary.json").read_text())
+
+
+STAGES = {
+    "zero0": {"zeroStage": 0},
+    "zero1": {"zeroStage": 1},
+    "zero2": {"zeroStage": 2},
+    "zero3": {"zeroStage": 3},
+    "zero2-offload-optimizer": {"zeroStage": 2, "offloadOptimizer": True},
+    "zero3-offload-all": {"zeroStage": 3, "offloadOptimizer": True, "offloadParams": True},
+}
+_stage_outputs: dict[str, Path] = {}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_each_zero_stage_trains_and_saves_a_loadable_adapter(stage, tmp_path_factory, tiny_model, chat_data):
+    tmp = tmp_path_factory.mktemp(stage)
+    proc, out = train(tmp, tiny_model, chat_data, stage, deepspeed=STAGES[stage])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary(out)
+    assert s["finalEvalLoss"] < s["initialEvalLoss"], s["history"]
+    tensors = adapter_tensors(out)
+    # 2 layers x 7 linear modules (q, k, v, o, gate, up, down), each with lora_A and lora_B, none empty
+    assert len(tensors) == 2 * 7 * 2 and all(t.numel() > 0 for t in tensors.values())
+    assert any(t.abs().sum() > 0 for n, t in tensors.items() if "lora_B" in n), "lora_B never left zero"
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out / "adapter"))
+    _stage_outputs[stage] = out
+
+
+def test_zero_stages_agree_on_the_adapter():
+    if len(_stage_outputs) != len(STAGES):
+        pytest.fail(f"needs every stage run first; have {sorted(_stage_outputs)}")
+    reference = adapter_tensors(_stage_outputs["zero0"])
+    for stage, out in _stage_outputs.items():
+        other = adapter_tensors(out)
+        for name, tensor in reference.items():
+            torch.testing.assert_close(other[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{stage}: {name}")
+
+
+def test_finished_output_is_not_trained_again(tmp_path, tiny_model, chat_data):
+    proc, out = train(tmp_path, tiny_model, chat_data, "once", training={"maxSteps": 2})
+    assert proc.returncode == 0, proc.stderr
+    before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    proc, _ = train(tmp_path, tiny_model, chat_data, "once", training={"maxSteps": 2})
+    assert proc.returncode == 0
+    assert "already holds a complete adapter" in (out / "logs" / "node-0.log").read_text()
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_crash_and_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path, tiny_model, chat_data):
+    spec = {"training": {"maxSteps": 6}, "checkpointing": {"everySteps": 2}, "lora": {"dropout": 0.1}}
+    proc, straight = train(tmp_path, tiny_model, chat_data, "straight", **spec)
+    assert proc.returncode == 0, proc.stderr
+
+    # 1. Crash on rank 0 after step 5: checkpoint 4 is complete, step 5 is lost.
+    proc, resumed = train(tmp_path, tiny_model, chat_data, "resumed", env={"LFT_FAIL_AT_STEP": "5"}, **spec)
+    assert proc.returncode == ExitCode.FAILED, proc.stdout + proc.stderr
+    assert not (resumed / "adapter").exists()
+    ckpts = sorted(p.name for p in (resumed / "checkpoints").iterdir())
+    assert ckpts == ["step-00000002", "step-00000004"]
+    # 2. Debris a crash mid-save could leave: never picked for resume.
+    (resumed / "checkpoints" / "step-00000006.partial").mkdir()
+    (resumed / "checkpoints" / "step-00000008").mkdir()  # no COMPLETE.json
+
+    proc, _ = train(tmp_path, tiny_model, chat_data, "resumed", **spec)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resuming from step 4" in (resumed / "logs" / "node-0.log").read_text()
+    a, b = adapter_tensors(straight), adapter_tensors(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+    assert [h.get("trainLoss") for h in summary(straight)["history"]] == [
+        h.get("trainLoss") for h in summary(resumed)["history"]
+    ]
+
+
+def test_resume_with_another_world_size_is_refused_clearly(tmp_path, tiny_model, chat_data):
+    spec = {"training": {"maxSteps": 4}, "checkpointing": {"everySteps": 2}}
+    proc, out = train(tmp_path, tiny_model, chat_data, "ws", env={"LFT_FAIL_AT_STEP": "3"}, **spec)
+    assert proc.returncode == ExitCode.FAILED
+    proc, _ = train(tmp_path, tiny_model, chat_data, "ws", resources={"processesPerNode": 1}, **spec)
+    assert proc.returncode == ExitCode.INVALID_CONFIG
+    assert "written by 2 processes but this run has 1" in proc.stderr
+    assert (out / "checkpoints" / "step-00000002" / "COMPLETE.json").is_file(), "a refused resume must keep data"
+
+
+def test_batch_8_accum_1_equals_batch_1_accum_8_on_variable_length_data(tmp_path, tiny_model, chat_data):
+    common = {"training": {"maxSteps": 3, "learningRate": 0.02}, "dataset": {"maxSeqLength": 64}}
+    runs = {}
+    for micro, accum in ((8, 1), (1, 8)):
+        spec = {**common, "training": {**common["training"], "microBatchSize": micro, "gradientAccumulationSteps": accum}}
+        proc, out = train(tmp_path, tiny_model, chat_data, f"b{micro}x{accum}", **spec)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs[(micro, accum)] = out
+    a, b = adapter_tensors(runs[(8, 1)]), adapter_tensors(runs[(1, 8)])
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    la = [h.get("trainLoss") for h in summary(runs[(8, 1)])["history"] if "trainLoss" in h]
+    lb = [h.get("trainLoss") for h in summary(runs[(1, 8)])["history"] if "trainLoss" in h]
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_bad_data_fails_permanently_naming_file_and_line(tmp_path, tiny_model, chat_data):
+    data = tmp_path / "bad.jsonl"
+    lines = chat_data.read_text().splitlines()
+    lines[4] = '{"messages": "not a list"}'
+    data.write_text("\n".join(lines) + "\n")
+    proc, out = train(tmp_path, tiny_model, data, "bad")
+    assert proc.returncode == ExitCode.DATA_ERROR, proc.stdout + proc.stderr
+    assert f"{data}:5: format 'chat' needs a non-empty list field 'messages'" in proc.stderr
+    assert "retrying will not help" in proc.stderr
+    assert not (out / "adapter").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path, tiny_model, chat_data):
+    out = tmp_path / "long"
+    spec = {"training": {"maxSteps": 150}, "checkpointing": {"everySteps": 1000}, "evaluation": {"everySteps": 1000}}
+    manifest = write_manifest(tmp_path / "long.yaml", tiny_manifest(tiny_model, chat_data, out, **spec))
+    port = _free_port()
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "lorafinetune.cli", "run", str(manifest), "--quiet", "--metrics-port", str(port)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        step = 0
+        while step < 3 and time.time() < deadline and runner.poll() is None:
+            time.sleep(0.2)
+            try:
+                step = json.loads((out / "progress.json").read_text())["step"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+        assert runner.poll() is None and step >= 3, "the run did not start training"
+        # Rank 0 serves Prometheus metrics while training.
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        values = {
+            line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and line[0] != "#"
+        }
+        assert values["lorafinetune_global_step"] >= 3 and values["lorafinetune_total_steps"] == 150
+        assert values["lorafinetune_train_loss"] > 0 and values["lorafinetune_tokens_total"] > 0
+        assert values["lorafinetune_world_size"] == 2
+        runner.send_signal(signal.SIGINT)
+        output, _ = runner.communicate(timeout=150)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == ExitCode.INTERRUPTED, output
+    assert "Run the same command to resume" in output
+    saved = [p for p in (out / "checkpoints").iterdir() if (p / "COMPLETE.json").is_file()]
+    assert len(saved) == 1 and 3 <= int(saved[0].name.split("-")[1]) < 150
+    stopped_at = int(saved[0].name.split("-")[1])
+
+    proc = run_cli("run", str(manifest), "--quiet")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"resuming from step {stopped_at}" in (out / "logs" / "node-0.log").read_text()
+    assert summary(out)["steps"] == 150
