@@ -25,10 +25,10 @@ from tests.conftest import REPO, run_cli, tiny_manifest, write_manifest
 pytestmark = pytest.mark.multiprocess
 
 
-def train(tmp: Path, model: Path, data: Path, name: str, env: dict | None = None, **spec) -> tuple:
+def train(tmp: Path, model_dir: Path, data: Path, name: str, env: dict | None = None, **spec) -> tuple:
     """Run one manifest; returns (process, output folder)."""
     out = tmp / name
-    manifest = write_manifest(tmp / f"{name}.yaml", tiny_manifest(model, data, out, **spec))
+    manifest = write_manifest(tmp / f"{name}.yaml", tiny_manifest(model_dir, data, out, **spec))
     proc = run_cli("run", str(manifest), "--quiet", env={**os.environ, **(env or {})})
     return proc, out
 
@@ -203,3 +203,21 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path, tiny_model, chat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"resuming from step {stopped_at}" in (out / "logs" / "node-0.log").read_text()
     assert summary(out)["steps"] == 150
+
+
+def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(tmp_path, tiny_model, chat_data):
+    # minDelta far above any possible gain: the first evaluation after step 0 counts as "no improvement"
+    spec = {"evaluation": {"everySteps": 1, "earlyStopping": {"patience": 1, "minDelta": 100.0}}}
+    proc, out = train(tmp_path, tiny_model, chat_data, "early", **spec)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary(out)
+    assert (s["steps"], s["totalSteps"]) == (1, 4)
+    assert "early stopping at step 1" in (out / "logs" / "node-0.log").read_text()
+
+
+def test_offline_hub_model_fails_permanently_with_a_clear_error(tmp_path, tiny_model, chat_data):
+    env = {"HF_HUB_OFFLINE": "1"}
+    proc, out = train(tmp_path, tiny_model, chat_data, "hub", env=env, model={"uri": "hf://HuggingFaceTB/SmolLM2-135M"})
+    assert proc.returncode == ExitCode.MODEL_ERROR, proc.stdout + proc.stderr
+    assert "could not load 'HuggingFaceTB/SmolLM2-135M' from the Hugging Face Hub" in proc.stderr
+    assert "use pvc:// or file:// instead" in proc.stderr
