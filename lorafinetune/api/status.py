@@ -46,12 +46,27 @@ class AdapterRef(APIModel):
     sha256: str = Field(description="SHA-256 of adapter_model.safetensors.")
 
 
+class Failure(APIModel):
+    """Why an attempt failed, as read from its pods."""
+
+    attempt: int = Field(description="The attempt that failed.")
+    reason: str = Field(description="OOMKilled, DataError, ModelError, Error, DeadlineExceeded, ...")
+    message: str = Field(default="", description="The trainer's termination message (no secrets).")
+    exit_code: int | None = Field(default=None, description="Exit code of the failed container, if it ran.")
+    permanent: bool = Field(default=False, description="True when retrying cannot help (bad config, data, model).")
+
+
 class LoRAFineTuneStatus(APIModel):
     """Observed state of a fine-tune."""
 
     phase: Phase | None = Field(default=None, description="Pending, Running, Retrying, Succeeded, Failed, Suspended.")
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")
     attempt: int = Field(default=0, description="Attempts started (1 = first attempt).")
+    failed_attempts: int = Field(default=0, description="Attempts that failed; retries stop above backoffLimit.")
+    next_attempt_time: datetime | None = Field(
+        default=None, description="When the next attempt starts (exponential backoff after a failure)."
+    )
+    last_failure: Failure | None = Field(default=None, description="Why the last failed attempt failed.")
     progress: Progress | None = Field(default=None, description="Progress of the current attempt.")
     last_checkpoint: str | None = Field(default=None, description="URI of the last complete checkpoint.")
     adapter: AdapterRef | None = Field(default=None, description="The adapter, once published.")

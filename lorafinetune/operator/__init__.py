@@ -1,2 +1,4 @@
-"""The kopf operator (handlers + pure builders + status logic). Not implemented yet: it builds on the API models
-(`lorafinetune.api`) and the launcher contract (`lorafinetune.contract`), and must never import the trainer."""
+"""The kopf operator: thin handlers (handlers.py) over pure builders (builders.py) and status logic (status.py).
+
+It uses the API models and the launcher contract, and never imports the trainer.
+"""

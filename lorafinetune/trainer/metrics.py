@@ -36,6 +36,10 @@ class TrainerMetrics:
         self.checkpoint_time = Gauge(
             "lorafinetune_last_checkpoint_timestamp_seconds", "Unix time of the last complete checkpoint", registry=r
         )
+        self.tokens_per_second = Gauge(
+            "lorafinetune_tokens_per_second", "Non-padding tokens per second of the last step, all ranks", registry=r
+        )
+        self.eta_seconds = Gauge("lorafinetune_eta_seconds", "Estimated seconds until the last step", registry=r)
         self.world_size = Gauge("lorafinetune_world_size", "Training processes in this run", registry=r)
         self.info = Info("lorafinetune_trainer", "Versions and base model of this trainer", registry=r)
 

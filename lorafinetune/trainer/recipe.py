@@ -258,7 +258,9 @@ class LoRAFineTuneRecipe:
         m.optimizer_steps.inc(), m.step_seconds.observe(step_times[-1])
         m.tokens.inc(tokens), m.trained_tokens.inc(trained)
         self.tokens_per_second = tokens / step_times[-1]
-        self._publish_progress(step, train_loss, eta=(self.total_steps - step) * step_s)
+        eta = (self.total_steps - step) * step_s
+        m.tokens_per_second.set(self.tokens_per_second), m.eta_seconds.set(eta)
+        self._publish_progress(step, train_loss, eta=eta)
 
     def _publish_progress(self, step: int, train_loss: float | None, eta: float) -> None:
         evals = [h["evalLoss"] for h in self.history if "evalLoss" in h]

@@ -1,0 +1,239 @@
+"""Pure builders: a LoRAFineTune spec -> the Kubernetes objects of one attempt (no API calls, unit-tested as data).
+
+Per fine-tune:  ConfigMap <name>-config (the rendered trainer config) and a headless Service <name> (stable DNS).
+Per attempt:    Indexed Job <name>-a<attempt>, one pod per node. Pod i runs torchrun with node rank i (the completion
+                index) and rendezvous at <name>-a<attempt>-0.<name>.<namespace>.svc.cluster.local. The Job never
+                retries pods (backoffLimit 0): a failed pod fails the gang, and the operator retries the whole gang as
+                a new attempt that resumes from the last complete checkpoint on the output volume.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from lorafinetune.api.manifest import API_VERSION, KIND
+from lorafinetune.api.spec import LoRAFineTuneSpec
+from lorafinetune.api.uris import parse_uri
+from lorafinetune.contract import (
+    CONFIG_FILE, ENV_CACHE_DIR, ENV_CONFIG, ENV_METRICS_PORT, ENV_PVC_ROOT, ENV_RUN_DIR, ENV_TERMINATION_LOG,
+)  # fmt: skip
+from lorafinetune.operator.settings import OperatorSettings
+from lorafinetune.storage import POD_PVC_ROOT
+
+LABEL_NAME = "lorafinetune.io/name"
+LABEL_ATTEMPT = "lorafinetune.io/attempt"
+CONFIG_MOUNT = "/etc/lorafinetune"
+CACHE_MOUNT = "/var/cache/lorafinetune"
+TERMINATION_LOG = "/dev/termination-log"
+RUN_AS_USER = 1000
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The LoRAFineTune that owns the children (garbage collection deletes them with it)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+    def metadata(self, name: str, **labels: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "namespace": self.namespace,
+            "labels": {LABEL_NAME: self.name, "app.kubernetes.io/managed-by": "lorafinetune", **labels},
+            "ownerReferences": [self.reference()],
+        }
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def job_name(name: str, attempt: int) -> str:
+    return f"{name}-a{attempt}"
+
+
+def master_address(owner: Owner, attempt: int) -> str:
+    # Fully qualified: a short name fails from pods whose DNS search path differs (a classic peer complaint).
+    return f"{job_name(owner.name, attempt)}-0.{owner.name}.{owner.namespace}.svc.cluster.local"
+
+
+def build_config_map(owner: Owner, spec: LoRAFineTuneSpec) -> dict[str, Any]:
+    config = {"name": owner.name, "spec": spec.to_manifest()}  # secrets appear only by name (spec.s3)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": owner.metadata(config_map_name(owner.name)),
+        "data": {CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True)},
+    }
+
+
+def build_service(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": owner.metadata(owner.name),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # rank 0 must resolve before any pod is Ready
+            "selector": {LABEL_NAME: owner.name},
+            "ports": [
+                {"name": "rendezvous", "port": settings.master_port},
+                {"name": "metrics", "port": settings.trainer_metrics_port},
+            ],
+        },
+    }
+
+
+def pvc_claims(spec: LoRAFineTuneSpec) -> dict[str, bool]:
+    """PVC claims the pods mount -> whether writable (only the output's claim is)."""
+    claims: dict[str, bool] = {}
+    for uri, writable in (
+        (spec.model.uri, False),
+        (spec.dataset.train, False),
+        (spec.dataset.validation, False),
+        (spec.output.uri, True),
+    ):
+        if uri and uri.startswith("pvc://"):
+            claim = parse_uri(uri, ("pvc",)).location
+            claims[claim] = claims.get(claim, False) or writable
+    return claims
+
+
+def run_dir(spec: LoRAFineTuneSpec) -> str:
+    out = parse_uri(spec.output.uri, ("pvc", "s3", "file"))
+    if out.scheme == "pvc":
+        return f"{POD_PVC_ROOT}/{out.location}/{out.path}".rstrip("/")
+    return out.path if out.scheme == "file" else f"{CACHE_MOUNT}/run"
+
+
+def _volumes(owner: Owner, spec: LoRAFineTuneSpec) -> tuple[list[dict], list[dict]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_map_name(owner.name)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and dataloaders need more than 64 MiB of shm
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "cache", "mountPath": CACHE_MOUNT},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    for i, (claim, writable) in enumerate(sorted(pvc_claims(spec).items())):
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{POD_PVC_ROOT}/{claim}", "readOnly": not writable})
+    return volumes, mounts
+
+
+def _env(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: OperatorSettings) -> list[dict]:
+    res = spec.resources
+    env: list[dict[str, Any]] = [
+        # torchrun reads its arguments from PET_* variables; the node rank is the Job's completion index.
+        {"name": "PET_NNODES", "value": str(res.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(res.procs_per_node)},
+        {
+            "name": "PET_NODE_RANK",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+            },
+        },
+        {"name": "PET_MASTER_ADDR", "value": master_address(owner, attempt)},
+        {"name": "PET_MASTER_PORT", "value": str(settings.master_port)},
+        {"name": ENV_CONFIG, "value": f"{CONFIG_MOUNT}/{CONFIG_FILE}"},
+        {"name": ENV_RUN_DIR, "value": run_dir(spec)},
+        {"name": ENV_PVC_ROOT, "value": POD_PVC_ROOT},
+        {"name": ENV_CACHE_DIR, "value": CACHE_MOUNT},
+        {"name": ENV_METRICS_PORT, "value": str(settings.trainer_metrics_port)},
+        {"name": ENV_TERMINATION_LOG, "value": TERMINATION_LOG},
+        {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"},
+        {"name": "LFT_ATTEMPT", "value": str(attempt)},
+    ]
+    if res.gpus_per_node == 0:
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    if spec.s3 and spec.s3.credentials_secret:  # by reference only: the values never enter our objects
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.append(
+                {"name": key, "valueFrom": {"secretKeyRef": {"name": spec.s3.credentials_secret, "key": key}}}
+            )
+    return env
+
+
+def build_job(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: OperatorSettings) -> dict[str, Any]:
+    res = spec.resources
+    volumes, mounts = _volumes(owner, spec)
+    resources = json.loads(json.dumps(res.resources or {}))  # a copy: never mutate the spec
+    if res.gpus_per_node:
+        for part in ("requests", "limits"):
+            resources.setdefault(part, {})["nvidia.com/gpu"] = str(res.gpus_per_node)
+    container = {
+        "name": "trainer",
+        "image": res.image or settings.default_image,
+        "command": ["torchrun", "-m", "lorafinetune.trainer"],
+        "env": _env(owner, spec, attempt, settings),
+        "ports": [
+            {"name": "rendezvous", "containerPort": settings.master_port},
+            {"name": "metrics", "containerPort": settings.trainer_metrics_port},
+        ],
+        "resources": resources,
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "subdomain": owner.name,  # with the headless Service: <pod hostname>.<name>.<ns>.svc resolves
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    optional = {
+        "nodeSelector": res.node_selector,
+        "tolerations": res.tolerations,
+        "affinity": res.affinity,
+        "priorityClassName": res.priority_class_name,
+        "serviceAccountName": res.service_account_name,
+    }
+    pod_spec.update({k: v for k, v in optional.items() if v})
+    if not res.service_account_name:
+        pod_spec["automountServiceAccountToken"] = False  # the trainer never talks to the API server
+    labels = {LABEL_ATTEMPT: str(attempt)}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": owner.metadata(job_name(owner.name, attempt), **labels),
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": res.nodes,
+            "parallelism": res.nodes,
+            "backoffLimit": 0,  # retries are the operator's, of the whole gang
+            "template": {
+                "metadata": {"labels": {LABEL_NAME: owner.name, **labels}},
+                "spec": pod_spec,
+            },
+        },
+    }

@@ -1,0 +1,142 @@
+"""kopf handlers: thin. Each reads what exists, asks the pure planner what to do, does it, and writes status.
+
+    python -m lorafinetune.operator          # or: kopf run -m lorafinetune.operator.handlers --all-namespaces
+
+Every path is safe to run again: child names are deterministic, "already exists" is success, status is recomputed
+from what is observed. So an operator restart at any point neither duplicates nor loses children.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from lorafinetune.api.manifest import GROUP, PLURAL, VERSION
+from lorafinetune.api.spec import LoRAFineTuneSpec
+from lorafinetune.api.status import LoRAFineTuneStatus
+from lorafinetune.operator import builders, kube
+from lorafinetune.operator import progress as progress_reader
+from lorafinetune.operator.metrics import OPERATOR_METRICS
+from lorafinetune.operator.settings import OperatorSettings
+from lorafinetune.operator.status import AttemptOutcome, Plan, as_patch, observe_attempt, plan
+
+SETTINGS = OperatorSettings.from_env()
+_last_progress_poll: dict[str, float] = {}
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Keep kopf's bookkeeping in annotations: our status schema is structural and owned by us.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="lorafinetune.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="lorafinetune.io")
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 60
+    kube.load_config()
+    OPERATOR_METRICS.serve(SETTINGS.metrics_port)
+
+
+def _preflight(owner: builders.Owner, spec: LoRAFineTuneSpec) -> tuple[str, str] | None:
+    """Checks the CRD schema cannot express. Returns (reason, message) of the first problem, or None."""
+    for claim in builders.pvc_claims(spec):
+        if not kube.pvc_exists(owner.namespace, claim):
+            return "PVCNotFound", f"PersistentVolumeClaim {claim!r} does not exist in namespace {owner.namespace}"
+    if spec.s3 and spec.s3.credentials_secret and not kube.secret_exists(owner.namespace, spec.s3.credentials_secret):
+        return "SecretNotFound", f"Secret {spec.s3.credentials_secret!r} (spec.s3.credentialsSecret) does not exist"
+    gpus = spec.resources.gpus_per_node
+    if gpus and gpus > (most := kube.max_node_gpus()):
+        return "InsufficientGPUs", (
+            f"resources.gpusPerNode is {gpus} but no node has more than {most} allocatable nvidia.com/gpu"
+        )
+    return None
+
+
+def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
+    if p.delete_job is not None:
+        kube.delete("Job", owner.namespace, builders.job_name(owner.name, p.delete_job))
+    if p.delete_children:
+        for kind, name in (("ConfigMap", builders.config_map_name(owner.name)), ("Service", owner.name)):
+            kube.delete(kind, owner.namespace, name)
+        for attempt in range(1, p.status.attempt + 1):
+            kube.delete("Job", owner.namespace, builders.job_name(owner.name, attempt))
+    if p.create_attempt is not None:
+        kube.create(builders.build_config_map(owner, spec))
+        kube.create(builders.build_service(owner, SETTINGS))
+        if kube.create(builders.build_job(owner, spec, p.create_attempt, SETTINGS)):
+            OPERATOR_METRICS.attempts.inc()
+
+
+def _poll_progress(owner: builders.Owner, status: LoRAFineTuneStatus) -> None:
+    key = f"{owner.namespace}/{owner.name}"
+    now = time.monotonic()
+    if now - _last_progress_poll.get(key, 0.0) < SETTINGS.progress_interval_seconds:
+        return
+    _last_progress_poll[key] = now
+    address = builders.master_address(owner, status.attempt)
+    fresh = progress_reader.fetch(address, SETTINGS.trainer_metrics_port, status.progress)
+    if fresh is not None:
+        status.progress = fresh
+
+
+def reconcile(body: kopf.Body, patch: kopf.Patch, handler: str) -> None:
+    started = time.perf_counter()
+    meta = body["metadata"]
+    owner = builders.Owner(meta["name"], meta["namespace"], meta["uid"])
+    current = LoRAFineTuneStatus.model_validate(dict(body.get("status") or {}))
+    try:
+        spec = LoRAFineTuneSpec.model_validate(dict(body["spec"]))
+    except ValidationError as err:  # the CRD catches most of this; the rest is permanent too
+        raise kopf.PermanentError(f"invalid spec: {err}") from None
+    now = datetime.now(UTC)
+    with OPERATOR_METRICS.observe(handler):
+        if current.attempt == 0 and current.phase in (None, "Pending") and not spec.run_policy.suspend:
+            problem = _preflight(owner, spec)
+            if problem is not None:
+                p = plan(spec, current, AttemptOutcome("pending", *problem), now, SETTINGS, meta.get("generation"))
+                _write(body, patch, p)  # no pods until fixed; the timer checks again
+                return
+        job = kube.read_job(owner.namespace, builders.job_name(owner.name, current.attempt)) if current.attempt else None
+        pods = kube.list_pods(owner.namespace, owner.name, current.attempt) if job else []
+        p = plan(spec, current, observe_attempt(job, pods), now, SETTINGS, meta.get("generation"))
+        _execute(owner, spec, p)
+        if p.status.phase == "Running":
+            _poll_progress(owner, p.status)
+        _write(body, patch, p)
+    OPERATOR_METRICS.set_phase(f"{owner.namespace}/{owner.name}", p.status.phase)
+    logging.getLogger(__name__).debug("reconciled %s in %.3fs", owner.name, time.perf_counter() - started)
+
+
+def _write(body: kopf.Body, patch: kopf.Patch, p: Plan) -> None:
+    new = as_patch(p.status)
+    old = dict(body.get("status") or {})
+    for key in set(old) - set(new):
+        patch.status[key] = None  # fields that no longer apply (e.g. nextAttemptTime after the retry started)
+    for key, value in new.items():
+        if old.get(key) != value:
+            patch.status[key] = value
+    for kind, reason, message in p.events:
+        kopf.event(body, type=kind, reason=reason, message=message[:1000])
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    reconcile(body, patch, "change")
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.reconcile_interval_seconds, initial_delay=1.0)
+def on_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    reconcile(body, patch, "timer")
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def on_delete(meta: kopf.Meta, **_: Any) -> None:
+    # Children go by owner references (garbage collection); only our in-memory bookkeeping needs forgetting.
+    key = f"{meta['namespace']}/{meta['name']}"
+    _last_progress_poll.pop(key, None)
+    OPERATOR_METRICS.set_phase(key, None)

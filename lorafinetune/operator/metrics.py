@@ -1,0 +1,60 @@
+"""The operator's own Prometheus metrics (reconciles, errors, durations, resources by phase, attempts)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PHASES = ("Pending", "Running", "Retrying", "Succeeded", "Failed", "Suspended")
+
+
+class OperatorMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.reconciles = Counter(
+            "lorafinetune_operator_reconciles", "Reconciles run, by handler", ["handler"], registry=r
+        )
+        self.errors = Counter(
+            "lorafinetune_operator_reconcile_errors", "Reconciles that raised, by handler", ["handler"], registry=r
+        )
+        self.duration = Histogram(
+            "lorafinetune_operator_reconcile_duration_seconds", "Wall time of one reconcile", ["handler"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r,
+        )  # fmt: skip
+        self.resources = Gauge(
+            "lorafinetune_operator_resources", "LoRAFineTunes known to this operator, by phase", ["phase"], registry=r
+        )
+        self.attempts = Counter("lorafinetune_operator_attempts_started", "Attempts (Jobs) created", registry=r)
+        self._phases: dict[str, str] = {}
+        for phase in PHASES:
+            self.resources.labels(phase=phase).set(0)
+
+    def serve(self, port: int) -> None:
+        if port:
+            start_http_server(port, registry=self.registry)
+
+    @contextlib.contextmanager
+    def observe(self, handler: str) -> Iterator[None]:
+        self.reconciles.labels(handler=handler).inc()
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            self.errors.labels(handler=handler).inc()
+            raise
+        finally:
+            self.duration.labels(handler=handler).observe(time.perf_counter() - started)
+
+    def set_phase(self, key: str, phase: str | None) -> None:
+        if phase is None:
+            self._phases.pop(key, None)
+        else:
+            self._phases[key] = phase
+        for p in PHASES:
+            self.resources.labels(phase=p).set(sum(1 for v in self._phases.values() if v == p))
+
+
+OPERATOR_METRICS = OperatorMetrics()

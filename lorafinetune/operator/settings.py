@@ -1,0 +1,75 @@
+"""Operator settings, read from the environment (the Helm chart sets them) with defaults that work out of the box."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env_list(name: str) -> list[str]:
+    return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Every field can be set by the environment variable named in its comment."""
+
+    namespaces: list[str] = field(default_factory=list)
+    """LFT_NAMESPACES: comma-separated namespaces to watch; empty watches the whole cluster."""
+
+    default_image: str = "ghcr.io/lorafinetune/lorafinetune:0.1.0"
+    """LFT_DEFAULT_IMAGE: trainer image when a spec sets none (one image serves operator and trainer)."""
+
+    backoff_base_seconds: float = 10.0
+    """LFT_BACKOFF_BASE_SECONDS: wait before the 2nd attempt; doubles per attempt (exponential backoff)."""
+
+    backoff_cap_seconds: float = 600.0
+    """LFT_BACKOFF_CAP_SECONDS: longest wait between attempts, so a late retry does not wait hours."""
+
+    reconcile_interval_seconds: float = 10.0
+    """LFT_RECONCILE_INTERVAL_SECONDS: how often each fine-tune is re-checked (children, deadlines, backoff)."""
+
+    metrics_port: int = 8080
+    """LFT_OPERATOR_METRICS_PORT: the operator's own Prometheus metrics; 0 disables."""
+
+    liveness_port: int = 8081
+    """LFT_LIVENESS_PORT: kopf's liveness endpoint (/healthz) for the Deployment's probe."""
+
+    progress_interval_seconds: float = 15.0
+    """LFT_PROGRESS_INTERVAL_SECONDS: how often a running fine-tune's progress is read from rank 0 (bounded rate)."""
+
+    master_port: int = 29500
+    """LFT_MASTER_PORT: torchrun rendezvous port on pod 0 (the PyTorch default)."""
+
+    trainer_metrics_port: int = 9400
+    """LFT_TRAINER_METRICS_PORT: rank 0's Prometheus port, scraped by the PodMonitor and read for progress."""
+
+    termination_grace_seconds: int = 300
+    """LFT_TERMINATION_GRACE_SECONDS: time pods get after SIGTERM to write a checkpoint before SIGKILL."""
+
+    @classmethod
+    def from_env(cls) -> OperatorSettings:
+        d = cls()
+        return cls(
+            namespaces=_env_list("LFT_NAMESPACES"),
+            default_image=os.environ.get("LFT_DEFAULT_IMAGE", d.default_image),
+            backoff_base_seconds=float(os.environ.get("LFT_BACKOFF_BASE_SECONDS", d.backoff_base_seconds)),
+            backoff_cap_seconds=float(os.environ.get("LFT_BACKOFF_CAP_SECONDS", d.backoff_cap_seconds)),
+            reconcile_interval_seconds=float(
+                os.environ.get("LFT_RECONCILE_INTERVAL_SECONDS", d.reconcile_interval_seconds)
+            ),
+            metrics_port=int(os.environ.get("LFT_OPERATOR_METRICS_PORT", d.metrics_port)),
+            liveness_port=int(os.environ.get("LFT_LIVENESS_PORT", d.liveness_port)),
+            progress_interval_seconds=float(
+                os.environ.get("LFT_PROGRESS_INTERVAL_SECONDS", d.progress_interval_seconds)
+            ),
+            master_port=int(os.environ.get("LFT_MASTER_PORT", d.master_port)),
+            trainer_metrics_port=int(os.environ.get("LFT_TRAINER_METRICS_PORT", d.trainer_metrics_port)),
+            termination_grace_seconds=int(
+                os.environ.get("LFT_TERMINATION_GRACE_SECONDS", d.termination_grace_seconds)
+            ),
+        )
+
+    def backoff_seconds(self, failed_attempts: int) -> float:
+        """Delay before the next attempt after `failed_attempts` failures: base * 2^(n-1), capped."""
+        return min(self.backoff_cap_seconds, self.backoff_base_seconds * 2 ** max(0, failed_attempts - 1))

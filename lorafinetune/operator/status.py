@@ -1,0 +1,217 @@
+"""Pure status logic: what the current attempt's Job and pods say, and what the operator should do about it.
+
+`observe_attempt` reads one attempt's Job and pods into an `AttemptOutcome`; `plan` turns the spec, the current
+status, that outcome and the clock into a `Plan` (the new status, the actions, the events). Neither calls the API,
+so every transition is a table-driven unit test; the kopf handler only executes plans.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from lorafinetune.api.spec import LoRAFineTuneSpec
+from lorafinetune.api.status import Condition, Failure, LoRAFineTuneStatus
+from lorafinetune.contract import ExitCode
+from lorafinetune.operator.settings import OperatorSettings
+
+State = Literal["none", "pending", "running", "succeeded", "failed"]
+CONDITION_TYPES = ("Running", "Succeeded", "Failed", "Suspended")
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    state: State
+    reason: str = ""
+    message: str = ""
+    exit_code: int | None = None
+    permanent: bool = False
+
+
+def _condition(obj: dict, ctype: str) -> dict | None:
+    return next((c for c in obj.get("status", {}).get("conditions") or [] if c.get("type") == ctype), None)
+
+
+def _failure_of(pod: dict) -> AttemptOutcome:
+    """Reason for a failed pod: OOMKilled, the trainer's own reason from its termination message, or the exit code."""
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if not term or term.get("exitCode", 0) == 0:
+            continue
+        code, reason, message = term.get("exitCode"), term.get("reason") or "Error", term.get("message") or ""
+        try:  # the trainer writes {exitCode, reason, message} to its termination log
+            record = json.loads(message)
+            reason, message = record.get("reason", reason), record.get("message", "")
+        except (json.JSONDecodeError, AttributeError):
+            pass
+        permanent = code in {c.value for c in ExitCode if c.permanent}
+        if reason == "OOMKilled":
+            message = message or "the container ran out of memory; lower microBatchSize or use a higher zeroStage"
+        return AttemptOutcome("failed", reason, message[:1000], code, permanent)
+    status = pod.get("status", {})
+    return AttemptOutcome("failed", status.get("reason") or "PodFailed", status.get("message", "")[:1000])
+
+
+def observe_attempt(job: dict | None, pods: list[dict]) -> AttemptOutcome:
+    if job is None:
+        return AttemptOutcome("none")
+    failed_pods = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
+    if failed_pods:
+        return _failure_of(sorted(failed_pods, key=lambda p: p["metadata"]["name"])[0])
+    if (c := _condition(job, "Failed")) and c.get("status") == "True":
+        return AttemptOutcome("failed", c.get("reason") or "JobFailed", c.get("message", ""))
+    if (c := _condition(job, "Complete")) and c.get("status") == "True":
+        return AttemptOutcome("succeeded")
+    for pod in pods:
+        sched = _condition(pod, "PodScheduled")
+        if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
+            return AttemptOutcome("pending", "Unschedulable", sched.get("message", ""))
+    running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
+    nodes = job.get("spec", {}).get("parallelism", 1)
+    if len(running) >= nodes:
+        return AttemptOutcome("running")
+    waiting = [
+        (cs.get("state") or {}).get("waiting", {})
+        for p in pods
+        for cs in p.get("status", {}).get("containerStatuses") or []
+    ]
+    bad = [w for w in waiting if w.get("reason") in ("ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError")]
+    if bad:
+        return AttemptOutcome("pending", bad[0]["reason"], bad[0].get("message", ""))
+    return AttemptOutcome("pending", "PodsStarting", f"{len(running)}/{nodes} pods running")
+
+
+@dataclass
+class Plan:
+    status: LoRAFineTuneStatus
+    create_attempt: int | None = None  # create this attempt's Job (and the shared ConfigMap/Service)
+    delete_job: int | None = None  # delete this attempt's Job (its pods get SIGTERM and checkpoint)
+    delete_children: bool = False  # TTL: remove every child, keep the LoRAFineTune
+    requeue_after: float | None = None
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
+
+
+def set_condition(status: LoRAFineTuneStatus, ctype: str, true: bool, reason: str, message: str, now: datetime,
+                  generation: int | None) -> None:  # fmt: skip
+    """Set one condition; lastTransitionTime changes only when the status flips."""
+    value = "True" if true else "False"
+    for c in status.conditions:
+        if c.type == ctype:
+            if c.status != value:
+                c.last_transition_time = now
+            c.status, c.reason, c.message, c.observed_generation = value, reason, message, generation
+            return
+    status.conditions.append(Condition(type=ctype, status=value, reason=reason, message=message,
+                                       last_transition_time=now, observed_generation=generation))  # fmt: skip
+
+
+def _phase(plan: Plan, phase: str, reason: str, message: str, now: datetime, gen: int | None) -> None:
+    s = plan.status
+    if s.phase != phase:
+        kind = "Warning" if phase in ("Failed", "Retrying") else "Normal"
+        plan.events.append((kind, reason, message or phase))
+    s.phase = phase  # type: ignore[assignment]
+    active = {"Running": phase == "Running", "Succeeded": phase == "Succeeded", "Failed": phase == "Failed",
+              "Suspended": phase == "Suspended"}  # fmt: skip
+    for ctype in CONDITION_TYPES:
+        set_condition(s, ctype, active[ctype], reason if active[ctype] else "", message if active[ctype] else "",
+                      now, gen)  # fmt: skip
+
+
+def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOutcome, now: datetime,
+         settings: OperatorSettings, generation: int | None = None) -> Plan:  # fmt: skip
+    """Decide the next status and actions. Safe to call again with the same inputs (converges)."""
+    p = Plan(status=current.model_copy(deep=True))
+    s, rp = p.status, spec.run_policy
+    s.observed_generation = generation
+
+    # 1. Finished runs only wait for their TTL.
+    if s.phase in ("Succeeded", "Failed"):
+        if rp.ttl_seconds_after_finished is not None and s.completion_time is not None:
+            due = s.completion_time + timedelta(seconds=rp.ttl_seconds_after_finished)
+            if now >= due:
+                p.delete_children = True
+            else:
+                p.requeue_after = (due - now).total_seconds()
+        return p
+
+    # 2. Deadline over the whole run, across attempts.
+    if rp.active_deadline_seconds and s.start_time:
+        if now - s.start_time >= timedelta(seconds=rp.active_deadline_seconds):
+            p.delete_job = s.attempt if outcome.state in ("pending", "running") else None
+            msg = f"the run exceeded runPolicy.activeDeadlineSeconds ({rp.active_deadline_seconds} s)"
+            s.last_failure = Failure(attempt=s.attempt, reason="DeadlineExceeded", message=msg, permanent=True)
+            s.completion_time = now
+            _phase(p, "Failed", "DeadlineExceeded", msg, now, generation)
+            return p
+
+    # 3. Suspension: stop the running attempt (pods get SIGTERM and checkpoint); resume with a new attempt.
+    if rp.suspend:
+        if outcome.state in ("pending", "running"):
+            p.delete_job = s.attempt
+        s.next_attempt_time = None
+        _phase(p, "Suspended", "Suspended", "runPolicy.suspend is true; the next attempt resumes from the last "
+               "checkpoint", now, generation)  # fmt: skip
+        return p
+
+    # 4. Start an attempt: the first, the next one once the backoff expired, the one after a suspension, or the
+    #    current one again if its Job vanished (deterministic names make "already exists" harmless).
+    if s.phase == "Retrying":
+        if s.next_attempt_time and now < s.next_attempt_time:
+            p.requeue_after = (s.next_attempt_time - now).total_seconds()
+            return p
+        return _start_attempt(p, s.attempt + 1, now, generation)
+    if s.phase == "Suspended":
+        return _start_attempt(p, s.attempt + 1, now, generation)
+    if outcome.state == "none":
+        return _start_attempt(p, max(s.attempt, 1), now, generation)
+
+    if outcome.state == "pending":
+        _phase(p, "Pending", outcome.reason or "Pending", outcome.message, now, generation)
+        if outcome.reason == "Unschedulable" and not any(e[1] == "Unschedulable" for e in p.events):
+            p.events.append(("Warning", "Unschedulable", outcome.message))
+        return p
+    if outcome.state == "running":
+        _phase(p, "Running", "AllPodsRunning", f"attempt {s.attempt}: all pods running", now, generation)
+        return p
+    if outcome.state == "succeeded":
+        s.completion_time = s.completion_time or now
+        _phase(p, "Succeeded", "TrainingComplete", "the adapter is published", now, generation)
+        return p
+
+    # 5. The attempt failed: retry the whole gang with backoff, unless retrying cannot help.
+    s.failed_attempts += 1
+    s.last_failure = Failure(attempt=s.attempt, reason=outcome.reason, message=outcome.message,
+                             exit_code=outcome.exit_code, permanent=outcome.permanent)  # fmt: skip
+    detail = f"attempt {s.attempt} failed: {outcome.reason}" + (f": {outcome.message}" if outcome.message else "")
+    if outcome.permanent:
+        s.completion_time = now
+        _phase(p, "Failed", outcome.reason or "PermanentFailure", f"{detail} (not retried: fix the spec)", now,
+               generation)  # fmt: skip
+    elif s.failed_attempts > rp.backoff_limit:
+        s.completion_time = now
+        _phase(p, "Failed", "BackoffLimitExceeded", f"{detail} (retries exhausted: backoffLimit "
+               f"{rp.backoff_limit})", now, generation)  # fmt: skip
+    else:
+        delay = settings.backoff_seconds(s.failed_attempts)
+        s.next_attempt_time = now + timedelta(seconds=delay)
+        p.requeue_after = delay
+        _phase(p, "Retrying", outcome.reason or "AttemptFailed", f"{detail}; retrying in {delay:.0f} s", now,
+               generation)  # fmt: skip
+    return p
+
+
+def _start_attempt(p: Plan, attempt: int, now: datetime, generation: int | None) -> Plan:
+    s = p.status
+    s.attempt, s.start_time, s.next_attempt_time = attempt, s.start_time or now, None
+    p.create_attempt = attempt
+    why = "resumes from the last complete checkpoint" if attempt > 1 else "first attempt"
+    _phase(p, "Pending", "AttemptCreated", f"attempt {attempt} created ({why})", now, generation)
+    return p
+
+
+def as_patch(status: LoRAFineTuneStatus) -> dict[str, Any]:
+    """The status as the API server stores it (camelCase, no unset fields)."""
+    return status.model_dump(by_alias=True, mode="json", exclude_none=True)

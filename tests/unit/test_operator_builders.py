@@ -1,0 +1,101 @@
+"""What the operator creates for an attempt, as data: ConfigMap, headless Service, Indexed Job."""
+
+from __future__ import annotations
+
+import json
+
+from lorafinetune.api import parse_manifest
+from lorafinetune.operator.builders import Owner, build_config_map, build_job, build_service, master_address
+from lorafinetune.operator.settings import OperatorSettings
+from tests.conftest import deep_merge
+from tests.unit.test_api import BASE
+
+OWNER = Owner("llama", "team-a", "uid-123")
+SETTINGS = OperatorSettings()
+
+
+def spec(**override):
+    return parse_manifest(deep_merge(BASE, {"spec": override})).spec
+
+
+def env_of(job) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_job_is_an_indexed_gang_without_pod_retries():
+    job = build_job(OWNER, spec(resources={"nodes": 3, "gpusPerNode": 8}), attempt=2, settings=SETTINGS)
+    js = job["spec"]
+    assert job["metadata"]["name"] == "llama-a2"
+    assert (js["completionMode"], js["completions"], js["parallelism"], js["backoffLimit"]) == ("Indexed", 3, 3, 0)
+    assert js["template"]["spec"]["restartPolicy"] == "Never"
+    assert js["template"]["spec"]["subdomain"] == "llama"
+    owner = job["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("LoRAFineTune", "uid-123", True)
+
+
+def test_torchrun_gets_its_topology_from_the_environment():
+    job = build_job(OWNER, spec(resources={"nodes": 2, "gpusPerNode": 4}), attempt=1, settings=SETTINGS)
+    env = env_of(job)
+    assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"], env["PET_MASTER_PORT"]) == ("2", "4", "29500")
+    assert env["PET_MASTER_ADDR"] == "llama-a1-0.llama.team-a.svc.cluster.local" == master_address(OWNER, 1)
+    assert env["PET_NODE_RANK"] == {
+        "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+    }
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["torchrun", "-m", "lorafinetune.trainer"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+
+
+def test_pods_run_non_root_with_a_checkpoint_grace_period():
+    pod = build_job(OWNER, spec(), 1, SETTINGS)["spec"]["template"]["spec"]
+    sc, csc = pod["securityContext"], pod["containers"][0]["securityContext"]
+    assert sc["runAsNonRoot"] and sc["runAsUser"] != 0 and sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert csc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    assert pod["terminationGracePeriodSeconds"] == SETTINGS.termination_grace_seconds >= 60
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_volumes_follow_the_uris():
+    s = spec(
+        model={"uri": "pvc://models/llama"},
+        dataset={"train": "pvc://data/train.jsonl"},
+        output={"uri": "pvc://adapters/run1"},
+    )
+    pod = build_job(OWNER, s, 1, SETTINGS)["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
+              for v in pod["volumes"] if "persistentVolumeClaim" in v}  # fmt: skip
+    assert claims == {"models": True, "data": True, "adapters": False}
+    mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert {"/mnt/pvc/models", "/mnt/pvc/data", "/mnt/pvc/adapters", "/dev/shm", "/etc/lorafinetune"} <= mounts
+    assert env_of(build_job(OWNER, s, 1, SETTINGS))["LFT_RUN_DIR"] == "/mnt/pvc/adapters/run1"
+
+
+def test_scheduling_fields_pass_through_and_cpu_runs_request_no_gpu():
+    s = spec(resources={"gpusPerNode": 0, "nodeSelector": {"pool": "cpu"}, "priorityClassName": "batch",
+                        "tolerations": [{"key": "x", "operator": "Exists"}], "image": "me/trainer:1"})  # fmt: skip
+    pod = build_job(OWNER, s, 1, SETTINGS)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "cpu"} and pod["priorityClassName"] == "batch"
+    assert pod["tolerations"] == [{"key": "x", "operator": "Exists"}]
+    assert pod["containers"][0]["image"] == "me/trainer:1"
+    assert "nvidia.com/gpu" not in json.dumps(pod["containers"][0]["resources"])
+    assert env_of(build_job(OWNER, s, 1, SETTINGS))["DS_ACCELERATOR"] == "cpu"
+
+
+def test_s3_credentials_are_passed_by_reference_only():
+    s = spec(output={"uri": "s3://bucket/out"}, s3={"endpointUrl": "http://s3:9000", "credentialsSecret": "s3-creds"})
+    job = build_job(OWNER, s, 1, SETTINGS)
+    assert env_of(job)["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}
+    config = json.loads(build_config_map(OWNER, s)["data"]["config.json"])
+    assert config["spec"]["s3"] == {"endpointUrl": "http://s3:9000", "credentialsSecret": "s3-creds"}
+
+
+def test_headless_service_publishes_not_ready_addresses():
+    svc = build_service(OWNER, SETTINGS)
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"lorafinetune.io/name": "llama"}
+
+
+def test_builders_are_deterministic():
+    s = spec()
+    assert build_job(OWNER, s, 3, SETTINGS) == build_job(OWNER, s, 3, SETTINGS)
+    assert build_config_map(OWNER, s) == build_config_map(OWNER, s)

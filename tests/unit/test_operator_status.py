@@ -1,0 +1,178 @@
+"""The operator's decisions, as a table: observed Job and pods + status + clock -> next status and actions."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from lorafinetune.api import parse_manifest
+from lorafinetune.api.status import LoRAFineTuneStatus, Progress
+from lorafinetune.operator.progress import parse_metrics
+from lorafinetune.operator.settings import OperatorSettings
+from lorafinetune.operator.status import AttemptOutcome, observe_attempt, plan
+from tests.conftest import deep_merge
+from tests.unit.test_api import BASE
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+SETTINGS = OperatorSettings(backoff_base_seconds=10, backoff_cap_seconds=60)
+
+
+def spec(**run_policy):
+    return parse_manifest(deep_merge(BASE, {"spec": {"runPolicy": run_policy}})).spec
+
+
+def job(parallelism=2, **conditions):
+    conds = [{"type": t, "status": "True", "reason": r} for t, r in conditions.items()]
+    return {"spec": {"parallelism": parallelism}, "status": {"conditions": conds}}
+
+
+def pod(name, phase, **state):
+    status = {"phase": phase}
+    if state:
+        status["containerStatuses"] = [{"name": "trainer", "state": state}]
+    return {"metadata": {"name": name}, "status": status}
+
+
+# ---------------------------------------------------------------- reading an attempt
+
+
+def test_all_pods_running_is_running():
+    assert observe_attempt(job(), [pod("a-0", "Running"), pod("a-1", "Running")]).state == "running"
+    assert observe_attempt(job(), [pod("a-0", "Running"), pod("a-1", "Pending")]).state == "pending"
+
+
+def test_unschedulable_pods_report_the_schedulers_reason():
+    p = pod("a-0", "Pending")
+    p["status"]["conditions"] = [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}
+    ]  # fmt: skip
+    out = observe_attempt(job(), [p])
+    assert (out.state, out.reason) == ("pending", "Unschedulable") and "Insufficient nvidia.com/gpu" in out.message
+
+
+def test_failed_pod_reason_comes_from_the_trainers_termination_message():
+    message = json.dumps({"exitCode": 3, "reason": "DataError", "message": "train.jsonl:5: not valid JSON"})
+    out = observe_attempt(job(), [pod("a-0", "Failed", terminated={"exitCode": 3, "reason": "Error",
+                                                                   "message": message})])  # fmt: skip
+    assert (out.state, out.reason, out.exit_code, out.permanent) == ("failed", "DataError", 3, True)
+    assert out.message == "train.jsonl:5: not valid JSON"
+
+
+def test_oom_killed_is_retryable_and_explained():
+    out = observe_attempt(job(), [pod("a-1", "Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})])
+    assert (out.reason, out.exit_code, out.permanent) == ("OOMKilled", 137, False)
+    assert "out of memory" in out.message
+
+
+def test_complete_job_is_success():
+    assert observe_attempt(job(Complete="Completed"), [pod("a-0", "Succeeded")]).state == "succeeded"
+
+
+# ---------------------------------------------------------------- deciding
+
+
+def test_a_new_resource_starts_attempt_one():
+    p = plan(spec(), LoRAFineTuneStatus(), AttemptOutcome("none"), NOW, SETTINGS, generation=1)
+    assert (p.create_attempt, p.status.attempt, p.status.phase, p.status.start_time) == (1, 1, "Pending", NOW)
+    assert p.events[0][:2] == ("Normal", "AttemptCreated")
+
+
+@pytest.mark.parametrize(
+    "outcome, phase, condition",
+    [
+        (AttemptOutcome("running"), "Running", "Running"),
+        (AttemptOutcome("succeeded"), "Succeeded", "Succeeded"),
+        (AttemptOutcome("failed", "DataError", "bad row", 3, True), "Failed", "Failed"),
+    ],
+)
+def test_phase_and_conditions_follow_the_attempt(outcome, phase, condition):
+    p = plan(spec(), LoRAFineTuneStatus(phase="Pending", attempt=1, start_time=NOW), outcome, NOW, SETTINGS, 1)
+    assert p.status.phase == phase
+    conditions = {c.type: c.status for c in p.status.conditions}
+    assert conditions[condition] == "True"
+    assert [t for t, s in conditions.items() if s == "True"] == [condition], "exactly one phase condition holds"
+
+
+def test_failures_retry_with_exponential_backoff_then_fail():
+    s = spec(backoffLimit=2)
+    status = LoRAFineTuneStatus(phase="Running", attempt=1, start_time=NOW)
+    crash = AttemptOutcome("failed", "Error", "NCCL timeout", 1, False)
+    delays = []
+    for attempt in (1, 2):
+        p = plan(s, status, crash, NOW, SETTINGS, 1)
+        assert p.status.phase == "Retrying" and p.create_attempt is None
+        delays.append(p.requeue_after)
+        # the same failed Job observed again must not count twice
+        again = plan(s, p.status, crash, NOW, SETTINGS, 1)
+        assert again.status.failed_attempts == attempt and again.create_attempt is None
+        later = plan(s, p.status, crash, p.status.next_attempt_time, SETTINGS, 1)
+        assert (later.create_attempt, later.status.phase) == (attempt + 1, "Pending")
+        status = later.status
+        status.phase = "Running"
+    assert delays == [10, 20]
+    final = plan(s, status, crash, NOW, SETTINGS, 1)
+    assert final.status.phase == "Failed" and final.status.failed_attempts == 3
+    assert final.status.conditions and "retries exhausted: backoffLimit 2" in final.events[-1][2]
+    assert final.status.last_failure.reason == "Error" and final.status.completion_time == NOW
+
+
+def test_permanent_failures_are_not_retried():
+    p = plan(spec(backoffLimit=5), LoRAFineTuneStatus(phase="Running", attempt=1),
+             AttemptOutcome("failed", "ModelError", "offline", 4, True), NOW, SETTINGS, 1)  # fmt: skip
+    assert p.status.phase == "Failed" and p.create_attempt is None and "not retried" in p.events[-1][2]
+
+
+def test_backoff_is_capped():
+    assert [SETTINGS.backoff_seconds(n) for n in (1, 2, 3, 4, 5)] == [10, 20, 40, 60, 60]
+
+
+def test_suspend_stops_the_attempt_and_resume_starts_the_next_one():
+    running = LoRAFineTuneStatus(phase="Running", attempt=2, start_time=NOW)
+    p = plan(spec(suspend=True), running, AttemptOutcome("running"), NOW, SETTINGS, 2)
+    assert (p.status.phase, p.delete_job) == ("Suspended", 2)
+    resumed = plan(spec(suspend=False), p.status, AttemptOutcome("none"), NOW, SETTINGS, 3)
+    assert (resumed.create_attempt, resumed.status.phase) == (3, "Pending")
+    assert "resumes from the last complete checkpoint" in resumed.events[0][2]
+
+
+def test_deadline_fails_the_run_and_stops_its_pods():
+    status = LoRAFineTuneStatus(phase="Running", attempt=1, start_time=NOW - timedelta(seconds=61))
+    p = plan(spec(activeDeadlineSeconds=60), status, AttemptOutcome("running"), NOW, SETTINGS, 1)
+    assert (p.status.phase, p.delete_job, p.status.last_failure.reason) == ("Failed", 1, "DeadlineExceeded")
+
+
+def test_ttl_removes_children_of_finished_runs_when_due():
+    done = LoRAFineTuneStatus(phase="Succeeded", attempt=1, completion_time=NOW)
+    early = plan(spec(ttlSecondsAfterFinished=30), done, AttemptOutcome("succeeded"), NOW + timedelta(seconds=10),
+                 SETTINGS, 1)  # fmt: skip
+    assert not early.delete_children and early.requeue_after == 20
+    due = plan(spec(ttlSecondsAfterFinished=30), done, AttemptOutcome("none"), NOW + timedelta(seconds=30), SETTINGS, 1)
+    assert due.delete_children and due.status.phase == "Succeeded"
+
+
+def test_transition_time_changes_only_when_a_condition_flips():
+    first = plan(spec(), LoRAFineTuneStatus(phase="Pending", attempt=1), AttemptOutcome("running"), NOW, SETTINGS, 1)
+    again = plan(spec(), first.status, AttemptOutcome("running"), NOW + timedelta(minutes=5), SETTINGS, 1)
+    running = next(c for c in again.status.conditions if c.type == "Running")
+    assert running.last_transition_time == NOW and not again.events
+
+
+# ---------------------------------------------------------------- progress from rank 0's metrics
+
+
+def test_progress_is_read_from_the_trainers_metrics():
+    from prometheus_client import generate_latest
+
+    from lorafinetune.trainer.metrics import TrainerMetrics
+
+    m = TrainerMetrics()
+    m.global_step.set(12), m.total_steps.set(100), m.train_loss.set(0.75), m.eval_loss.set(0.8)
+    m.tokens_per_second.set(2500), m.eta_seconds.set(300)
+    progress = parse_metrics(generate_latest(m.registry).decode(), Progress(step=10, best_eval_loss=0.7))
+    assert (progress.step, progress.total_steps, progress.summary) == (12, 100, "12/100")
+    assert (progress.train_loss, progress.eval_loss, progress.best_eval_loss) == (0.75, 0.8, 0.7)
+    assert (progress.tokens_per_second, progress.eta_seconds) == (2500, 300)
+    assert parse_metrics("# nothing yet\n") is None
