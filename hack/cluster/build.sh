@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build a real Kubernetes control plane from published Go modules (no container engine needed) and print the folder
-# holding the binaries: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, kwokctl, helm.
+# holding the binaries: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, kwokctl.
 #
 #   BIN=$(hack/cluster/build.sh)
 #
@@ -11,8 +11,7 @@ set -euo pipefail
 K8S_VERSION=${K8S_VERSION:-1.37.2}
 ETCD_VERSION=${ETCD_VERSION:-3.7.3}
 KWOK_VERSION=${KWOK_VERSION:-0.8.0}
-HELM_VERSION=${HELM_VERSION:-3.21.4}
-ROOT=${LFT_CLUSTER_CACHE:-$HOME/.cache/lorafinetune/cluster-k8s$K8S_VERSION-etcd$ETCD_VERSION-kwok$KWOK_VERSION-helm$HELM_VERSION}
+ROOT=${LFT_CLUSTER_CACHE:-$HOME/.cache/lorafinetune/cluster-k8s$K8S_VERSION-etcd$ETCD_VERSION-kwok$KWOK_VERSION}
 BIN=$ROOT/bin
 export GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
 
@@ -50,7 +49,6 @@ mkdir -p "$BIN"
 start=$(date +%s)
 [ -x "$BIN/etcd" ] || { log "building etcd v$ETCD_VERSION"; build_etcd; }
 [ -x "$BIN/kwokctl" ] || { log "building kwok v$KWOK_VERSION"; GOBIN=$BIN go install "sigs.k8s.io/kwok/cmd/kwok@v$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwokctl@v$KWOK_VERSION" >&2; }
-[ -x "$BIN/helm" ] || { log "building helm v$HELM_VERSION"; GOBIN=$BIN go install "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION" >&2; }
 [ -x "$BIN/kubectl" ] || { log "building Kubernetes v$K8S_VERSION (the long part)"; build_k8s; }
 elapsed=$(( $(date +%s) - start ))
 [ "$elapsed" -lt 5 ] || log "built in ${elapsed}s"

@@ -41,6 +41,9 @@ def to_structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any
     if "$ref" in schema:
         target = defs[schema["$ref"].rsplit("/", 1)[-1]]
         merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+        rules = target.get("x-kubernetes-validations", []) + schema.get("x-kubernetes-validations", [])
+        if rules:  # the type's own rules and the field's (e.g. immutability) both apply
+            merged["x-kubernetes-validations"] = rules
         return to_structural(merged, defs)
     if "anyOf" in schema:  # Optional[X] -> X; the field is simply not required
         options = [o for o in schema["anyOf"] if o.get("type") != "null"]

@@ -24,6 +24,16 @@ def cel(rule: str, message: str) -> dict:
     return {"rule": rule, "message": message}
 
 
+def immutable(field: str) -> dict:
+    """CEL transition rule: the API server refuses changes to this part of the spec after creation, because a
+    retry resumes from checkpoints that were made with it."""
+    return {
+        "x-kubernetes-validations": [
+            cel("self == oldSelf", f"spec.{field} is immutable: create a new LoRAFineTune to train with other settings")
+        ]
+    }
+
+
 class ModelSpec(APIModel):
     """The base model to fine-tune."""
 
@@ -377,15 +387,35 @@ class LoRAFineTuneSpec(APIModel):
         }
     }
 
-    model: ModelSpec = Field(description="The base model.")
-    dataset: DatasetSpec = Field(description="Training and validation data.")
-    lora: LoRASpec = Field(default_factory=LoRASpec, description="LoRA adapter settings.")
-    training: TrainingSpec = Field(default_factory=lambda: TrainingSpec(epochs=1), description="Optimisation.")
-    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO settings.")
+    model: ModelSpec = Field(description="The base model.", json_schema_extra=immutable("model"))
+    dataset: DatasetSpec = Field(description="Training and validation data.", json_schema_extra=immutable("dataset"))
+    lora: LoRASpec = Field(
+        default_factory=LoRASpec, description="LoRA adapter settings.", json_schema_extra=immutable("lora")
+    )
+    training: TrainingSpec = Field(
+        default_factory=lambda: TrainingSpec(epochs=1), description="Optimisation.", json_schema_extra=immutable("training")
+    )
+    deepspeed: DeepSpeedSpec = Field(
+        default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO settings.", json_schema_extra=immutable("deepspeed")
+    )
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Held-out evaluation.")
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Checkpoints.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Nodes, GPUs and pod scheduling.")
-    output: OutputSpec = Field(description="Where results go.")
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec,
+        description="Nodes, GPUs and pod scheduling.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.nodes == oldSelf.nodes && self.gpusPerNode == oldSelf.gpusPerNode && "
+                    "has(self.processesPerNode) == has(oldSelf.processesPerNode) && "
+                    "(!has(self.processesPerNode) || self.processesPerNode == oldSelf.processesPerNode)",
+                    "resources.nodes, gpusPerNode and processesPerNode are immutable: checkpoints are sharded per "
+                    "process; create a new LoRAFineTune to change the world size",
+                )
+            ]
+        },
+    )
+    output: OutputSpec = Field(description="Where results go.", json_schema_extra=immutable("output"))
     s3: S3Spec | None = Field(default=None, description="S3 connection for s3:// URIs.")
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadlines, clean-up.")
 

@@ -34,7 +34,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Keep kopf's bookkeeping in annotations: our status schema is structural and owned by us.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="lorafinetune.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="lorafinetune.io")
-    settings.posting.level = logging.INFO
+    # Only our own events (kopf.event) and warnings reach Kubernetes: "timer succeeded" every few seconds would
+    # bury the transitions users look for in `kubectl describe`.
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60
     kube.load_config()
     OPERATOR_METRICS.serve(SETTINGS.metrics_port)
