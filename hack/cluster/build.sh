@@ -14,6 +14,7 @@ KWOK_VERSION=${KWOK_VERSION:-0.8.0}
 ROOT=${LFT_CLUSTER_CACHE:-$HOME/.cache/lorafinetune/cluster-k8s$K8S_VERSION-etcd$ETCD_VERSION-kwok$KWOK_VERSION}
 BIN=$ROOT/bin
 export GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
+command -v go >/dev/null || export PATH="$PATH:/usr/local/go/bin"
 
 log() { echo "[cluster build] $*" >&2; }
 

@@ -9,6 +9,7 @@ from what is observed. So an operator restart at any point neither duplicates no
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +28,7 @@ from lorafinetune.operator.status import AttemptOutcome, Plan, as_patch, observe
 
 SETTINGS = OperatorSettings.from_env()
 _last_progress_poll: dict[str, float] = {}
+_locks: dict[str, threading.Lock] = {}
 
 
 @kopf.on.startup()
@@ -84,56 +86,54 @@ def _poll_progress(owner: builders.Owner, status: LoRAFineTuneStatus) -> None:
         status.progress = fresh
 
 
-def reconcile(body: kopf.Body, patch: kopf.Patch, handler: str) -> None:
-    started = time.perf_counter()
-    meta = body["metadata"]
-    owner = builders.Owner(meta["name"], meta["namespace"], meta["uid"])
-    current = LoRAFineTuneStatus.model_validate(dict(body.get("status") or {}))
-    try:
-        spec = LoRAFineTuneSpec.model_validate(dict(body["spec"]))
-    except ValidationError as err:  # the CRD catches most of this; the rest is permanent too
-        raise kopf.PermanentError(f"invalid spec: {err}") from None
-    now = datetime.now(UTC)
-    with OPERATOR_METRICS.observe(handler):
-        if current.attempt == 0 and current.phase in (None, "Pending") and not spec.run_policy.suspend:
+def reconcile(namespace: str, name: str, handler: str) -> None:
+    """Converge one fine-tune. Serialised per object and run on a fresh read, because change events and the
+    timer fire independently and a stale copy would plan the same transition twice."""
+    with _locks.setdefault(f"{namespace}/{name}", threading.Lock()), OPERATOR_METRICS.observe(handler):
+        body = kube.read_fine_tune(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        meta = body["metadata"]
+        owner = builders.Owner(meta["name"], meta["namespace"], meta["uid"])
+        current = LoRAFineTuneStatus.model_validate(body.get("status") or {})
+        try:
+            spec = LoRAFineTuneSpec.model_validate(body["spec"])
+        except ValidationError as err:  # the CRD catches nearly all of this; what remains is permanent too
+            raise kopf.PermanentError(f"invalid spec: {err}") from None
+        now, generation = datetime.now(UTC), meta.get("generation")
+        problem = None
+        if current.attempt == 0 and not spec.run_policy.suspend:
             problem = _preflight(owner, spec)
-            if problem is not None:
-                p = plan(spec, current, AttemptOutcome("pending", *problem), now, SETTINGS, meta.get("generation"))
-                _write(body, patch, p)  # no pods until fixed; the timer checks again
-                return
-        job = kube.read_job(owner.namespace, builders.job_name(owner.name, current.attempt)) if current.attempt else None
-        pods = kube.list_pods(owner.namespace, owner.name, current.attempt) if job else []
-        p = plan(spec, current, observe_attempt(job, pods), now, SETTINGS, meta.get("generation"))
-        _execute(owner, spec, p)
-        if p.status.phase == "Running":
-            _poll_progress(owner, p.status)
-        _write(body, patch, p)
-    OPERATOR_METRICS.set_phase(f"{owner.namespace}/{owner.name}", p.status.phase)
-    logging.getLogger(__name__).debug("reconciled %s in %.3fs", owner.name, time.perf_counter() - started)
-
-
-def _write(body: kopf.Body, patch: kopf.Patch, p: Plan) -> None:
-    new = as_patch(p.status)
-    old = dict(body.get("status") or {})
-    for key in set(old) - set(new):
-        patch.status[key] = None  # fields that no longer apply (e.g. nextAttemptTime after the retry started)
-    for key, value in new.items():
-        if old.get(key) != value:
-            patch.status[key] = value
-    for kind, reason, message in p.events:
-        kopf.event(body, type=kind, reason=reason, message=message[:1000])
+        if problem is not None:  # no pods until it is fixed; the timer checks again
+            p = plan(spec, current, AttemptOutcome("pending", *problem), now, SETTINGS, generation)
+        else:
+            job = kube.read_job(namespace, builders.job_name(name, current.attempt)) if current.attempt else None
+            pods = kube.list_pods(namespace, name, current.attempt) if job else []
+            p = plan(spec, current, observe_attempt(job, pods), now, SETTINGS, generation)
+            _execute(owner, spec, p)
+            if p.status.phase == "Running":
+                _poll_progress(owner, p.status)
+        new = as_patch(p.status)
+        old = body.get("status") or {}
+        if new != old:
+            patch = {key: new.get(key) for key in set(old) | set(new) if old.get(key) != new.get(key)}
+            if not kube.patch_status(namespace, name, meta["resourceVersion"], patch):
+                return  # changed meanwhile: the next event or tick reconciles from the new state
+        for kind, reason, message in p.events:
+            kopf.event(body, type=kind, reason=reason, message=message[:1000])
+        OPERATOR_METRICS.set_phase(f"{namespace}/{name}", p.status.phase)
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    reconcile(body, patch, "change")
+def on_change(namespace: str, name: str, **_: Any) -> None:
+    reconcile(namespace, name, "change")
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.reconcile_interval_seconds, initial_delay=1.0)
-def on_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    reconcile(body, patch, "timer")
+def on_timer(namespace: str, name: str, **_: Any) -> None:
+    reconcile(namespace, name, "timer")
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
@@ -141,4 +141,5 @@ def on_delete(meta: kopf.Meta, **_: Any) -> None:
     # Children go by owner references (garbage collection); only our in-memory bookkeeping needs forgetting.
     key = f"{meta['namespace']}/{meta['name']}"
     _last_progress_poll.pop(key, None)
+    _locks.pop(key, None)
     OPERATOR_METRICS.set_phase(key, None)

@@ -7,6 +7,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from lorafinetune.api.manifest import GROUP, PLURAL, VERSION
 from lorafinetune.operator.builders import LABEL_ATTEMPT, LABEL_NAME
 
 
@@ -72,3 +73,20 @@ def secret_exists(namespace: str, name: str) -> bool:
 def max_node_gpus() -> int:
     nodes = client.CoreV1Api().list_node().items
     return max((int((n.status.allocatable or {}).get("nvidia.com/gpu", "0")) for n in nodes), default=0)
+
+
+def read_fine_tune(namespace: str, name: str) -> dict[str, Any] | None:
+    """The LoRAFineTune as stored now (not as a possibly stale watch event delivered it)."""
+    return _ignore(404, client.CustomObjectsApi().get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+
+
+def patch_status(namespace: str, name: str, resource_version: str, status: dict[str, Any]) -> bool:
+    """Merge-patch status if nobody changed the object since we read it (409 -> False: reconcile again)."""
+    body = {"metadata": {"resourceVersion": resource_version}, "status": status}
+    try:
+        client.CustomObjectsApi().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body)
+        return True
+    except ApiException as err:
+        if err.status in (404, 409):
+            return False
+        raise

@@ -18,7 +18,9 @@ from lorafinetune.contract import ExitCode
 from lorafinetune.operator.settings import OperatorSettings
 
 State = Literal["none", "pending", "running", "succeeded", "failed"]
-CONDITION_TYPES = ("Running", "Succeeded", "Failed", "Suspended")
+# Ready: every pod of the current attempt is scheduled and running; while Pending it carries the reason why not
+# (the scheduler's Unschedulable message, a missing PVC, an image pull error). The others mirror the phase.
+CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended")
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,8 @@ def observe_attempt(job: dict | None, pods: list[dict]) -> AttemptOutcome:
         sched = _condition(pod, "PodScheduled")
         if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
             return AttemptOutcome("pending", "Unschedulable", sched.get("message", ""))
-    running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
+    # Succeeded pods count as running until the Job controller marks the whole Job complete.
+    running = [p for p in pods if p.get("status", {}).get("phase") in ("Running", "Succeeded")]
     nodes = job.get("spec", {}).get("parallelism", 1)
     if len(running) >= nodes:
         return AttemptOutcome("running")
@@ -113,11 +116,12 @@ def _phase(plan: Plan, phase: str, reason: str, message: str, now: datetime, gen
         kind = "Warning" if phase in ("Failed", "Retrying") else "Normal"
         plan.events.append((kind, reason, message or phase))
     s.phase = phase  # type: ignore[assignment]
-    active = {"Running": phase == "Running", "Succeeded": phase == "Succeeded", "Failed": phase == "Failed",
-              "Suspended": phase == "Suspended"}  # fmt: skip
     for ctype in CONDITION_TYPES:
-        set_condition(s, ctype, active[ctype], reason if active[ctype] else "", message if active[ctype] else "",
-                      now, gen)  # fmt: skip
+        holds = phase == ("Running" if ctype == "Ready" else ctype)
+        if holds or (ctype == "Ready" and phase == "Pending"):
+            set_condition(s, ctype, holds, reason, message, now, gen)
+        else:  # a condition that does not hold says which phase holds instead
+            set_condition(s, ctype, False, phase, "", now, gen)
 
 
 def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOutcome, now: datetime,
@@ -169,9 +173,13 @@ def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOu
         return _start_attempt(p, max(s.attempt, 1), now, generation)
 
     if outcome.state == "pending":
-        _phase(p, "Pending", outcome.reason or "Pending", outcome.message, now, generation)
-        if outcome.reason == "Unschedulable" and not any(e[1] == "Unschedulable" for e in p.events):
-            p.events.append(("Warning", "Unschedulable", outcome.message))
+        before = next((c.reason for c in s.conditions if c.type == "Ready"), None)
+        reason = outcome.reason or "Pending"
+        _phase(p, "Pending", reason, outcome.message, now, generation)
+        p.events.clear()  # one event per new reason for waiting, not one per tick
+        if reason != before:
+            kind = "Normal" if reason == "PodsStarting" else "Warning"
+            p.events.append((kind, reason, outcome.message or "waiting"))
         return p
     if outcome.state == "running":
         _phase(p, "Running", "AllPodsRunning", f"attempt {s.attempt}: all pods running", now, generation)

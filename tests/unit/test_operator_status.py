@@ -93,7 +93,8 @@ def test_phase_and_conditions_follow_the_attempt(outcome, phase, condition):
     assert p.status.phase == phase
     conditions = {c.type: c.status for c in p.status.conditions}
     assert conditions[condition] == "True"
-    assert [t for t, s in conditions.items() if s == "True"] == [condition], "exactly one phase condition holds"
+    expected = ["Ready", "Running"] if phase == "Running" else [condition]
+    assert [t for t, s in conditions.items() if s == "True"] == expected, "only the current phase's conditions hold"
 
 
 def test_failures_retry_with_exponential_backoff_then_fail():
@@ -151,6 +152,14 @@ def test_ttl_removes_children_of_finished_runs_when_due():
     assert not early.delete_children and early.requeue_after == 20
     due = plan(spec(ttlSecondsAfterFinished=30), done, AttemptOutcome("none"), NOW + timedelta(seconds=30), SETTINGS, 1)
     assert due.delete_children and due.status.phase == "Succeeded"
+
+
+def test_ready_carries_the_reason_a_run_is_still_pending():
+    why = AttemptOutcome("pending", "Unschedulable", "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.")
+    p = plan(spec(), LoRAFineTuneStatus(phase="Pending", attempt=1), why, NOW, SETTINGS, 1)
+    ready = next(c for c in p.status.conditions if c.type == "Ready")
+    assert (ready.status, ready.reason, ready.message) == ("False", "Unschedulable", why.message)
+    assert ("Warning", "Unschedulable", why.message) in p.events
 
 
 def test_transition_time_changes_only_when_a_condition_flips():

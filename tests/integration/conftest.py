@@ -1,0 +1,180 @@
+"""A real control plane for the whole session (etcd, kube-apiserver, controller-manager, scheduler; kwok as the
+kubelet of two fake 8-GPU nodes), the operator running against it as a separate process, and helpers.
+
+Pods never run anything: kwok marks them Running, and a test decides how each ends by annotating it
+(`finish_pods`), the way envtest-based operator tests write child status themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+GROUP, VERSION, PLURAL = "lorafinetune.io", "v1alpha1", "lorafinetunes"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    name = f"lft-{uuid.uuid4().hex[:6]}"
+    work = tmp_path_factory.mktemp("cluster")
+    env = {**os.environ, "LFT_CLUSTER_WORK": str(work)}
+    up = subprocess.run([REPO / "hack/cluster/up.sh", name], env=env, capture_output=True, text=True, timeout=3600)
+    if up.returncode != 0:
+        pytest.fail(f"the test cluster did not start:\n{up.stderr[-4000:]}")
+    try:
+        yield Path(up.stdout.strip().splitlines()[-1])
+    finally:
+        subprocess.run([REPO / "hack/cluster/down.sh", name], env=env, capture_output=True, timeout=300)
+
+
+class Operator:
+    """The operator as its own process, restartable (to test convergence after a crash)."""
+
+    def __init__(self, kubeconfig: Path, log: Path):
+        self.kubeconfig, self.log = kubeconfig, log
+        self.metrics_port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        liveness = _free_port()
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "LFT_RECONCILE_INTERVAL_SECONDS": "1",
+            "LFT_BACKOFF_BASE_SECONDS": "2",
+            "LFT_BACKOFF_CAP_SECONDS": "4",
+            "LFT_PROGRESS_INTERVAL_SECONDS": "1",
+            "LFT_OPERATOR_METRICS_PORT": str(self.metrics_port),
+            "LFT_LIVENESS_PORT": str(liveness),
+            "LFT_DEFAULT_IMAGE": "lorafinetune:test",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lorafinetune.operator"], cwd=REPO, env=env,
+            stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=1)
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.5)
+        pytest.fail(f"the operator did not become live:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)  # a crash, not a graceful stop
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def metrics(self) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+
+
+@pytest.fixture(scope="session")
+def operator(kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    op = Operator(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+class Cluster:
+    """Thin helpers over the official client, bound to one test namespace."""
+
+    def __init__(self, kubeconfig: Path, namespace: str):
+        from kubernetes import client, config
+
+        self.api = config.new_client_from_config(str(kubeconfig))
+        self.core, self.batch = client.CoreV1Api(self.api), client.BatchV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+        self.ns = namespace
+
+    def apply(self, manifest: dict[str, Any]) -> dict:
+        return self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.ns, PLURAL, manifest, field_validation="Strict"
+        )
+
+    def get(self, name: str) -> dict:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
+
+    def patch_spec(self, name: str, spec: dict) -> dict:
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name, {"spec": spec})
+
+    def delete(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
+
+    def jobs(self, name: str) -> list:
+        return self.batch.list_namespaced_job(self.ns, label_selector=f"lorafinetune.io/name={name}").items
+
+    def pods(self, name: str, attempt: int) -> list:
+        selector = f"lorafinetune.io/name={name},lorafinetune.io/attempt={attempt}"
+        return self.core.list_namespaced_pod(self.ns, label_selector=selector).items
+
+    def events(self, name: str) -> list:
+        return [e for e in self.core.list_namespaced_event(self.ns).items if e.involved_object.name == name]
+
+    def finish_pods(self, name: str, attempt: int, outcome: str, only: int | None = None, **details: str) -> None:
+        """Make kwok end the attempt's pods: outcome Succeeded or Failed (exit-code, reason, message)."""
+        annotations = {"test.lorafinetune.io/outcome": outcome}
+        annotations.update({f"test.lorafinetune.io/{k.replace('_', '-')}": v for k, v in details.items()})
+        pods = sorted(self.pods(name, attempt), key=lambda p: p.metadata.name)
+        for pod in pods if only is None else pods[only : only + 1]:
+            self.core.patch_namespaced_pod(pod.metadata.name, self.ns, {"metadata": {"annotations": annotations}})
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    """Poll until `check()` returns something truthy; fail with the last value seen."""
+    deadline, last = time.time() + timeout, None
+    while time.time() < deadline:
+        try:
+            last = check()
+        except Exception as err:  # noqa: BLE001 - transient API errors while objects appear
+            last = err
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(0.3)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
+
+
+@pytest.fixture
+def cluster(kubeconfig: Path, operator: Operator) -> Iterator[Cluster]:
+    from kubernetes import client
+
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    c = Cluster(kubeconfig, ns)
+    c.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    try:
+        yield c
+    finally:
+        c.core.delete_namespace(ns)

@@ -1,0 +1,234 @@
+"""The operator against a real API server, scheduler and controllers (kwok plays the kubelet).
+
+Each test gets its own namespace; pods end only when the test says so (`finish_pods`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from tests.integration.conftest import Cluster, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def manifest(name: str, **spec_override) -> dict:
+    spec = {
+        "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
+        "dataset": {"train": "file:///data/train.jsonl"},
+        "training": {"maxSteps": 100},
+        "resources": {"nodes": 2, "gpusPerNode": 8},
+        "output": {"uri": "file:///output/run"},
+    }
+    for key, value in spec_override.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return {"apiVersion": "lorafinetune.io/v1alpha1", "kind": "LoRAFineTune", "metadata": {"name": name}, "spec": spec}
+
+
+def phase(c: Cluster, name: str) -> str | None:
+    return c.get(name).get("status", {}).get("phase")
+
+
+def wait_phase(c: Cluster, name: str, expected: str, timeout: float = 60) -> dict:
+    return wait_for(lambda: (s := c.get(name).get("status", {})).get("phase") == expected and s, timeout,
+                    f"{name} to be {expected}")  # fmt: skip
+
+
+def condition(status: dict, ctype: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == ctype)
+
+
+def test_create_runs_the_gang_and_success_is_reported(cluster: Cluster):
+    c = cluster
+    lft = c.apply(manifest("ok"))
+    wait_phase(c, "ok", "Running")
+    [job] = c.jobs("ok")
+    assert job.metadata.name == "ok-a1"
+    assert (job.spec.completion_mode, job.spec.completions, job.spec.parallelism, job.spec.backoff_limit) == (
+        "Indexed", 2, 2, 0,
+    )  # fmt: skip
+    assert job.metadata.owner_references[0].uid == lft["metadata"]["uid"]
+    svc = c.core.read_namespaced_service("ok", c.ns)
+    assert svc.spec.cluster_ip == "None" and svc.spec.publish_not_ready_addresses
+    config = json.loads(c.core.read_namespaced_config_map("ok-config", c.ns).data["config.json"])
+    assert config["spec"]["training"]["maxSteps"] == 100
+    pods = c.pods("ok", 1)
+    assert sorted(p.spec.node_name for p in pods) == ["gpu-node-0", "gpu-node-1"], "one 8-GPU pod per node"
+    status = c.get("ok")["status"]
+    assert status["attempt"] == 1 and condition(status, "Running")["status"] == "True"
+
+    c.finish_pods("ok", 1, "Succeeded")
+    status = wait_phase(c, "ok", "Succeeded")
+    assert status["completionTime"] and condition(status, "Succeeded")["status"] == "True"
+    assert condition(status, "Running")["status"] == "False"
+    reasons = {e.reason for e in c.events("ok")}
+    assert {"AttemptCreated", "AllPodsRunning", "TrainingComplete"} <= reasons
+
+
+def test_a_failed_pod_fails_the_gang_which_is_retried_then_given_up(cluster: Cluster):
+    c = cluster
+    c.apply(manifest("flaky", runPolicy={"backoffLimit": 1}))
+    wait_phase(c, "flaky", "Running")
+    c.finish_pods("flaky", 1, "Failed", only=1, exit_code="137", reason="OOMKilled")
+    status = wait_phase(c, "flaky", "Retrying", timeout=30)
+    assert status["lastFailure"]["reason"] == "OOMKilled" and status["lastFailure"]["exitCode"] == 137
+    assert status["failedAttempts"] == 1 and status.get("nextAttemptTime")
+
+    status = wait_for(lambda: (s := c.get("flaky")["status"])["attempt"] == 2 and s, 30, "attempt 2")
+    assert sorted(j.metadata.name for j in c.jobs("flaky")) == ["flaky-a1", "flaky-a2"]
+    assert c.pods("flaky", 1), "the failed attempt's pods are kept, with their logs"
+    wait_phase(c, "flaky", "Running")
+    c.finish_pods("flaky", 2, "Failed", only=0, exit_code="1", reason="Error",
+                  message=json.dumps({"exitCode": 1, "reason": "RuntimeError", "message": "NCCL timeout"}))  # fmt: skip
+    status = wait_phase(c, "flaky", "Failed", timeout=30)
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded" and "NCCL timeout" in failed["message"]
+    assert any(e.reason == "BackoffLimitExceeded" and e.type == "Warning" for e in c.events("flaky"))
+
+
+def test_a_permanent_trainer_error_is_not_retried(cluster: Cluster):
+    c = cluster
+    c.apply(manifest("baddata", runPolicy={"backoffLimit": 3}))
+    wait_phase(c, "baddata", "Running")
+    message = json.dumps({"exitCode": 3, "reason": "DataError", "message": "train.jsonl:7: not valid JSON"})
+    c.finish_pods("baddata", 1, "Failed", only=0, exit_code="3", message=message)
+    status = wait_phase(c, "baddata", "Failed", timeout=30)
+    assert status["lastFailure"] == {
+        "attempt": 1, "reason": "DataError", "message": "train.jsonl:7: not valid JSON", "exitCode": 3,
+        "permanent": True,
+    }  # fmt: skip
+    assert [j.metadata.name for j in c.jobs("baddata")] == ["baddata-a1"]
+
+
+def test_suspend_stops_the_attempt_and_resume_starts_a_new_one(cluster: Cluster):
+    c = cluster
+    c.apply(manifest("pause"))
+    wait_phase(c, "pause", "Running")
+    c.patch_spec("pause", {"runPolicy": {"suspend": True}})
+    status = wait_phase(c, "pause", "Suspended")
+    assert condition(status, "Suspended")["status"] == "True"
+    wait_for(lambda: not c.jobs("pause"), 30, "the running Job to be deleted")
+    c.patch_spec("pause", {"runPolicy": {"suspend": False}})
+    status = wait_phase(c, "pause", "Running")
+    assert status["attempt"] == 2 and [j.metadata.name for j in c.jobs("pause")] == ["pause-a2"]
+
+
+def test_active_deadline_fails_the_run(cluster: Cluster):
+    c = cluster
+    c.apply(manifest("slow", runPolicy={"activeDeadlineSeconds": 3}))
+    status = wait_phase(c, "slow", "Failed", timeout=30)
+    assert condition(status, "Failed")["reason"] == "DeadlineExceeded"
+    wait_for(lambda: not c.jobs("slow"), 30, "the Job to be deleted")
+
+
+def test_ttl_removes_the_children_of_a_finished_run(cluster: Cluster):
+    c = cluster
+    c.apply(manifest("short", runPolicy={"ttlSecondsAfterFinished": 2}))
+    wait_phase(c, "short", "Running")
+    c.finish_pods("short", 1, "Succeeded")
+    wait_phase(c, "short", "Succeeded")
+    wait_for(lambda: not c.jobs("short"), 30, "TTL to delete the Job")
+    with pytest.raises(ApiException, match="Not Found"):
+        c.core.read_namespaced_config_map("short-config", c.ns)
+    assert phase(c, "short") == "Succeeded", "the resource itself stays"
+
+
+def test_deleting_the_resource_leaves_nothing_behind(cluster: Cluster):
+    c = cluster
+    c.apply(manifest("gone"))
+    wait_phase(c, "gone", "Running")
+    c.delete("gone")
+    wait_for(lambda: not c.jobs("gone") and not c.pods("gone", 1), 60, "garbage collection of Jobs and pods")
+    wait_for(lambda: not c.core.list_namespaced_config_map(c.ns, label_selector="lorafinetune.io/name=gone").items
+             and not c.core.list_namespaced_service(c.ns, label_selector="lorafinetune.io/name=gone").items,
+             60, "garbage collection of the ConfigMap and Service")  # fmt: skip
+
+
+def test_more_gpus_than_any_node_has_is_reported_and_creates_no_pods(cluster: Cluster):
+    c = cluster
+    c.apply(manifest("huge", resources={"nodes": 1, "gpusPerNode": 16}))
+    status = wait_for(lambda: (s := c.get("huge").get("status", {})).get("conditions") and s, 30, "a condition")
+    assert status["phase"] == "Pending"
+    ready = condition(status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InsufficientGPUs")
+    assert "no node has more than 8 allocatable nvidia.com/gpu" in ready["message"]
+    assert any("no node has more than 8" in e.message for e in c.events("huge"))
+    assert not c.jobs("huge")
+
+
+def test_a_gang_that_does_not_fit_says_why_in_status(cluster: Cluster):
+    c = cluster
+    c.apply(manifest("wide", resources={"nodes": 3, "gpusPerNode": 8}))  # 3 x 8 GPUs on 2 nodes of 8
+    def ready_condition():
+        status = c.get("wide").get("status", {})
+        ready = [x for x in status.get("conditions", []) if x["type"] == "Ready"]
+        return ready and ready[0]["reason"] == "Unschedulable" and (status, ready[0])
+
+    status, ready = wait_for(ready_condition, 60, "the scheduler's reason in the Ready condition")
+    assert status["phase"] == "Pending" and ready["status"] == "False"
+    assert "Insufficient nvidia.com/gpu" in ready["message"]
+
+
+def test_a_missing_pvc_is_reported_and_creates_no_pods(cluster: Cluster):
+    c = cluster
+    c.apply(manifest("nopvc", output={"uri": "pvc://adapters/run1"}))
+    wait_for(lambda: any("PersistentVolumeClaim 'adapters' does not exist" in e.message for e in c.events("nopvc")),
+             30, "a PVCNotFound event")  # fmt: skip
+    assert not c.jobs("nopvc") and phase(c, "nopvc") == "Pending"
+    assert condition(c.get("nopvc")["status"], "Ready")["reason"] == "PVCNotFound"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"training": {"maxSteps": 10, "epochs": 2}}, "set exactly one of training.epochs and training.maxSteps"),
+        ({"deepspeed": {"zeroStage": 2, "offloadParams": True}}, "deepspeed.offloadParams needs zeroStage 3"),
+        ({"deepspeed": {"zeroStage": 5}}, "spec.deepspeed.zeroStage: Invalid value"),
+        ({"lora": {"rank": 8}}, 'unknown field "spec.lora.rank"'),
+        ({"output": {"uri": "s3://bucket/out"}}, "s3:// URIs need spec.s3"),
+    ],
+)
+def test_invalid_manifests_are_refused_by_the_api_server(cluster: Cluster, override, message):
+    with pytest.raises(ApiException) as err:
+        cluster.apply(manifest("invalid", **override))
+    assert err.value.status in (400, 422) and message in json.loads(err.value.body)["message"], err.value.body
+
+
+def test_training_settings_are_immutable_but_suspend_is_not(cluster: Cluster):
+    c = cluster
+    c.apply(manifest("frozen"))
+    wait_phase(c, "frozen", "Running")
+    with pytest.raises(ApiException) as err:
+        c.patch_spec("frozen", {"training": {"learningRate": 0.1}})
+    assert "spec.training is immutable" in json.loads(err.value.body)["message"]
+    with pytest.raises(ApiException) as err:
+        c.patch_spec("frozen", {"resources": {"nodes": 1}})
+    assert "resources.nodes, gpusPerNode and processesPerNode are immutable" in json.loads(err.value.body)["message"]
+    c.patch_spec("frozen", {"runPolicy": {"suspend": True}})
+    wait_phase(c, "frozen", "Suspended")
+
+
+def test_an_operator_killed_mid_run_converges_without_duplicates(cluster: Cluster, operator):
+    c = cluster
+    c.apply(manifest("crashy"))
+    wait_phase(c, "crashy", "Running")
+    operator.kill()
+    c.finish_pods("crashy", 1, "Succeeded")  # the run finishes while nobody watches
+    operator.start()
+    wait_phase(c, "crashy", "Succeeded")
+    assert [j.metadata.name for j in c.jobs("crashy")] == ["crashy-a1"]
+    assert c.get("crashy")["status"]["attempt"] == 1
+
+
+def test_operator_metrics_count_reconciles_and_phases(cluster: Cluster, operator):
+    c = cluster
+    c.apply(manifest("counted"))
+    wait_phase(c, "counted", "Running")
+    text = operator.metrics()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert values['lorafinetune_operator_reconciles_total{handler="timer"}'] > 0
+    assert values['lorafinetune_operator_resources{phase="Running"}'] >= 1
+    assert values["lorafinetune_operator_attempts_started_total"] >= 1
