@@ -5,7 +5,7 @@
 Both arms run the same examples, the same model (SmolLM2-135M-Instruct + LoRA r=16 on all linear layers, fp32) and
 the same trainer code (`lorafinetune.trainer.batching`), one process, alternating arms step by step so that machine
 noise hits both alike. The baseline is padding (each example its own row); the candidate packs examples into rows of
-`maxSeqLength` tokens with a block-diagonal mask. Writes benchmarks/results/packing.json with the machine.
+`--pack-len` tokens with a block-diagonal mask. Writes benchmarks/results/packing.json with the machine.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def step(peft_model, opt, batch) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=8, help="rows per step for padding; packing uses fewer rows")
+    ap.add_argument("--batch", type=int, default=8, help="examples per step (padding: one row each)")
+    ap.add_argument("--pack-len", type=int, default=512, help="tokens per packed row")
     args = ap.parse_args()
     torch.manual_seed(0)
     spec = load_manifest(REPO / "examples/quickstart.yaml").spec
@@ -56,14 +57,15 @@ def main() -> None:
     for i in range(args.steps + 1):  # step 0 warms up and is not counted
         chunk = examples[i * per_step : (i + 1) * per_step]
         for arm in arms:
-            units = batching.make_units(chunk, spec.dataset.max_seq_length, packing=(arm == "packing"))
+            units = batching.make_units(chunk, args.pack_len, packing=(arm == "packing"))
             batch = batching.collate(units, tok.pad_token_id, packing=(arm == "packing"))
             t0 = time.perf_counter()
             step(peft_model, opt, batch)
             if i:
                 arms[arm].append((time.perf_counter() - t0, sum(u.length for u in units), batch["input_ids"].numel()))
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} (CPU)",
-              "model": "SmolLM2-135M-Instruct + LoRA r=16 all-linear, fp32", "examplesPerStep": per_step}  # fmt: skip
+              "model": "SmolLM2-135M-Instruct + LoRA r=16 all-linear, fp32", "examplesPerStep": per_step,
+              "packLength": args.pack_len, "threads": torch.get_num_threads()}  # fmt: skip
     for arm, rows in arms.items():
         secs = sum(r[0] for r in rows)
         result[arm] = {

@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
-key=$(sha256sum pyproject.toml scripts/env.sh | sha256sum | cut -c1-12)
+# Key on the dependency pins only (not on markers or tool settings), plus this script.
+key=$( { sed -n '/^dependencies = \[/,/^\[project.scripts\]/p' pyproject.toml; cat scripts/env.sh; } | sha256sum | cut -c1-12)
 VENV=${LFT_VENV:-$HOME/.cache/lorafinetune/venv-$key}
 
 if [ ! -f "$VENV/.complete" ]; then

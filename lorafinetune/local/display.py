@@ -63,11 +63,11 @@ class ProgressDisplay:
 
 def print_summary(run_dir: Path) -> None:
     summary = json.loads((run_dir / ADAPTER_DIR / SUMMARY_FILE).read_text())
-    tokens, secs = summary["inputTokens"], summary["trainSeconds"]
+    tokens, secs = summary.get("inputTokens", summary["trainedTokens"]), summary.get("trainSeconds", 0.0)
     rows = [
         ("steps", f"{summary['steps']} / {summary['totalSteps']} ({summary['epochs']:.2f} epochs)"),
         ("processes", str(summary["worldSize"])),
-        ("tokens", f"{tokens} non-padding, {summary['trainedTokens']} in the loss; {summary['tokensPerSecond']:.0f} "
+        ("tokens", f"{tokens} non-padding, {summary['trainedTokens']} in the loss; {summary.get('tokensPerSecond', 0):.0f} "
                    f"tokens/s over {secs:.0f} s of optimizer steps"),
         ("trainable params", f"{summary['trainableParameters']:,} of {summary['totalParameters']:,}"),
         ("eval loss", f"{_num(summary['initialEvalLoss'])} before -> {_num(summary['finalEvalLoss'])} after "

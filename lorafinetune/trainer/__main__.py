@@ -27,6 +27,7 @@ def main() -> int:
 
     from lorafinetune.api.spec import LoRAFineTuneSpec
     from lorafinetune.trainer.errors import TrainerError
+    from lorafinetune.trainer.fingerprint import changed_sections, spec_fingerprint
     from lorafinetune.trainer.output import published_adapter
     from lorafinetune.trainer.recipe import LoRAFineTuneRecipe
 
@@ -34,9 +35,18 @@ def main() -> int:
     spec = LoRAFineTuneSpec.model_validate(config["spec"])
     run = Path(run_dir)
     rank = int(os.environ.get("RANK", "0"))
-    if published_adapter(run) is not None:
+    published = published_adapter(run)
+    if published is not None:  # never retrain over, or overwrite, a published adapter
+        changed = changed_sections(published.get("fingerprint", {}), spec_fingerprint(spec))
+        if changed:
+            if rank == 0:
+                message = (f"{run} already holds an adapter trained with a different spec (changed: "
+                           f"{', '.join(changed)}); it is left untouched. Use a new output.uri to train again")
+                print(message, file=sys.stderr)
+                _write_termination(ExitCode.INVALID_CONFIG, "OutputHoldsAnotherAdapter", message)
+            return ExitCode.INVALID_CONFIG
         if rank == 0:
-            print(f"{run} already holds a complete adapter; nothing to do (use a new output.uri to train again)")
+            print(f"{run} already holds a complete adapter of this spec; nothing to do")
         return ExitCode.OK
     started = time.time()
     recipe = LoRAFineTuneRecipe(config["name"], spec, run)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from lorafinetune.contract import CHECKPOINTS_DIR, COMPLETE_MARKER, write_json_atomic
 from lorafinetune.trainer.errors import ConfigError
+from lorafinetune.trainer.fingerprint import changed_sections
 
 _NAME = re.compile(r"^step-(\d{8})$")
 DS_TAG = "ds"
@@ -69,7 +70,7 @@ def latest_checkpoint(run_dir: Path, world_size: int, fingerprint: dict[str, Any
             f"{world_size}; ZeRO optimizer state is sharded per process. Keep resources.nodes x processesPerNode "
             f"as before, or write to a new output.uri to start over"
         )
-    changed = sorted(k for k in fingerprint if last.meta.get("fingerprint", {}).get(k) != fingerprint[k])
+    changed = changed_sections(last.meta.get("fingerprint", {}), fingerprint)
     if changed:
         raise ConfigError(
             f"checkpoint {last.path} was made with a different spec (changed: {', '.join(changed)}); resuming "

@@ -100,7 +100,7 @@ def model_card(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+def publish(run_dir: Path, summary: dict[str, Any], fingerprint: dict[str, str]) -> dict[str, Any]:
     """Write summary and card into the verified staging folder, mark it complete, and rename it into place."""
     staging = staging_dir(run_dir)
     weights = staging / ADAPTER_FILE
@@ -108,7 +108,7 @@ def publish(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     summary = {**summary, "adapter": ref}
     write_json_atomic(staging / SUMMARY_FILE, summary)
     (staging / MODEL_CARD_FILE).write_text(model_card(summary))
-    write_json_atomic(staging / COMPLETE_MARKER, ref)
+    write_json_atomic(staging / COMPLETE_MARKER, {**ref, "fingerprint": fingerprint})
     final = run_dir / ADAPTER_DIR
     if final.exists():  # only an incomplete leftover can be here: a complete one stops the run before training
         shutil.rmtree(final)

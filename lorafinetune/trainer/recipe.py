@@ -7,7 +7,6 @@ Rank 0 alone publishes progress, metrics, the adapter and the summary (`self.is_
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import shutil
 import math
 import os
@@ -30,6 +29,7 @@ from lorafinetune.plots import plot_loss_curves
 from lorafinetune.storage import StorageError, local_path
 from lorafinetune.trainer import batching, checkpoint, data, engine, model, output
 from lorafinetune.trainer.errors import ConfigError, DataError, TrainerError
+from lorafinetune.trainer.fingerprint import spec_fingerprint
 from lorafinetune.trainer.metrics import TrainerMetrics
 
 
@@ -160,12 +160,7 @@ class LoRAFineTuneRecipe:
                 f"processes); add data or lower the batch settings"
             )
         self.total_steps = self.schedule.total_steps(t.epochs, t.max_steps)
-        self.fingerprint = {
-            "spec": hashlib.sha256(
-                repr({k: getattr(self.spec, k).to_manifest() for k in ("model", "dataset", "lora", "training", "deepspeed")}).encode()
-            ).hexdigest()[:16],
-            "trainData": _file_sha256(self.train_path)[:16],
-        }
+        self.fingerprint = {**spec_fingerprint(self.spec), "trainData": _file_sha256(self.train_path)[:16]}
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
         self.stop_requested = True  # acted on at the next step boundary, by all ranks together
@@ -400,7 +395,7 @@ class LoRAFineTuneRecipe:
             "history": self.history,
             "completedAt": datetime.now(UTC).isoformat(),
         }
-        ref = output.publish(self.run_dir, summary)
+        ref = output.publish(self.run_dir, summary, self.fingerprint)
         self._publish_progress(self.steps_done, trains[-1] if trains else None, eta=0.0)
         return ref
 

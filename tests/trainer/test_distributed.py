@@ -86,7 +86,12 @@ def test_finished_output_is_not_trained_again(tmp_path, tiny_model, chat_data):
     before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     proc, _ = train(tmp_path, tiny_model, chat_data, "once", training={"maxSteps": 2})
     assert proc.returncode == 0
-    assert "already holds a complete adapter" in (out / "logs" / "node-0.log").read_text()
+    assert "already holds a complete adapter of this spec" in (out / "logs" / "node-0.log").read_text()
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    # Another spec on the same output: refused, and the published adapter stays as it was.
+    proc, _ = train(tmp_path, tiny_model, chat_data, "once", training={"maxSteps": 3})
+    assert proc.returncode == ExitCode.INVALID_CONFIG
+    assert "already holds an adapter trained with a different spec (changed: training)" in proc.stderr
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
 
 
