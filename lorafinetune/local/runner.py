@@ -22,9 +22,17 @@ from pathlib import Path
 from lorafinetune.api.manifest import LoRAFineTune
 from lorafinetune.api.uris import parse_uri
 from lorafinetune.contract import (
-    CONFIG_FILE, ENV_CACHE_DIR, ENV_CONFIG, ENV_METRICS_PORT, ENV_RUN_DIR, ENV_TERMINATION_LOG, ExitCode,
-    read_progress, read_termination, write_json_atomic,
-)  # fmt: skip
+    CONFIG_FILE,
+    ENV_CACHE_DIR,
+    ENV_CONFIG,
+    ENV_METRICS_PORT,
+    ENV_RUN_DIR,
+    ENV_TERMINATION_LOG,
+    ExitCode,
+    read_progress,
+    read_termination,
+    write_json_atomic,
+)
 from lorafinetune.local.display import ProgressDisplay, print_summary
 from lorafinetune.storage import local_path
 

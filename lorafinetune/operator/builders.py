@@ -17,8 +17,14 @@ from lorafinetune.api.manifest import API_VERSION, KIND
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.uris import parse_uri
 from lorafinetune.contract import (
-    CONFIG_FILE, ENV_CACHE_DIR, ENV_CONFIG, ENV_METRICS_PORT, ENV_PVC_ROOT, ENV_RUN_DIR, ENV_TERMINATION_LOG,
-)  # fmt: skip
+    CONFIG_FILE,
+    ENV_CACHE_DIR,
+    ENV_CONFIG,
+    ENV_METRICS_PORT,
+    ENV_PVC_ROOT,
+    ENV_RUN_DIR,
+    ENV_TERMINATION_LOG,
+)
 from lorafinetune.operator.settings import OperatorSettings
 from lorafinetune.storage import POD_PVC_ROOT
 

@@ -134,7 +134,7 @@ class Formatter:
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         labels = []
-        for tid, (start, end) in zip(ids, enc["offset_mapping"]):
+        for tid, (start, end) in zip(ids, enc["offset_mapping"], strict=True):
             trained = self.train_on_prompt or any(a <= start < b for a, b in spans)
             labels.append(tid if trained and end > start else IGNORE)
         return ids, labels

@@ -147,4 +147,6 @@ def wrap_with_lora(model: Any, spec: LoRASpec, gradient_checkpointing: bool) -> 
         return get_peft_model(model, lora_config(spec))
     except ValueError as err:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ModelError(f"lora.targetModules {spec.target_modules}: {err} (linear modules in this model: {names})")
+        raise ModelError(
+            f"lora.targetModules {spec.target_modules}: {err} (linear modules in this model: {names})"
+        ) from None

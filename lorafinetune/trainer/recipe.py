@@ -7,10 +7,10 @@ Rank 0 alone publishes progress, metrics, the adapter and the summary (`self.is_
 from __future__ import annotations
 
 import contextlib
-import shutil
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from datetime import UTC, datetime
@@ -24,7 +24,14 @@ import torch.nn.functional as F
 
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.uris import parse_uri
-from lorafinetune.contract import ENV_FAIL_AT_STEP, ExitCode, ENV_METRICS_PORT, LOSS_PLOT_FILE, PROGRESS_FILE, write_json_atomic
+from lorafinetune.contract import (
+    ENV_FAIL_AT_STEP,
+    ENV_METRICS_PORT,
+    LOSS_PLOT_FILE,
+    PROGRESS_FILE,
+    ExitCode,
+    write_json_atomic,
+)
 from lorafinetune.plots import plot_loss_curves
 from lorafinetune.storage import StorageError, local_path
 from lorafinetune.trainer import batching, checkpoint, data, engine, model, output
