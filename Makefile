@@ -5,7 +5,7 @@ SHELL := /bin/bash
 
 QUICKSTART := examples/quickstart.yaml --pvc quickstart-data=examples/data
 
-.PHONY: quickstart test test-unit crd
+.PHONY: quickstart test test-unit crd cluster cluster-down
 
 quickstart:  ## fine-tune the packaged SmolLM2 on 2 CPU ranks, then compare base vs adapter
 	VENV=$$(scripts/env.sh)
@@ -23,3 +23,9 @@ test-unit:  ## the fast ones only
 crd:  ## regenerate crds/ from lorafinetune/api
 	VENV=$$(scripts/env.sh)
 	"$$VENV/bin/lorafinetune" crd --write
+
+cluster:  ## start the local control plane (builds it once); prints the kubeconfig to export
+	@hack/cluster/up.sh
+
+cluster-down:  ## stop it
+	@hack/cluster/down.sh

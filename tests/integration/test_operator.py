@@ -181,6 +181,17 @@ def test_a_missing_pvc_is_reported_and_creates_no_pods(cluster: Cluster):
     assert condition(c.get("nopvc")["status"], "Ready")["reason"] == "PVCNotFound"
 
 
+def test_a_missing_credentials_secret_is_reported_and_creates_no_pods(cluster: Cluster):
+    c = cluster
+    s3 = {"endpointUrl": "http://127.0.0.1:9000", "credentialsSecret": "s3-creds"}
+    c.apply(manifest("nosecret", output={"uri": "s3://adapters/run1"}, s3=s3))
+    status = wait_for(lambda: (s := c.get("nosecret").get("status", {})).get("conditions") and s, 30, "a condition")
+    ready = condition(status, "Ready")
+    assert (ready["reason"], status["phase"]) == ("SecretNotFound", "Pending")
+    assert "Secret 's3-creds' (spec.s3.credentialsSecret) does not exist" in ready["message"]
+    assert not c.jobs("nosecret")
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -185,3 +185,20 @@ def test_progress_is_read_from_the_trainers_metrics():
     assert (progress.train_loss, progress.eval_loss, progress.best_eval_loss) == (0.75, 0.8, 0.7)
     assert (progress.tokens_per_second, progress.eta_seconds) == (2500, 300)
     assert parse_metrics("# nothing yet\n") is None
+
+
+def test_progress_is_fetched_over_http_from_a_live_trainer_endpoint():
+    import socket
+
+    from lorafinetune.operator.progress import fetch
+    from lorafinetune.trainer.metrics import TrainerMetrics
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    m = TrainerMetrics()
+    m.serve(port)
+    m.global_step.set(3), m.total_steps.set(9), m.train_loss.set(1.5)
+    progress = fetch("127.0.0.1", port, previous=None)
+    assert (progress.step, progress.summary, progress.train_loss) == (3, "3/9", 1.5)
+    assert fetch("127.0.0.1", 1, previous=None) is None, "an unreachable trainer means no progress, not an error"
