@@ -12,7 +12,8 @@ quickstart:  ## fine-tune the packaged SmolLM2 on 2 CPU ranks, then compare base
 	"$$VENV/bin/lorafinetune" run $(QUICKSTART)
 	"$$VENV/bin/lorafinetune" evaluate $(QUICKSTART)
 
-test:  ## every test: unit, multi-process training, and the quick start end to end
+test:  ## every test: unit, multi-process training, operator on a real control plane, Prometheus, the quick start
+	scripts/test-deps.sh
 	VENV=$$(scripts/env.sh)
 	"$$VENV/bin/python" -m pytest -v -p no:cacheprovider $(PYTEST_ARGS)
 

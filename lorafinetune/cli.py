@@ -1,4 +1,4 @@
-"""`lorafinetune` command line: validate, run, evaluate, crd.
+"""`lorafinetune` command line: validate, run, evaluate, plot, crd.
 
     lorafinetune validate examples/quickstart.yaml
     lorafinetune run examples/quickstart.yaml --pvc quickstart-data=examples/data
@@ -63,6 +63,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return evaluate_manifest(load_manifest(args.manifest), _options(args), args.adapter, args.limit)
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from lorafinetune import plots
+
+    if args.summary:
+        name, history = plots.history_from_summary(args.summary)
+    else:
+        name, history = args.finetune, plots.history_from_prometheus(args.prometheus, args.finetune, args.namespace,
+                                                                     since_s=args.since)  # fmt: skip
+    if not history:
+        print("no loss data found (check --finetune / --namespace, and that Prometheus scrapes the trainer)")
+        return 1
+    plots.plot_loss_curves(history, args.output, f"{name}: loss per trained token")
+    print(f"wrote {args.output} ({len(history)} steps)")
+    return 0
+
+
 def cmd_crd(args: argparse.Namespace) -> int:
     from lorafinetune.api.crd import CRD_PATH, render_crd
 
@@ -95,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="score at most this many held-out prompts")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("plot", help="PNG of a run's loss curves, from its summary or from Prometheus")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--summary", type=Path, help="a training_summary.json")
+    src.add_argument("--prometheus", help="Prometheus base URL, e.g. http://127.0.0.1:9090 (needs --finetune)")
+    p.add_argument("--finetune", help="the LoRAFineTune's name (the `finetune` label)")
+    p.add_argument("--namespace", help="its namespace (the `namespace` label)")
+    p.add_argument("--since", type=float, default=6 * 3600, help="seconds of history to read (default 6 h)")
+    p.add_argument("-o", "--output", type=Path, default=Path("loss_curve.png"), help="PNG to write")
+    p.set_defaults(func=cmd_plot)
+
     p = sub.add_parser("crd", help="print (or --write) the CustomResourceDefinition generated from the API")
     p.add_argument("--write", action="store_true", help="write crds/lorafinetune.io_lorafinetunes.yaml")
     p.set_defaults(func=cmd_crd)
@@ -102,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "prometheus", None) and not args.finetune:
+        parser.error("--prometheus needs --finetune NAME")
     try:
         return args.func(args)
     except ManifestError as err:

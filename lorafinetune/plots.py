@@ -1,7 +1,15 @@
-"""Loss curves as a PNG, for people without Grafana (drawn from a run's history of steps)."""
+"""Loss curves as a PNG, for people without Grafana: from a run's training_summary.json or from Prometheus.
+
+    lorafinetune plot --summary runs/.../adapter/training_summary.json -o loss.png
+    lorafinetune plot --prometheus http://prometheus:9090 --finetune llama --namespace team-a -o loss.png
+"""
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +38,33 @@ def plot_loss_curves(history: list[dict[str, Any]], path: Path, title: str) -> P
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def history_from_summary(path: Path) -> tuple[str, list[dict[str, Any]]]:
+    summary = json.loads(path.read_text())
+    return summary["name"], summary["history"]
+
+
+def _query_range(base: str, expr: str, since_s: float, step_s: float) -> dict[float, float]:
+    now = time.time()
+    params = urllib.parse.urlencode({"query": expr, "start": now - since_s, "end": now, "step": step_s})
+    with urllib.request.urlopen(f"{base.rstrip('/')}/api/v1/query_range?{params}", timeout=30) as resp:
+        result = json.load(resp)["data"]["result"]
+    return {float(t): float(v) for series in result[:1] for t, v in series["values"]}
+
+
+def history_from_prometheus(base: str, finetune: str, namespace: str | None, since_s: float = 6 * 3600,
+                            step_s: float = 15) -> list[dict[str, Any]]:  # fmt: skip
+    """Loss by optimizer step, from the trainer's gauges sampled over time (the last sample of each step wins)."""
+    sel = f'finetune="{finetune}"' + (f', namespace="{namespace}"' if namespace else "")
+    steps = _query_range(base, f"max(lorafinetune_global_step{{{sel}}})", since_s, step_s)
+    train = _query_range(base, f"max(lorafinetune_train_loss{{{sel}}})", since_s, step_s)
+    evals = _query_range(base, f"max(lorafinetune_eval_loss{{{sel}}})", since_s, step_s)
+    by_step: dict[int, dict[str, Any]] = {}
+    for t, step in sorted(steps.items()):
+        entry = by_step.setdefault(int(step), {"step": int(step)})
+        if t in train:
+            entry["trainLoss"] = train[t]
+        if evals.get(t, 0) > 0:  # 0 until the first evaluation
+            entry["evalLoss"] = evals[t]
+    return [by_step[k] for k in sorted(by_step)]

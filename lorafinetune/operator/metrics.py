@@ -28,6 +28,11 @@ class OperatorMetrics:
             "lorafinetune_operator_resources", "LoRAFineTunes known to this operator, by phase", ["phase"], registry=r
         )
         self.attempts = Counter("lorafinetune_operator_attempts_started", "Attempts (Jobs) created", registry=r)
+        # One series per fine-tune (like kube-state-metrics' *_info): bounded by the resources that exist.
+        self.phase_info = Gauge(
+            "lorafinetune_operator_finetune_phase", "1 for the current phase of each fine-tune",
+            ["namespace", "finetune", "phase"], registry=r,
+        )  # fmt: skip
         self._phases: dict[str, str] = {}
         for phase in PHASES:
             self.resources.labels(phase=phase).set(0)
@@ -49,10 +54,13 @@ class OperatorMetrics:
             self.duration.labels(handler=handler).observe(time.perf_counter() - started)
 
     def set_phase(self, key: str, phase: str | None) -> None:
-        if phase is None:
-            self._phases.pop(key, None)
-        else:
+        namespace, _, name = key.partition("/")
+        old = self._phases.pop(key, None)
+        if old is not None:
+            self.phase_info.remove(namespace, name, old)
+        if phase is not None:
             self._phases[key] = phase
+            self.phase_info.labels(namespace=namespace, finetune=name, phase=phase).set(1)
         for p in PHASES:
             self.resources.labels(phase=p).set(sum(1 for v in self._phases.values() if v == p))
 

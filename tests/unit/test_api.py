@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,14 @@ def test_validate_command_rejects_broken_files(tmp_path: Path, text: str, messag
     path.write_text(text)
     proc = run_cli("validate", str(path))
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_plot_command_draws_loss_curves_from_a_summary(tmp_path: Path):
+    summary = {"name": "demo", "history": [{"step": 0, "evalLoss": 2.0}, {"step": 1, "trainLoss": 1.9},
+                                           {"step": 2, "trainLoss": 1.5, "evalLoss": 1.6}]}  # fmt: skip
+    (tmp_path / "training_summary.json").write_text(json.dumps(summary))
+    proc = run_cli("plot", "--summary", str(tmp_path / "training_summary.json"), "-o", str(tmp_path / "l.png"))
+    assert proc.returncode == 0 and "(3 steps)" in proc.stdout, proc.stderr
+    assert (tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
+    proc = run_cli("plot", "--prometheus", "http://127.0.0.1:9")
+    assert proc.returncode == 2 and "--prometheus needs --finetune NAME" in proc.stderr
