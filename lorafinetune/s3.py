@@ -1,0 +1,172 @@
+"""S3 (and S3-compatible) transfers: download a prefix into a cache once, publish a folder atomically.
+
+Credentials come only from the environment (pods get AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the Secret named
+in spec.s3.credentialsSecret, by reference) and never appear in messages. Publishing uploads every file, then writes
+COMPLETE.json last: a reader that checks the marker never sees a partial folder, and a folder that already has one
+is never overwritten. Errors say whether retrying can help (`S3Error.permanent`).
+
+Not wired into the trainer yet: model/dataset inputs and adapter/checkpoint outputs on s3:// are the next step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafinetune.api.uris import parse_uri
+from lorafinetune.contract import COMPLETE_MARKER
+
+DOWNLOAD_MANIFEST = ".lft-download.json"  # key -> (size, etag) of what a cache folder holds
+_CREDENTIAL_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
+
+
+class S3Error(RuntimeError):
+    """A transfer that failed; `permanent` says retrying cannot help (bad credentials, missing bucket or object).
+    `kind` is one of: credentials, bucket, object, exists, transient."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+        self.permanent = kind != "transient"
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Location:
+        u = parse_uri(uri, ("s3",))
+        return cls(u.location, u.path)
+
+    def key(self, relative: str) -> str:
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+class S3Store:
+    def __init__(self, endpoint_url: str | None = None, region: str | None = None, attempts: int = 4,
+                 backoff_seconds: float = 1.0, multipart_threshold: int = 64 << 20):  # fmt: skip
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        config = Config(
+            retries={"max_attempts": attempts, "mode": "standard"},  # botocore retries throttling and 5xx
+            connect_timeout=5,
+            read_timeout=60,
+            s3={"addressing_style": "path"} if endpoint_url else {},
+        )
+        self.client = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=config
+        )
+        self.transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=multipart_threshold)
+        self.attempts, self.backoff = attempts, backoff_seconds
+
+    # ------------------------------------------------------------------ errors and retries
+    def _translate(self, err: Exception, what: str) -> S3Error:
+        from botocore.exceptions import ClientError, NoCredentialsError
+
+        if isinstance(err, NoCredentialsError):
+            return S3Error(f"{what}: no S3 credentials (set spec.s3.credentialsSecret)", "credentials")
+        if isinstance(err, ClientError):
+            code = err.response.get("Error", {}).get("Code", "")
+            if code in _CREDENTIAL_CODES or code == "403":
+                return S3Error(f"{what}: the S3 credentials were rejected ({code})", "credentials")
+            if code in ("NoSuchBucket",):
+                return S3Error(f"{what}: the bucket does not exist", "bucket")
+            if code in ("NoSuchKey", "404"):
+                return S3Error(f"{what}: no such object", "object")
+            return S3Error(f"{what}: {code or type(err).__name__}", "transient")
+        return S3Error(f"{what}: {type(err).__name__}: {err}", "transient")
+
+    def _retry(self, what: str, call: Callable[[], object]) -> object:
+        """Run `call`, retrying transient failures with exponential backoff; permanent ones raise at once."""
+        attempt = 1
+        while True:
+            try:
+                return call()
+            except Exception as err:  # noqa: BLE001 - translated into S3Error below
+                failure = self._translate(err, what)
+                if failure.permanent or attempt >= self.attempts:
+                    raise failure from None
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+                attempt += 1
+
+    # ------------------------------------------------------------------ reading
+    def _objects(self, loc: S3Location) -> list[dict]:
+        def page_all() -> list[dict]:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.prefix)
+            return [o for page in pages for o in page.get("Contents", [])]
+
+        return self._retry(f"listing {loc}", page_all)  # type: ignore[return-value]
+
+    def is_complete(self, uri: str) -> bool:
+        loc = S3Location.parse(uri)
+        try:
+            self.client.head_object(Bucket=loc.bucket, Key=loc.key(COMPLETE_MARKER))
+            return True
+        except Exception as err:  # noqa: BLE001
+            failure = self._translate(err, f"checking {uri}")
+            if failure.kind == "object":
+                return False
+            raise failure from None
+
+    def download_prefix(self, uri: str, dest: Path) -> Path:
+        """Mirror every object under `uri` into `dest`, skipping files already there with the same size and ETag."""
+        loc = S3Location.parse(uri)
+        objects = self._objects(loc)
+        if not objects:
+            raise S3Error(f"{uri}: no objects under this prefix", "object")
+        dest.mkdir(parents=True, exist_ok=True)
+        manifest_path = dest / DOWNLOAD_MANIFEST
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        for obj in objects:
+            relative = obj["Key"][len(loc.prefix) :].lstrip("/") or Path(obj["Key"]).name
+            target = dest / relative
+            fingerprint = [obj["Size"], obj["ETag"]]
+            if target.is_file() and manifest.get(relative) == fingerprint and target.stat().st_size == obj["Size"]:
+                continue  # cached and unchanged
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            self._retry(
+                f"downloading s3://{loc.bucket}/{obj['Key']}",
+                lambda k=obj["Key"], p=partial: self.client.download_file(loc.bucket, k, str(p), Config=self.transfer),
+            )
+            if partial.stat().st_size != obj["Size"]:
+                raise S3Error(f"s3://{loc.bucket}/{obj['Key']}: size mismatch after download", "transient")
+            os.replace(partial, target)
+            manifest[relative] = fingerprint
+            manifest_path.write_text(json.dumps(manifest))
+        return dest
+
+    # ------------------------------------------------------------------ publishing
+    def publish_dir(self, local: Path, uri: str, on_file: Callable[[str], None] | None = None) -> int:
+        """Upload `local` under `uri`, COMPLETE.json last. Refuses a destination that is already complete.
+        Returns the number of files uploaded."""
+        loc = S3Location.parse(uri)
+        if self.is_complete(uri):
+            raise S3Error(f"{uri} already holds a complete upload; it is never overwritten", "exists")
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+        for path in files:
+            relative = path.relative_to(local).as_posix()
+            self._retry(
+                f"uploading {relative} to {uri}",
+                lambda p=path, r=relative: self.client.upload_file(str(p), loc.bucket, loc.key(r), Config=self.transfer),
+            )
+            if on_file:
+                on_file(relative)
+        marker = local / COMPLETE_MARKER
+        body = marker.read_bytes() if marker.is_file() else json.dumps({"files": len(files)}).encode()
+        self._retry(
+            f"marking {uri} complete",
+            lambda: self.client.put_object(Bucket=loc.bucket, Key=loc.key(COMPLETE_MARKER), Body=body),
+        )
+        return len(files)

@@ -1,0 +1,143 @@
+"""The S3 transfer layer against a real S3-compatible server (Versity S3 gateway, built from Go modules) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lorafinetune.s3 import S3Error, S3Store
+from tests.conftest import REPO
+from tests.integration.conftest import _free_port, wait_for
+
+pytestmark = pytest.mark.integration
+ACCESS, SECRET = "lft-test-access", "lft-test-secret-key"
+
+
+class S3Server:
+    def __init__(self, root: Path):
+        self.root, self.port = root, _free_port()
+        self.binary = subprocess.run(
+            [REPO / "hack/s3/build.sh"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [self.binary, "--access", ACCESS, "--secret", SECRET, "--port", f"127.0.0.1:{self.port}",
+             "posix", str(self.root / "data")],
+            stdout=(self.root / "server.log").open("ab"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+        def up() -> bool:
+            import socket
+
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(up, 30, "the S3 server")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def store(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Store:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    s = S3Store(endpoint_url=s3_server.url, attempts=2, backoff_seconds=0.2, multipart_threshold=5 << 20)
+    bucket = f"b{time.time_ns()}"
+    s.client.create_bucket(Bucket=bucket)
+    s.bucket = bucket  # type: ignore[attr-defined]
+    return s
+
+
+def make_adapter(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 16}))
+    (folder / "adapter_model.safetensors").write_bytes(os.urandom(12 << 20))  # > threshold: multipart upload
+    (folder / "sub").mkdir()
+    (folder / "sub" / "README.md").write_text("card")
+    return folder
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_publish_then_download_round_trip_with_cache(store: S3Store, tmp_path: Path):
+    local = make_adapter(tmp_path / "adapter")
+    uri = f"s3://{store.bucket}/runs/demo/adapter"
+    assert store.publish_dir(local, uri) == 3
+    assert store.is_complete(uri)
+    cache = tmp_path / "cache"
+    store.download_prefix(uri, cache)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "sub/README.md"):
+        assert digest(cache / name) == digest(local / name), name
+    assert (cache / "COMPLETE.json").is_file()
+    before = (cache / "adapter_model.safetensors").stat().st_mtime_ns
+    store.download_prefix(uri, cache)  # unchanged objects are not fetched again
+    assert (cache / "adapter_model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_published_folder_is_never_overwritten(store: S3Store, tmp_path: Path):
+    uri = f"s3://{store.bucket}/adapter"
+    store.publish_dir(make_adapter(tmp_path / "a"), uri)
+    with pytest.raises(S3Error, match="already holds a complete upload; it is never overwritten") as err:
+        store.publish_dir(make_adapter(tmp_path / "b"), uri)
+    assert err.value.permanent
+
+
+def test_wrong_credentials_are_a_clear_permanent_error(s3_server: S3Server, monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    bad = S3Store(endpoint_url=s3_server.url, attempts=3, backoff_seconds=0.1)
+    with pytest.raises(S3Error, match="the S3 credentials were rejected") as err:
+        bad.download_prefix("s3://anything/model", tmp_path)
+    assert err.value.permanent and "not-the-secret" not in str(err.value)
+
+
+def test_missing_bucket_and_missing_objects_are_permanent(store: S3Store, tmp_path: Path):
+    with pytest.raises(S3Error, match="the bucket does not exist") as err:
+        store.download_prefix("s3://no-such-bucket-here/model", tmp_path)
+    assert err.value.kind == "bucket"
+    with pytest.raises(S3Error, match="no objects under this prefix") as err:
+        store.download_prefix(f"s3://{store.bucket}/nothing/here", tmp_path)
+    assert err.value.permanent
+
+
+def test_server_stopped_during_an_upload_fails_clearly_and_never_marks_complete(
+    s3_server: S3Server, store: S3Store, tmp_path: Path
+):
+    local = make_adapter(tmp_path / "adapter")
+    uri = f"s3://{store.bucket}/interrupted"
+    with pytest.raises(S3Error) as err:
+        store.publish_dir(local, uri, on_file=lambda name: s3_server.stop())  # dies after the first file
+    assert not err.value.permanent, "a lost connection is worth retrying"
+    s3_server.start()
+    assert not store.is_complete(uri), "readers must not see a partial adapter as complete"
+    assert store.publish_dir(local, uri) == 3  # the retry completes it
+    assert store.is_complete(uri)
