@@ -119,6 +119,41 @@ class S3Store:
                 return False
             raise failure from None
 
+    def read_json(self, uri: str) -> dict | None:
+        """A small JSON object (markers), or None when it does not exist."""
+        loc = S3Location.parse(uri)
+        try:
+            body = self.client.get_object(Bucket=loc.bucket, Key=loc.prefix)["Body"].read()
+        except Exception as err:  # noqa: BLE001
+            failure = self._translate(err, f"reading {uri}")
+            if failure.kind == "object":
+                return None
+            raise failure from None
+        return json.loads(body)
+
+    def complete_children(self, uri: str) -> list[str]:
+        """Names of the sub-folders of `uri` that hold a COMPLETE.json (e.g. checkpoints)."""
+        loc = S3Location.parse(uri)
+        suffix = f"/{COMPLETE_MARKER}"
+        keys = [o["Key"] for o in self._objects(S3Location(loc.bucket, loc.prefix + "/"))]
+        return sorted(k[len(loc.prefix) + 1 : -len(suffix)] for k in keys if k.endswith(suffix))
+
+    def download_file(self, uri: str, dest: Path) -> Path:
+        """One object into `dest` (a file path), skipped when the cached copy has the same size and ETag."""
+        loc = S3Location.parse(uri)
+        head = self._retry(f"reading {uri}", lambda: self.client.head_object(Bucket=loc.bucket, Key=loc.prefix))
+        stamp = dest.with_name(dest.name + ".etag")
+        fingerprint = f"{head['ContentLength']} {head['ETag']}"  # type: ignore[index]
+        if dest.is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".partial")
+        self._retry(f"downloading {uri}",
+                    lambda: self.client.download_file(loc.bucket, loc.prefix, str(partial), Config=self.transfer))  # fmt: skip
+        os.replace(partial, dest)
+        stamp.write_text(fingerprint)
+        return dest
+
     def download_prefix(self, uri: str, dest: Path) -> Path:
         """Mirror every object under `uri` into `dest`, skipping files already there with the same size and ETag."""
         loc = S3Location.parse(uri)

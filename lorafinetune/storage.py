@@ -1,8 +1,8 @@
 """Mapping storage URIs to local paths: `file://` as is, `pvc://claim/path` under the PVC mount root (pods mount each
 claim at /mnt/pvc/<claim>; local runs use a folder), `package://` to an installed package's folder.
 
-`s3://` transfers belong to the storage layer that uploads and downloads objects; until it exists an `s3://` URI is
-refused with a clear error rather than half-supported.
+`s3://` locations have no local path: the trainer downloads inputs into its cache and mirrors outputs
+(lorafinetune.trainer.remote, over lorafinetune.s3).
 """
 
 from __future__ import annotations
@@ -40,6 +40,6 @@ def local_path(uri: StorageURI) -> Path:
             )
         return Path(list(spec.submodule_search_locations)[0]) / uri.path
     raise StorageError(
-        f"{uri}: {uri.scheme}:// is not a local path; this version reads and writes only file://, pvc:// and "
-        f"package:// locations (s3:// transfers are not implemented yet: copy the data to a PVC and use pvc://)"
+        f"{uri}: {uri.scheme}:// is not a local path; the trainer downloads s3:// inputs into its cache and mirrors "
+        f"s3:// outputs (lorafinetune.trainer.remote)"
     )

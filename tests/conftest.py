@@ -40,7 +40,7 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def tiny_manifest(model_dir: Path, train: Path, output: Path, **spec_overrides: Any) -> dict:
+def tiny_manifest(model_dir: Path, train: Path, output_dir: Path, **spec_overrides: Any) -> dict:
     """A manifest for a 2-process CPU run on the tiny model; override any spec field by nesting."""
     spec = {
         "model": {"uri": f"file://{model_dir}"},
@@ -51,7 +51,7 @@ def tiny_manifest(model_dir: Path, train: Path, output: Path, **spec_overrides: 
         "evaluation": {"everySteps": 2},
         "checkpointing": {"everySteps": 2},
         "resources": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 2},
-        "output": {"uri": f"file://{output}"},
+        "output": {"uri": f"file://{output_dir}"},
     }
     return {
         "apiVersion": "lorafinetune.io/v1alpha1",

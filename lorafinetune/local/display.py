@@ -61,8 +61,12 @@ class ProgressDisplay:
             print()
 
 
-def print_summary(run_dir: Path) -> None:
-    summary = json.loads((run_dir / ADAPTER_DIR / SUMMARY_FILE).read_text())
+def print_summary(run_dir: Path, output_uri: str) -> None:
+    path = run_dir / ADAPTER_DIR / SUMMARY_FILE
+    if not path.is_file():  # the trainer exited 0 without training: the output already held this adapter
+        print(f"{output_uri} already holds a complete adapter of this spec; nothing to do")
+        return
+    summary = json.loads(path.read_text())
     tokens, secs = summary.get("inputTokens", summary["trainedTokens"]), summary.get("trainSeconds", 0.0)
     rows = [
         ("steps", f"{summary['steps']} / {summary['totalSteps']} ({summary['epochs']:.2f} epochs)"),

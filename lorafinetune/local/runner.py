@@ -39,10 +39,6 @@ from lorafinetune.storage import local_path
 GRACE_SECONDS = 120  # time given to ranks to write a checkpoint after Ctrl-C
 
 
-class LocalRunError(ValueError):
-    """A manifest that cannot run locally; the message says why and what to do."""
-
-
 @dataclass
 class LocalOptions:
     pvc_root: Path = Path("runs")
@@ -103,9 +99,10 @@ def run_local(lft: LoRAFineTune, opts: LocalOptions, show_progress: bool = True)
     res = lft.spec.resources
     config = render_local_config(lft, opts)
     out_uri = parse_uri(config["spec"]["output"]["uri"], ("file", "s3"))
-    if out_uri.scheme != "file":
-        raise LocalRunError(f"spec.output.uri {lft.spec.output.uri}: local runs write to pvc:// or file:// outputs")
-    run_dir = local_path(out_uri)
+    # An s3:// output is mirrored from a local scratch folder, as in a pod (credentials: AWS_* in the environment).
+    run_dir = local_path(out_uri) if out_uri.scheme == "file" else (
+        opts.pvc_root / ".s3-scratch" / out_uri.location / out_uri.path
+    ).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / CONFIG_FILE, config)
     for stale in (run_dir / "logs").glob("termination-node*.json"):
@@ -149,7 +146,7 @@ def run_local(lft: LoRAFineTune, opts: LocalOptions, show_progress: bool = True)
     display.close()
     codes = [a.wait() for a in agents]
     if all(c == 0 for c in codes) and not interrupted:
-        print_summary(run_dir)
+        print_summary(run_dir, lft.spec.output.uri)
         return ExitCode.OK
     return _report_failure(run_dir, res.nodes, interrupted)
 

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from lorafinetune.api.spec import LoRAFineTuneSpec
-from lorafinetune.api.status import Condition, Failure, LoRAFineTuneStatus
+from lorafinetune.api.status import AdapterRef, Condition, Failure, LoRAFineTuneStatus
 from lorafinetune.contract import ExitCode
 from lorafinetune.operator.settings import OperatorSettings
 
@@ -30,6 +30,7 @@ class AttemptOutcome:
     message: str = ""
     exit_code: int | None = None
     permanent: bool = False
+    adapter: dict | None = None  # {uri, sizeBytes, sha256} from rank 0's termination message on success
 
 
 def _condition(obj: dict, ctype: str) -> dict | None:
@@ -56,6 +57,20 @@ def _failure_of(pod: dict) -> AttemptOutcome:
     return AttemptOutcome("failed", status.get("reason") or "PodFailed", status.get("message", "")[:1000])
 
 
+def _adapter_of(pods: list[dict]) -> dict | None:
+    """The published adapter, as rank 0's trainer reported it in its termination message."""
+    for pod in pods:
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            message = ((cs.get("state") or {}).get("terminated") or {}).get("message") or ""
+            try:
+                adapter = json.loads(message).get("adapter")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(adapter, dict) and {"uri", "sizeBytes", "sha256"} <= set(adapter):
+                return adapter
+    return None
+
+
 def observe_attempt(job: dict | None, pods: list[dict]) -> AttemptOutcome:
     if job is None:
         return AttemptOutcome("none")
@@ -65,7 +80,7 @@ def observe_attempt(job: dict | None, pods: list[dict]) -> AttemptOutcome:
     if (c := _condition(job, "Failed")) and c.get("status") == "True":
         return AttemptOutcome("failed", c.get("reason") or "JobFailed", c.get("message", ""))
     if (c := _condition(job, "Complete")) and c.get("status") == "True":
-        return AttemptOutcome("succeeded")
+        return AttemptOutcome("succeeded", adapter=_adapter_of(pods))
     for pod in pods:
         sched = _condition(pod, "PodScheduled")
         if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
@@ -186,6 +201,8 @@ def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOu
         return p
     if outcome.state == "succeeded":
         s.completion_time = s.completion_time or now
+        if outcome.adapter:
+            s.adapter = AdapterRef.model_validate(outcome.adapter)
         _phase(p, "Succeeded", "TrainingComplete", "the adapter is published", now, generation)
         return p
 

@@ -35,7 +35,9 @@ def main() -> int:
     spec = LoRAFineTuneSpec.model_validate(config["spec"])
     run = Path(run_dir)
     rank = int(os.environ.get("RANK", "0"))
-    published = published_adapter(run)
+    from lorafinetune.trainer.remote import OutputMirror
+
+    published = published_adapter(run) or OutputMirror(spec, run).published_marker()
     if published is not None:  # never retrain over, or overwrite, a published adapter
         changed = changed_sections(published.get("fingerprint", {}), spec_fingerprint(spec))
         if changed:
@@ -53,8 +55,10 @@ def main() -> int:
     try:
         recipe.setup()
         recipe.train()
-        recipe.save_adapter(started)
+        adapter = recipe.save_adapter(started)
         recipe.cleanup()
+        if adapter is not None:  # rank 0: the operator copies this into status.adapter
+            _write_termination(ExitCode.OK, "Completed", "the adapter is published", adapter=adapter)
         return ExitCode.OK
     except TrainerError as err:
         if rank == 0 or err.exit_code.permanent:
@@ -69,11 +73,13 @@ def main() -> int:
         return ExitCode.FAILED
 
 
-def _write_termination(code: ExitCode, reason: str, message: str) -> None:
+def _write_termination(code: ExitCode, reason: str, message: str, adapter: dict | None = None) -> None:
     """Kubernetes surfaces this file as the container's termination message; the local runner reads it too."""
     path = os.environ.get(ENV_TERMINATION_LOG)
     if path:
         payload = {"exitCode": int(code), "reason": reason, "message": message[-3000:]}
+        if adapter:
+            payload["adapter"] = {k: adapter[k] for k in ("uri", "sizeBytes", "sha256")}
         try:
             Path(path).write_text(json.dumps(payload))
         except OSError:

@@ -34,14 +34,15 @@ def load_dtype(spec: ModelSpec, precision: str) -> torch.dtype:
     return DTYPES[PRECISION_DTYPE[precision] if spec.dtype == "auto" else spec.dtype]
 
 
-def resolve_model_dir(spec: ModelSpec) -> Path | str:
-    """A local folder holding an ordinary HF checkpoint, or a Hub repo id. GGUF files are converted on first use."""
+def resolve_model_dir(spec: ModelSpec, downloaded: Path | None = None) -> Path | str:
+    """A local folder holding an ordinary HF checkpoint, or a Hub repo id. GGUF files are converted on first use.
+    `downloaded` is where an s3:// model was fetched to (see trainer.remote)."""
     uri = parse_uri(spec.uri, ("hf", "pvc", "s3", "file", "package"))
     if uri.scheme == "hf":
         source: Path | str = uri.location
     else:
         try:
-            source = local_path(uri)
+            source = downloaded if downloaded is not None else local_path(uri)
         except StorageError as err:
             raise ModelError(str(err)) from None
         if not source.is_dir():

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.uris import parse_uri
 from lorafinetune.contract import (
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
     ENV_FAIL_AT_STEP,
     ENV_METRICS_PORT,
     LOSS_PLOT_FILE,
@@ -33,8 +35,7 @@ from lorafinetune.contract import (
     write_json_atomic,
 )
 from lorafinetune.plots import plot_loss_curves
-from lorafinetune.storage import StorageError, local_path
-from lorafinetune.trainer import batching, checkpoint, data, engine, model, output
+from lorafinetune.trainer import batching, checkpoint, data, engine, model, output, remote
 from lorafinetune.trainer.errors import ConfigError, DataError, TrainerError
 from lorafinetune.trainer.fingerprint import spec_fingerprint
 from lorafinetune.trainer.metrics import TrainerMetrics
@@ -80,12 +81,27 @@ class LoRAFineTuneRecipe:
             )
         if self.on_gpu:
             torch.cuda.set_device(self.local_rank)
+        if spec.output.uri.startswith("s3://") and spec.resources.nodes > 1:
+            raise ConfigError(
+                "an s3:// output with resources.nodes > 1 is not supported yet: each node's checkpoint shards stay "
+                "on its own scratch disk. Write to a pvc:// output shared by all nodes"
+            )
+        # Before any collective: fetch inputs and, in a new pod, the newest checkpoint from S3 (file-locked).
+        self.mirror = remote.OutputMirror(spec, self.run_dir)
+        pulled = self.mirror.pull_latest_checkpoint()
+        if pulled:  # whichever local rank took the lock first
+            print(f"fetched checkpoint {pulled} from {spec.output.uri}", flush=True)
+        downloaded = (
+            remote.fetch_input(spec, spec.model.uri, model.cache_dir(), is_model=True)
+            if spec.model.uri.startswith("s3://")
+            else None
+        )
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", verbose=False)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._request_stop)
 
         # 1. Tokenizer and data first: every rank tokenises on its own, before the next collective.
-        self.model_dir = model.resolve_model_dir(spec.model)
+        self.model_dir = model.resolve_model_dir(spec.model, downloaded)
         revision = parse_uri(spec.model.uri, ("hf", "pvc", "s3", "file", "package")).revision
         self.tokenizer = model.load_tokenizer(self.model_dir, spec.model, None if spec.model.gguf_file else revision)
         self._load_data()
@@ -139,10 +155,7 @@ class LoRAFineTuneRecipe:
             self.metrics.global_step.set(self.start_step)
 
     def _data_path(self, uri: str) -> Path:
-        try:
-            return local_path(parse_uri(uri, ("file", "pvc", "s3")))
-        except StorageError as err:
-            raise ConfigError(str(err)) from None
+        return remote.fetch_input(self.spec, uri, model.cache_dir(), is_model=False)
 
     def _load_data(self) -> None:
         ds, t = self.spec.dataset, self.spec.training
@@ -344,6 +357,7 @@ class LoRAFineTuneRecipe:
             self.engine, self.run_dir, step, self.rank, self._meta(), self.spec.checkpointing.keep_last
         )
         if self.is_main:
+            self.mirror.push(path, f"{CHECKPOINTS_DIR}/{path.name}")  # single node: rank 0 has every shard
             self.metrics.checkpoint_time.set_to_current_time()
             print(f"step {step}: checkpoint {path}", flush=True)
 
@@ -403,6 +417,9 @@ class LoRAFineTuneRecipe:
             "completedAt": datetime.now(UTC).isoformat(),
         }
         ref = output.publish(self.run_dir, summary, self.fingerprint)
+        if self.mirror.remote:
+            self.mirror.push(self.run_dir / ADAPTER_DIR, ADAPTER_DIR)  # COMPLETE.json last: never seen half-written
+            ref = {**ref, "uri": f"{self.mirror.remote}/{ADAPTER_DIR}"}
         self._publish_progress(self.steps_done, trains[-1] if trains else None, eta=0.0)
         return ref
 

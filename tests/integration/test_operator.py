@@ -60,9 +60,13 @@ def test_create_runs_the_gang_and_success_is_reported(cluster: Cluster):
     status = c.get("ok")["status"]
     assert status["attempt"] == 1 and condition(status, "Running")["status"] == "True"
 
-    c.finish_pods("ok", 1, "Succeeded")
+    adapter = {"uri": "/mnt/pvc/adapters/ok/adapter", "sizeBytes": 19567880, "sha256": "ab" * 32}
+    c.finish_pods("ok", 1, "Succeeded", only=0,
+                  message=json.dumps({"exitCode": 0, "reason": "Completed", "adapter": adapter}))  # rank 0 reports
+    c.finish_pods("ok", 1, "Succeeded", only=1)
     status = wait_phase(c, "ok", "Succeeded")
     assert status["completionTime"] and condition(status, "Succeeded")["status"] == "True"
+    assert status["adapter"] == adapter
     assert condition(status, "Running")["status"] == "False"
     reasons = {e.reason for e in c.events("ok")}
     assert {"AttemptCreated", "AllPodsRunning", "TrainingComplete"} <= reasons

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lorafinetune.s3 import S3Error, S3Store
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli, tiny_manifest, write_manifest
 from tests.integration.conftest import _free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -141,3 +141,54 @@ def test_server_stopped_during_an_upload_fails_clearly_and_never_marks_complete(
     assert not store.is_complete(uri), "readers must not see a partial adapter as complete"
     assert store.publish_dir(local, uri) == 3  # the retry completes it
     assert store.is_complete(uri)
+
+
+def test_training_reads_inputs_from_s3_mirrors_outputs_and_a_new_pod_resumes_from_s3(
+    s3_server: S3Server, store: S3Store, tmp_path: Path, tiny_model: Path, chat_data: Path
+):
+    from safetensors.torch import load_file
+
+    b = store.bucket
+    store.publish_dir(tiny_model, f"s3://{b}/models/tiny")
+    store.client.upload_file(str(chat_data), b, "data/train.jsonl")
+    out = f"s3://{b}/runs/tiny"
+    spec = {
+        "model": {"uri": f"s3://{b}/models/tiny"},
+        "dataset": {"train": f"s3://{b}/data/train.jsonl"},
+        "output": {"uri": out},
+        "s3": {"endpointUrl": s3_server.url, "credentialsSecret": "unused-locally"},
+        "training": {"maxSteps": 6},
+        "checkpointing": {"everySteps": 2},
+    }
+    manifest = write_manifest(tmp_path / "m.yaml", tiny_manifest(tiny_model, chat_data, tmp_path / "x", **spec))
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET,
+           "LFT_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+    scratch = tmp_path / "pvc"
+    args = ("run", str(manifest), "--quiet", "--pvc-root", str(scratch))
+
+    # 1. A crash after step 5: checkpoints 2 and 4 are complete in S3, no adapter there.
+    proc = run_cli(*args, env={**env, "LFT_FAIL_AT_STEP": "5"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert store.complete_children(f"{out}/checkpoints") == ["step-00000002", "step-00000004"]
+    assert not store.is_complete(f"{out}/adapter")
+
+    # 2. A new pod: nothing local. It fetches checkpoint 4 from S3, resumes, and publishes the adapter there.
+    import shutil
+
+    shutil.rmtree(scratch)
+    proc = run_cli(*args, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = next(scratch.rglob("node-0.log")).read_text()
+    assert "fetched checkpoint step-00000004" in log and "resuming from step 4" in log
+    assert store.is_complete(f"{out}/adapter")
+    local = store.download_prefix(f"{out}/adapter", tmp_path / "adapter")
+    tensors = load_file(local / "adapter_model.safetensors")
+    assert len(tensors) == 2 * 7 * 2 and any(t.abs().sum() > 0 for n, t in tensors.items() if "lora_B" in n)
+    summary = json.loads((local / "training_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["adapter"]["sha256"] == digest(local / "adapter_model.safetensors")
+
+    # 3. Running again finds the published adapter and does nothing.
+    shutil.rmtree(scratch)
+    proc = run_cli(*args, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "already holds a complete adapter of this spec" in next(scratch.rglob("node-0.log")).read_text()

@@ -27,8 +27,8 @@ def test_package_that_is_not_installed():
         model.resolve_model_dir(ModelSpec(uri="package://no_such_model_pkg"))
 
 
-def test_s3_models_are_refused_until_transfers_exist():
-    with pytest.raises(ModelError, match=r"s3:// transfers are not implemented yet"):
+def test_s3_models_need_downloading_first():
+    with pytest.raises(ModelError, match=r"s3:// is not a local path; the trainer downloads s3:// inputs"):
         model.resolve_model_dir(ModelSpec(uri="s3://bucket/model"))
 
 

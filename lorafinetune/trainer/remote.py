@@ -1,0 +1,105 @@
+"""Where the trainer's inputs and outputs live when they are on S3.
+
+Inputs (model prefix, dataset files) are downloaded once into the cache, per node, under a file lock so the local
+ranks share one copy. Outputs stay in the local run folder (the contract's LFT_RUN_DIR, scratch space in the pod)
+and are mirrored to `spec.output.uri`: each complete checkpoint right after it is written, the adapter when it is
+published, always with COMPLETE.json last. A run whose local folder is empty (a new pod) resumes from the newest
+complete checkpoint in S3.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from lorafinetune.api.spec import LoRAFineTuneSpec
+from lorafinetune.api.uris import parse_uri
+from lorafinetune.contract import ADAPTER_DIR, CHECKPOINTS_DIR, COMPLETE_MARKER
+from lorafinetune.s3 import S3Error, S3Store
+from lorafinetune.storage import StorageError, local_path
+from lorafinetune.trainer.errors import ConfigError, DataError, ModelError, TrainerError
+
+
+def _store(spec: LoRAFineTuneSpec) -> S3Store:
+    s3 = spec.s3
+    return S3Store(endpoint_url=s3.endpoint_url if s3 else None, region=s3.region if s3 else None)
+
+
+def _error(err: S3Error, kind: type[TrainerError]) -> TrainerError:
+    return kind(str(err)) if err.permanent else TrainerError(str(err))
+
+
+def fetch_input(spec: LoRAFineTuneSpec, uri: str, cache: Path, is_model: bool) -> Path:
+    """A local path for a model folder or a dataset file, downloading s3:// URIs into the cache first."""
+    parsed = parse_uri(uri, ("pvc", "s3", "file", "package"))
+    if parsed.scheme != "s3":
+        try:
+            return local_path(parsed)
+        except StorageError as err:
+            raise ConfigError(str(err)) from None
+    target = cache / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; the other local ranks wait and reuse it
+        try:
+            if is_model:
+                return _store(spec).download_prefix(uri, target)
+            return _store(spec).download_file(uri, target / Path(parsed.path).name)
+        except S3Error as err:
+            raise _error(err, ModelError if is_model else DataError) from None
+
+
+class OutputMirror:
+    """Mirrors checkpoints and the adapter from the local run folder to an s3:// output (no-op otherwise)."""
+
+    def __init__(self, spec: LoRAFineTuneSpec, run_dir: Path):
+        self.remote = spec.output.uri.rstrip("/") if spec.output.uri.startswith("s3://") else None
+        self.run_dir = run_dir
+        self.store = _store(spec) if self.remote else None
+
+    def published_marker(self) -> dict | None:
+        if not self.remote:
+            return None
+        try:
+            return self.store.read_json(f"{self.remote}/{ADAPTER_DIR}/{COMPLETE_MARKER}")
+        except S3Error as err:
+            raise _error(err, ConfigError) from None
+
+    def pull_latest_checkpoint(self) -> str | None:
+        """Download the newest complete remote checkpoint when the local folder has none. Every local rank calls
+        this; a file lock makes the first one download and the others find it done."""
+        if not self.remote:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / ".pull.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._pull()
+
+    def _pull(self) -> str | None:
+        if any((self.run_dir / CHECKPOINTS_DIR).glob(f"*/{COMPLETE_MARKER}")):
+            return None
+        try:
+            names = self.store.complete_children(f"{self.remote}/{CHECKPOINTS_DIR}")
+            if not names:
+                return None
+            final = self.run_dir / CHECKPOINTS_DIR / names[-1]
+            staging = final.with_name(final.name + ".partial")  # never picked for resume until renamed
+            shutil.rmtree(staging, ignore_errors=True)
+            self.store.download_prefix(f"{self.remote}/{CHECKPOINTS_DIR}/{names[-1]}", staging)
+            os.replace(staging, final)
+        except S3Error as err:
+            raise _error(err, ConfigError) from None
+        return names[-1]
+
+    def push(self, local: Path, relative: str) -> None:
+        if not self.remote:
+            return
+        try:
+            self.store.publish_dir(local, f"{self.remote}/{relative}")
+        except S3Error as err:
+            if err.kind == "exists" and relative.startswith(CHECKPOINTS_DIR):
+                return  # the same step, mirrored by an attempt that then failed: identical on exact resume
+            raise _error(err, ConfigError) from None
