@@ -76,8 +76,9 @@ def _converted_gguf(source: Path | str, spec: ModelSpec, revision: str | None) -
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{target}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the first local rank converts; the others wait and reuse
-        if (target / COMPLETE_MARKER).is_file():
+        if (target / COMPLETE_MARKER).is_file() and (target / "config.json").is_file():
             return target
+        shutil.rmtree(target, ignore_errors=True)  # incomplete (e.g. left by an older version): convert again
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -92,8 +93,13 @@ def _converted_gguf(source: Path | str, spec: ModelSpec, revision: str | None) -
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         model.tie_weights()
+        # Call this before the process group exists: once torch.distributed is initialised, transformers writes
+        # weights on rank 0 only, and a conversion by rank 1 (whoever holds the lock) once left no config.json.
         model.save_pretrained(staging)
         tok.save_pretrained(staging)
+        written = {p.name for p in staging.iterdir()}
+        if "config.json" not in written or not any(n.endswith(".safetensors") for n in written):
+            raise ModelError(f"converting {spec.gguf_file} wrote no weights to {staging} (found {sorted(written)})")
         write_json_atomic(staging / COMPLETE_MARKER, {"source": str(source), "ggufFile": spec.gguf_file})
         os.replace(staging, target)
     return target

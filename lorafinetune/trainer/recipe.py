@@ -96,12 +96,14 @@ class LoRAFineTuneRecipe:
             if spec.model.uri.startswith("s3://")
             else None
         )
+        # GGUF conversion (file-locked, written by whichever local rank gets there first) also comes before the
+        # process group: transformers only writes weights on rank 0 once one exists.
+        self.model_dir = model.resolve_model_dir(spec.model, downloaded)
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", verbose=False)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._request_stop)
 
         # 1. Tokenizer and data first: every rank tokenises on its own, before the next collective.
-        self.model_dir = model.resolve_model_dir(spec.model, downloaded)
         revision = parse_uri(spec.model.uri, ("hf", "pvc", "s3", "file", "package")).revision
         self.tokenizer = model.load_tokenizer(self.model_dir, spec.model, None if spec.model.gguf_file else revision)
         self._load_data()
