@@ -5,7 +5,7 @@ in spec.s3.credentialsSecret, by reference) and never appear in messages. Publis
 COMPLETE.json last: a reader that checks the marker never sees a partial folder, and a folder that already has one
 is never overwritten. Errors say whether retrying can help (`S3Error.permanent`).
 
-Not wired into the trainer yet: model/dataset inputs and adapter/checkpoint outputs on s3:// are the next step.
+The trainer uses it through lorafinetune.trainer.remote (inputs into the cache, outputs mirrored from its run folder).
 """
 
 from __future__ import annotations
