@@ -63,6 +63,7 @@ class LoRAFineTuneRecipe:
         self.history: list[dict[str, Any]] = []
         self.best_eval: float | None = None
         self.initial_eval: float | None = None
+        self.last_eval: float | None = None  # kept, not searched for in history: progress is written every step
         self.evals_without_gain = 0
         self.trained_tokens = 0  # tokens in the loss (all ranks)
         self.input_tokens = 0  # non-padding tokens processed (all ranks): the honest throughput measure
@@ -141,6 +142,7 @@ class LoRAFineTuneRecipe:
             self.initial_eval, self.trained_tokens = meta.get("initialEvalLoss"), meta.get("trainedTokens", 0)
             self.input_tokens, self.train_seconds = meta.get("inputTokens", 0), meta.get("trainSeconds", 0.0)
             self.evals_without_gain = meta.get("evalsWithoutGain", 0)
+            self.last_eval = next((h["evalLoss"] for h in reversed(self.history) if "evalLoss" in h), None)
             if self.is_main:
                 print(f"resuming from step {last.step} ({last.path})", flush=True)
         # Per-rank dropout streams, distinct across ranks; restored exactly from the checkpoint on resume.
@@ -280,7 +282,6 @@ class LoRAFineTuneRecipe:
         self._publish_progress(step, train_loss, eta=eta)
 
     def _publish_progress(self, step: int, train_loss: float | None, eta: float) -> None:
-        evals = [h["evalLoss"] for h in self.history if "evalLoss" in h]
         write_json_atomic(
             self.run_dir / PROGRESS_FILE,
             {
@@ -289,7 +290,7 @@ class LoRAFineTuneRecipe:
                 "summary": f"{step}/{self.total_steps}",
                 "epoch": round(self.schedule.epoch_of(step), 4),
                 "trainLoss": train_loss,
-                "evalLoss": evals[-1] if evals else None,
+                "evalLoss": self.last_eval,
                 "bestEvalLoss": self.best_eval,
                 "tokensPerSecond": getattr(self, "tokens_per_second", None),
                 "etaSeconds": round(eta, 1),
@@ -319,6 +320,7 @@ class LoRAFineTuneRecipe:
         self.engine.train()
         dist.all_reduce(total)  # collective: sum of losses and token counts over ranks
         loss = (total[0] / total[1]).item()
+        self.last_eval = loss
         if self.best_eval is None or loss < self.best_eval - self._min_delta():
             self.best_eval, self.evals_without_gain = loss, 0
         elif step > 0:
