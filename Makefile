@@ -5,7 +5,7 @@ SHELL := /bin/bash
 
 QUICKSTART := examples/quickstart.yaml --pvc quickstart-data=examples/data
 
-.PHONY: quickstart test test-unit crd cluster cluster-down
+.PHONY: quickstart test test-unit generate cluster cluster-down
 
 quickstart:  ## fine-tune the packaged SmolLM2 on 2 CPU ranks, then compare base vs adapter
 	VENV=$$(scripts/env.sh)
@@ -21,9 +21,10 @@ test-unit:  ## the fast ones only
 	VENV=$$(scripts/env.sh)
 	"$$VENV/bin/python" -m pytest tests/unit -q $(PYTEST_ARGS)
 
-crd:  ## regenerate crds/ from lorafinetune/api
+generate:  ## regenerate crds/ (from lorafinetune/api) and the chart's values, schema and copies (operator/chart.py)
 	VENV=$$(scripts/env.sh)
 	"$$VENV/bin/lorafinetune" crd --write
+	"$$VENV/bin/python" -m lorafinetune.operator.chart --write
 
 cluster:  ## start the local control plane (builds it once); prints the kubeconfig to export
 	@hack/cluster/up.sh

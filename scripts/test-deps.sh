@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # System tools the tests start for real, installed when missing:
 #   prometheus  (Debian's package; tests/integration/test_metrics.py scrapes a training run with it)
-#   go          (on the machine image; hack/cluster/build.sh builds the control plane with it, once)
+#   go          (on the machine image; builds the control plane, the S3 server and helm once: hack/*/build.sh)
 set -euo pipefail
 if ! command -v prometheus >/dev/null; then
   echo "installing Debian's prometheus package (tests run a real Prometheus)..." >&2

@@ -27,6 +27,7 @@ from lorafinetune.operator.settings import OperatorSettings
 from lorafinetune.operator.status import AttemptOutcome, Plan, as_patch, observe_attempt, plan
 
 SETTINGS = OperatorSettings.from_env()
+CRD_WAIT_SECONDS = 60  # a chart installs the CRD and the operator together; the CRD may take a moment to be served
 _last_progress_poll: dict[str, float] = {}
 _locks: dict[str, threading.Lock] = {}
 
@@ -40,7 +41,18 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # bury the transitions users look for in `kubectl describe`.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60
+    # No runtime watch on every CRD and namespace of the cluster: we serve one resource, known at start, and the
+    # chart's RBAC grants no access to CRDs. In exchange the CRD must exist before we start, checked here.
+    settings.scanning.disabled = True
     kube.load_config()
+    deadline = time.monotonic() + CRD_WAIT_SECONDS
+    while not kube.resource_served():
+        if time.monotonic() > deadline:
+            raise kopf.PermanentError(
+                f"the API server does not serve {PLURAL}.{GROUP}/{VERSION} after {CRD_WAIT_SECONDS} s: install the "
+                "CRD (helm chart with crds.install=true, or kubectl apply -f crds/) and restart the operator"
+            )
+        time.sleep(2)
     OPERATOR_METRICS.serve(SETTINGS.metrics_port)
 
 
@@ -49,8 +61,9 @@ def _preflight(owner: builders.Owner, spec: LoRAFineTuneSpec) -> tuple[str, str]
     for claim in builders.pvc_claims(spec):
         if not kube.pvc_exists(owner.namespace, claim):
             return "PVCNotFound", f"PersistentVolumeClaim {claim!r} does not exist in namespace {owner.namespace}"
-    if spec.s3 and spec.s3.credentials_secret and not kube.secret_exists(owner.namespace, spec.s3.credentials_secret):
-        return "SecretNotFound", f"Secret {spec.s3.credentials_secret!r} (spec.s3.credentialsSecret) does not exist"
+    secret = spec.s3.credentials_secret if spec.s3 and SETTINGS.secret_preflight else None
+    if secret and not kube.secret_exists(owner.namespace, secret):
+        return "SecretNotFound", f"Secret {secret!r} (spec.s3.credentialsSecret) does not exist"
     gpus = spec.resources.gpus_per_node
     if gpus and gpus > (most := kube.max_node_gpus()):
         return "InsufficientGPUs", (

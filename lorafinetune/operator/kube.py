@@ -18,6 +18,12 @@ def load_config() -> None:
         config.load_kube_config()
 
 
+def resource_served() -> bool:
+    """Whether the API server serves LoRAFineTunes (a discovery read, which RBAC allows every client)."""
+    found = _ignore(404, client.CustomObjectsApi().get_api_resources, GROUP, VERSION)
+    return found is not None and any(r.name == PLURAL for r in found.resources)
+
+
 def _ignore(status: int, call, *args, **kwargs) -> Any:
     try:
         return call(*args, **kwargs)
@@ -66,7 +72,7 @@ def pvc_exists(namespace: str, claim: str) -> bool:
 
 
 def secret_exists(namespace: str, name: str) -> bool:
-    # Only existence: the operator never reads secret values (its RBAC allows `get` on metadata it needs).
+    # Only existence is used, but `get` returns the values: hence settings.secret_preflight (off in the chart).
     return _ignore(404, client.CoreV1Api().read_namespaced_secret, name, namespace) is not None
 
 

@@ -10,6 +10,15 @@ def _env_list(name: str) -> list[str]:
     return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value.lower() in ("true", "1")
+
+
 @dataclass(frozen=True)
 class OperatorSettings:
     """Every field can be set by the environment variable named in its comment."""
@@ -47,6 +56,11 @@ class OperatorSettings:
     termination_grace_seconds: int = 300
     """LFT_TERMINATION_GRACE_SECONDS: time pods get after SIGTERM to write a checkpoint before SIGKILL."""
 
+    secret_preflight: bool = False
+    """LFT_SECRET_PREFLIGHT: check that spec.s3.credentialsSecret exists before the first attempt. Off by default
+    because RBAC cannot grant `get` on a Secret without its values; a missing Secret then shows as the pods'
+    CreateContainerConfigError (Pending, with the kubelet's message) instead."""
+
     @classmethod
     def from_env(cls) -> OperatorSettings:
         d = cls()
@@ -68,6 +82,7 @@ class OperatorSettings:
             termination_grace_seconds=int(
                 os.environ.get("LFT_TERMINATION_GRACE_SECONDS", d.termination_grace_seconds)
             ),
+            secret_preflight=_env_bool("LFT_SECRET_PREFLIGHT", d.secret_preflight),
         )
 
     def backoff_seconds(self, failed_attempts: int) -> float:

@@ -7,6 +7,7 @@ Pods never run anything: kwok marks them Running, and a test decides how each en
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -32,25 +33,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+@contextlib.contextmanager
+def local_cluster(work: Path, apply_crd: bool = True) -> Iterator[Path]:
+    """Start a control plane with hack/cluster/up.sh; yield its kubeconfig; stop it on exit."""
     name = f"lft-{uuid.uuid4().hex[:6]}"
-    work = tmp_path_factory.mktemp("cluster")
-    env = {**os.environ, "LFT_CLUSTER_WORK": str(work)}
+    env = {**os.environ, "LFT_CLUSTER_WORK": str(work), "LFT_APPLY_CRD": "1" if apply_crd else "0"}
     up = subprocess.run([REPO / "hack/cluster/up.sh", name], env=env, capture_output=True, text=True, timeout=3600)
-    if up.returncode != 0:
-        pytest.fail(f"the test cluster did not start:\n{up.stderr[-4000:]}")
     try:
+        if up.returncode != 0:
+            pytest.fail(f"the test cluster did not start:\n{up.stderr[-4000:]}")
         yield Path(up.stdout.strip().splitlines()[-1])
     finally:
         subprocess.run([REPO / "hack/cluster/down.sh", name], env=env, capture_output=True, timeout=300)
 
 
+@pytest.fixture(scope="session")
+def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with local_cluster(tmp_path_factory.mktemp("cluster")) as path:
+        yield path
+
+
 class Operator:
     """The operator as its own process, restartable (to test convergence after a crash)."""
 
-    def __init__(self, kubeconfig: Path, log: Path):
-        self.kubeconfig, self.log = kubeconfig, log
+    def __init__(self, kubeconfig: Path, log: Path, **env: str):
+        self.kubeconfig, self.log, self.env = kubeconfig, log, env
         self.metrics_port = _free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -66,6 +73,8 @@ class Operator:
             "LFT_OPERATOR_METRICS_PORT": str(self.metrics_port),
             "LFT_LIVENESS_PORT": str(liveness),
             "LFT_DEFAULT_IMAGE": "lorafinetune:test",
+            "LFT_SECRET_PREFLIGHT": "true",  # tested here; the chart's RBAC (tests/integration/test_chart.py) omits it
+            **self.env,
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lorafinetune.operator"], cwd=REPO, env=env,

@@ -1,0 +1,256 @@
+"""The Helm chart's values, typed once, and every generated file of charts/lorafinetune/ derived from them.
+
+    python -m lorafinetune.operator.chart --write     (or: make generate)   # --check exits 1 on drift
+
+Generated (never edit by hand; tests/unit/test_chart.py fails when one drifts):
+  values.yaml           the defaults below, each preceded by its description as a comment
+  values.schema.json    JSON Schema of these models: helm lint/install/template refuse a misspelt or mistyped value
+  files/crd.yaml        a byte copy of crds/ (the CRD itself is generated from lorafinetune/api)
+  files/dashboard.json  a byte copy of dashboards/lorafinetune.json (a chart cannot read files outside itself)
+
+Operator settings appear under `operator:` with the names of OperatorSettings (settings.py), which the Deployment
+passes as LFT_* variables, so the chart and the operator cannot disagree on a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field
+
+from lorafinetune.api.base import APIModel
+from lorafinetune.api.crd import CRD_PATH
+from lorafinetune.operator.settings import OperatorSettings
+
+REPO = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO / "charts" / "lorafinetune"
+DASHBOARD_PATH = REPO / "dashboards" / "lorafinetune.json"
+_DEFAULTS = OperatorSettings()
+
+# Free-form Kubernetes fields (resources, affinity, ...) are passed through as written.
+KubeObject = dict[str, Any]
+
+
+class Image(APIModel):
+    repository: str = Field("ghcr.io/lorafinetune/lorafinetune", description="Image of the operator.", min_length=1)
+    tag: str = Field("", description="Image tag; empty means the chart's appVersion.")
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Kubernetes imagePullPolicy."
+    )
+
+
+class Operator(APIModel):
+    """What the operator does; each field becomes the LFT_* variable of the OperatorSettings field of that name."""
+
+    watch_namespaces: list[str] = Field(
+        default_factory=list,
+        description="Namespaces to watch. Empty: the whole cluster (a ClusterRole); otherwise a Role in each.",
+    )
+    trainer_image: str = Field(
+        "", description="Image of the trainer pods when a LoRAFineTune sets none; empty means the operator's image."
+    )
+    reconcile_interval_seconds: float = Field(
+        _DEFAULTS.reconcile_interval_seconds, gt=0, description="How often each fine-tune is re-checked."
+    )
+    backoff_base_seconds: float = Field(
+        _DEFAULTS.backoff_base_seconds, ge=0, description="Wait before the 2nd attempt; doubles per attempt."
+    )
+    backoff_cap_seconds: float = Field(
+        _DEFAULTS.backoff_cap_seconds, ge=0, description="Longest wait between attempts."
+    )
+    progress_interval_seconds: float = Field(
+        _DEFAULTS.progress_interval_seconds, gt=0, description="How often a running fine-tune's progress is read."
+    )
+    termination_grace_seconds: int = Field(
+        _DEFAULTS.termination_grace_seconds, ge=0,
+        description="Time trainer pods get after SIGTERM to write a checkpoint before SIGKILL.",
+    )  # fmt: skip
+    trainer_metrics_port: int = Field(
+        _DEFAULTS.trainer_metrics_port, ge=1, le=65535, description="Rank 0's metrics port in trainer pods."
+    )
+    metrics_port: int = Field(
+        _DEFAULTS.metrics_port, ge=1, le=65535, description="The operator's own Prometheus metrics port."
+    )
+    health_port: int = Field(_DEFAULTS.liveness_port, ge=1, le=65535, description="Liveness endpoint (/healthz).")
+    secret_preflight: bool = Field(
+        _DEFAULTS.secret_preflight,
+        description="Grant `get` on Secrets so a missing spec.s3.credentialsSecret is reported before pods start. "
+        "Off by default: `get` on a Secret returns its values. Without it a missing Secret still shows as "
+        "Pending/CreateContainerConfigError from the pods.",
+    )
+
+
+class ServiceAccount(APIModel):
+    create: bool = Field(True, description="Create the operator's ServiceAccount.")
+    name: str = Field("", description="Name to use; empty means the release's full name.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations (e.g. for workload identity).")
+
+
+class Rbac(APIModel):
+    create: bool = Field(True, description="Create the least-privilege (Cluster)Roles and bindings the operator needs.")
+
+
+class Crds(APIModel):
+    install: bool = Field(True, description="Install and upgrade the LoRAFineTune CRD with the release.")
+    keep: bool = Field(
+        True,
+        description="Keep the CRD on `helm uninstall`: deleting it would delete every LoRAFineTune and, through "
+        "owner references, their Jobs.",
+    )
+
+
+class Monitor(APIModel):
+    enabled: bool = Field(False, description="Create it (needs the Prometheus Operator's CRDs).")
+    interval: str = Field("30s", description="Scrape interval.", pattern="^[0-9]+(ms|s|m|h)$")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra labels, e.g. the `release` your Prometheus selects monitors by."
+    )
+
+
+class Metrics(APIModel):
+    service_monitor: Monitor = Field(
+        default_factory=Monitor,
+        description="ServiceMonitor for the operator (honorLabels: its per-fine-tune series carry their own "
+        "`namespace`).",
+    )
+    pod_monitor: Monitor = Field(
+        default_factory=lambda: Monitor(interval="15s"),
+        description="PodMonitor for rank 0 of every fine-tune, relabelling the pod label lorafinetune.io/name "
+        "to `finetune` as the dashboard expects.",
+    )
+
+
+class Dashboard(APIModel):
+    enabled: bool = Field(True, description="Ship the Grafana dashboard as a ConfigMap.")
+    namespace: str = Field("", description="Namespace of the ConfigMap; empty means the release's namespace.")
+    labels: dict[str, str] = Field(
+        default_factory=lambda: {"grafana_dashboard": "1"},
+        description="Labels the Grafana sidecar discovers dashboards by.",
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Annotations, e.g. grafana_folder for the sidecar's folder."
+    )
+
+
+class ChartValues(APIModel):
+    """Top-level values of charts/lorafinetune."""
+
+    image: Image = Field(default_factory=Image, description="The operator's image (it also holds the trainer).")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Names of image pull Secrets.")
+    name_override: str = Field("", description="Replaces the chart name in resource names.")
+    full_name_override: str = Field("", description="Replaces the release-chart full name.", alias="fullnameOverride")
+    operator: Operator = Field(default_factory=Operator, description="Operator behaviour (LFT_* settings).")
+    service_account: ServiceAccount = Field(default_factory=ServiceAccount, description="The operator's identity.")
+    rbac: Rbac = Field(default_factory=Rbac, description="RBAC objects.")
+    crds: Crds = Field(default_factory=Crds, description="The LoRAFineTune CustomResourceDefinition.")
+    metrics: Metrics = Field(default_factory=Metrics, description="Prometheus Operator monitors.")
+    dashboard: Dashboard = Field(default_factory=Dashboard, description="Grafana dashboard ConfigMap.")
+    resources: KubeObject = Field(
+        default_factory=lambda: {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
+        description="The operator container's resources (measured: ~90 MiB RSS idle, ~160 MiB at 500 fine-tunes).",
+    )
+    pod_annotations: dict[str, str] = Field(default_factory=dict, description="Annotations of the operator pod.")
+    pod_labels: dict[str, str] = Field(default_factory=dict, description="Extra labels of the operator pod.")
+    priority_class_name: str = Field("", description="PriorityClass of the operator pod.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector of the operator pod.")
+    tolerations: list[KubeObject] = Field(default_factory=list, description="Tolerations of the operator pod.")
+    affinity: KubeObject = Field(default_factory=dict, description="Affinity of the operator pod.")
+    global_: KubeObject = Field(
+        default_factory=dict, alias="global", description="Helm's global values (when used as a subchart)."
+    )
+
+
+# ---------------------------------------------------------------- generation
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """Resolve $refs and drop pydantic's titles: helm's validator and readers both prefer one flat schema."""
+    if isinstance(node, list):
+        return [_inline(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = defs[node["$ref"].rsplit("/", 1)[-1]]
+        return _inline({**target, **{k: v for k, v in node.items() if k != "$ref"}}, defs)
+    out = {k: _inline(v, defs) for k, v in node.items() if k not in ("title", "$defs")}
+    if out.get("type") == "object" and "properties" in out:
+        out["additionalProperties"] = False  # a misspelt value fails `helm install` instead of being ignored
+    if out.get("type") == "object" and "additionalProperties" not in out:
+        out["additionalProperties"] = True  # free-form Kubernetes objects (resources, affinity, ...)
+    return out
+
+
+def values_schema() -> dict[str, Any]:
+    schema = ChartValues.model_json_schema(by_alias=True)
+    out = _inline(schema, schema.get("$defs", {}))
+    for node in _walk(out):
+        node.pop("default", None)  # values.yaml holds the defaults; a second copy here could only drift
+    return {"$schema": "http://json-schema.org/draft-07/schema#", **out}
+
+
+def _walk(node: dict[str, Any]):
+    yield node
+    for child in node.get("properties", {}).values():
+        yield from _walk(child)
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def values_yaml() -> str:
+    """values.yaml: the model's defaults, nested as Helm users expect, with each description as a comment."""
+    lines = [
+        "# Generated from lorafinetune/operator/chart.py (make generate); values.schema.json checks every value.",
+        "",
+    ]
+
+    def emit(model: APIModel, indent: str) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            lines.extend(textwrap.wrap(field.description or "", 116 - len(indent), initial_indent=f"{indent}# ",
+                                       subsequent_indent=f"{indent}# "))  # fmt: skip
+            if isinstance(value, APIModel):
+                lines.append(f"{indent}{field.alias}:")
+                emit(value, indent + "  ")
+            else:
+                lines.append(f"{indent}{field.alias}: {_yaml_scalar(value)}")
+
+    emit(ChartValues(), "")
+    return "\n".join(lines) + "\n"
+
+
+def generated_files() -> dict[Path, str]:
+    return {
+        CHART_DIR / "values.yaml": values_yaml(),
+        CHART_DIR / "values.schema.json": json.dumps(values_schema(), indent=2) + "\n",
+        CHART_DIR / "files" / "crd.yaml": CRD_PATH.read_text(),
+        CHART_DIR / "files" / "dashboard.json": DASHBOARD_PATH.read_text(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--write", action="store_true", help="write the generated files")
+    parser.add_argument("--check", action="store_true", help="exit 1 and name the files that differ")
+    args = parser.parse_args(argv)
+    stale = [p for p, text in generated_files().items() if not p.exists() or p.read_text() != text]
+    if args.write:
+        for path, text in generated_files().items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        return 0
+    for path in stale:
+        shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+        print(f"stale: {shown} (run make generate)", file=sys.stderr)
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

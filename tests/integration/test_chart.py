@@ -1,0 +1,292 @@
+"""The Helm chart with a real helm: lint, values schema, rendering, and an install on a real control plane where the
+operator then runs as the chart's ServiceAccount, so a missing RBAC rule fails a fine-tune here, not in production.
+
+helm is built from its Go module (hack/helm/build.sh); the Prometheus Operator's CRDs come from its Go module
+(hack/monitoring/crds.sh) so the API server validates the chart's ServiceMonitor and PodMonitor against the real schemas.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.integration.conftest import Cluster, Operator, local_cluster, wait_for
+
+pytestmark = pytest.mark.integration
+CHART = REPO / "charts" / "lorafinetune"
+MONITORS_ON = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true"]
+
+
+def _script(path: str) -> str:
+    return subprocess.run([REPO / path], capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    return _script("hack/helm/build.sh")
+
+
+def run_helm(helm: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def render(helm: str, *args: str) -> dict[tuple[str, str], dict]:
+    out = run_helm(helm, "template", "lft", str(CHART), "--namespace", "lft-system", *args)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    return {(d["kind"], d["metadata"]["name"] + "@" + d["metadata"].get("namespace", "")): d for d in docs}
+
+
+def by_kind(objects: dict[tuple[str, str], dict], kind: str) -> list[dict]:
+    return [o for (k, _), o in objects.items() if k == kind]
+
+
+# ---------------------------------------------------------------- lint, schema, rendering
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[], [*MONITORS_ON, "--set", "operator.watchNamespaces={team-a,team-b}", "--set", "operator.secretPreflight=true"]],
+    ids=["defaults", "everything-on"],
+)
+def test_chart_lints_strictly(helm: str, values: list[str]):
+    out = run_helm(helm, "lint", "--strict", str(CHART), *values)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 chart(s) failed" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--set", "operator.reconcileIntervalSecond=5"], "reconcileIntervalSecond"),  # misspelt: not ignored
+        (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
+        (["--set", "operator.reconcileIntervalSeconds=0"], "reconcileIntervalSeconds"),
+        (["--set-string", "operator.metricsPort=eighty"], "metricsPort"),
+        (["--set", "metrics.podMonitor.interval=often"], "interval"),
+    ],
+)
+def test_values_schema_refuses_bad_values_naming_them(helm: str, args: list[str], named: str):
+    out = run_helm(helm, "template", "lft", str(CHART), *args)
+    assert out.returncode != 0
+    assert "values don't meet the specifications of the schema" in out.stderr and named in out.stderr, out.stderr
+
+
+def test_operator_pod_is_non_root_and_restricted(helm: str):
+    [deployment] = by_kind(render(helm), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+    }  # fmt: skip
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["LFT_DEFAULT_IMAGE"] == container["image"] == "ghcr.io/lorafinetune/lorafinetune:0.1.0"
+    assert env["LFT_SECRET_PREFLIGHT"] == "false" and env["LFT_NAMESPACES"] == ""
+
+
+def _rules(role: dict) -> dict[str, set[str]]:
+    return {f"{g or 'core'}/{r}": set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"]
+            for r in rule["resources"]}  # fmt: skip
+
+
+EXPECTED_RULES = {
+    "lorafinetune.io/lorafinetunes": {"get", "list", "watch", "patch"},
+    "lorafinetune.io/lorafinetunes/status": {"patch"},
+    "batch/jobs": {"create", "get", "delete"},
+    "core/configmaps": {"create", "delete"},
+    "core/services": {"create", "delete"},
+    "core/pods": {"list"},
+    "core/persistentvolumeclaims": {"get"},
+    "core/events": {"create"},
+}
+
+
+def test_rbac_grants_exactly_what_the_operator_calls(helm: str):
+    objects = render(helm)
+    roles = {r["metadata"]["name"]: _rules(r) for r in by_kind(objects, "ClusterRole")}
+    assert roles == {"lft-lorafinetune": EXPECTED_RULES, "lft-lorafinetune-nodes": {"core/nodes": {"list"}}}
+    assert not by_kind(objects, "Role")
+
+    with_secrets = render(helm, "--set", "operator.secretPreflight=true")
+    roles = {r["metadata"]["name"]: _rules(r) for r in by_kind(with_secrets, "ClusterRole")}
+    assert roles["lft-lorafinetune"] == {**EXPECTED_RULES, "core/secrets": {"get"}}
+
+
+def test_watching_namespaces_grants_roles_only_there(helm: str):
+    objects = render(helm, "--set", "operator.watchNamespaces={team-a,team-b}", *MONITORS_ON)
+    assert sorted(r["metadata"]["namespace"] for r in by_kind(objects, "Role")) == ["team-a", "team-b"]
+    assert all(_rules(r) == EXPECTED_RULES for r in by_kind(objects, "Role"))
+    assert [r["metadata"]["name"] for r in by_kind(objects, "ClusterRole")] == ["lft-lorafinetune-nodes"]
+    [deployment] = by_kind(objects, "Deployment")
+    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LFT_NAMESPACES"] == "team-a,team-b"
+    [pod_monitor] = by_kind(objects, "PodMonitor")
+    assert pod_monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+
+
+def test_monitors_give_the_labels_the_dashboard_selects_by(helm: str):
+    objects = render(helm, *MONITORS_ON)
+    [service_monitor] = by_kind(objects, "ServiceMonitor")
+    assert service_monitor["spec"]["endpoints"][0]["honorLabels"] is True
+    [pod_monitor] = by_kind(objects, "PodMonitor")
+    spec = pod_monitor["spec"]
+    assert spec["selector"]["matchLabels"] == {"batch.kubernetes.io/job-completion-index": "0"}  # rank 0 only
+    [endpoint] = spec["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics"
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_lorafinetune_io_name"], "targetLabel": "finetune"} in (
+        endpoint["relabelings"]
+    )
+    assert not by_kind(render(helm), "PodMonitor"), "monitors are off by default (they need the Prometheus Operator)"
+
+
+def test_dashboard_configmap_ships_the_repository_dashboard(helm: str):
+    [config_map] = [c for c in by_kind(render(helm), "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(config_map["data"]["lorafinetune.json"])
+    assert shipped == json.loads((REPO / "dashboards" / "lorafinetune.json").read_text())
+
+
+def test_crd_in_the_chart_is_the_generated_one_and_kept_on_uninstall(helm: str):
+    [crd] = by_kind(render(helm), "CustomResourceDefinition")
+    generated = yaml.safe_load((REPO / "crds" / "lorafinetune.io_lorafinetunes.yaml").read_text())
+    assert crd["spec"] == generated["spec"]
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert not by_kind(render(helm, "--set", "crds.install=false"), "CustomResourceDefinition")
+
+
+# ---------------------------------------------------------------- on a real control plane
+
+
+@pytest.fixture(scope="module")
+def bare_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A cluster of its own without the CRD: the chart installs it."""
+    with local_cluster(tmp_path_factory.mktemp("chart-cluster"), apply_crd=False) as kubeconfig:
+        yield kubeconfig
+
+
+def kubectl(kubeconfig: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    binary = Path(_script("hack/cluster/build.sh")) / "kubectl"
+    out = subprocess.run([binary, "--kubeconfig", str(kubeconfig), *args], capture_output=True, text=True, timeout=120)
+    if check and out.returncode != 0:
+        pytest.fail(f"kubectl {' '.join(args)} failed:\n{out.stderr}")
+    return out
+
+
+def token_kubeconfig(admin: Path, token: str, path: Path) -> Path:
+    """A kubeconfig for the same API server that authenticates with a ServiceAccount token instead."""
+    config = yaml.safe_load(admin.read_text())
+    cluster = config["clusters"][0]
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "clusters": [cluster],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": cluster["name"], "user": "sa"}}], "current-context": "sa",
+    }))  # fmt: skip
+    return path
+
+
+def test_install_run_a_fine_tune_as_the_chart_identity_upgrade_uninstall(
+    helm: str, bare_cluster: Path, tmp_path: Path
+):
+    kc = bare_cluster
+    # Real ServiceMonitor/PodMonitor schemas, and a namespace enforcing the "restricted" Pod Security Standard: the
+    # API server itself refuses the operator pod if it asks for root, privilege escalation or capabilities.
+    kubectl(kc, "apply", "--server-side", "-f", _script("hack/monitoring/crds.sh"))
+    kubectl(kc, "create", "namespace", "lft-system")
+    kubectl(kc, "label", "namespace", "lft-system", "pod-security.kubernetes.io/enforce=restricted")
+    install = run_helm(
+        helm, "install", "lft", str(CHART), "--kubeconfig", str(kc), "--namespace", "lft-system", *MONITORS_ON,
+        "--set", "image.tag=test", "--wait", "--timeout", "180s",
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr
+    kubectl(kc, "wait", "--for=condition=Established", "crd/lorafinetunes.lorafinetune.io", "--timeout=60s")
+    kubectl(kc, "-n", "lft-system", "get", "servicemonitor/lft-lorafinetune-operator", "podmonitor/lft-lorafinetune-trainers")
+    dashboard = kubectl(kc, "-n", "lft-system", "get", "configmap", "-l", "grafana_dashboard=1", "-o", "name")
+    assert dashboard.stdout.strip() == "configmap/lft-lorafinetune-dashboard"
+
+    # What the ServiceAccount may and may not do, as the API server's authorizer answers it.
+    sa = "system:serviceaccount:lft-system:lft-lorafinetune"
+    allowed = ["create jobs.batch -n ns1", "patch lorafinetunes.lorafinetune.io/status -n ns1", "list nodes",
+               "create events -n ns1", "list pods -n ns1", "get persistentvolumeclaims -n ns1"]
+    denied = ["get secrets -n ns1", "list secrets -n ns1", "delete pods -n ns1", "create pods -n ns1",
+              "create pods/exec -n ns1", "update lorafinetunes.lorafinetune.io -n ns1",
+              "delete lorafinetunes.lorafinetune.io -n ns1", "create clusterrolebindings", "patch nodes"]
+    for check in allowed + denied:
+        answer = kubectl(kc, "auth", "can-i", *check.split(), f"--as={sa}", check=False).stdout.strip()
+        assert answer == ("yes" if check in allowed else "no"), f"can-i {check}: {answer}"
+
+    # The operator process, authenticated as the chart's ServiceAccount, drives a fine-tune through a failure, a
+    # retry and success (kwok pods run nothing, so it runs here rather than in the chart's pod).
+    token = kubectl(kc, "-n", "lft-system", "create", "token", "lft-lorafinetune", "--duration=1h").stdout.strip()
+    op = Operator(token_kubeconfig(kc, token, tmp_path / "sa.kubeconfig"), tmp_path / "operator.log",
+                  LFT_SECRET_PREFLIGHT="false")  # fmt: skip
+    op.start()
+    c = Cluster(kc, f"t-{uuid.uuid4().hex[:8]}")
+    kubectl(kc, "create", "namespace", c.ns)
+    # The trainer pods the operator creates must pass the "restricted" Pod Security Standard too.
+    kubectl(kc, "label", "namespace", c.ns, "pod-security.kubernetes.io/enforce=restricted")
+    try:
+        # A bound claim (kwok has no provisioner): an unbound one would leave the pods Unschedulable.
+        c.core.create_persistent_volume({
+            "metadata": {"name": f"{c.ns}-adapters"},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                     "hostPath": {"path": "/tmp/lft-chart-test"},
+                     "claimRef": {"namespace": c.ns, "name": "adapters"}},
+        })  # fmt: skip
+        c.core.create_namespaced_persistent_volume_claim(c.ns, {
+            "metadata": {"name": "adapters"},
+            "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": f"{c.ns}-adapters",
+                     "resources": {"requests": {"storage": "1Gi"}}},
+        })  # fmt: skip
+        c.apply({
+            "apiVersion": "lorafinetune.io/v1alpha1", "kind": "LoRAFineTune", "metadata": {"name": "rbac"},
+            "spec": {
+                "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
+                "dataset": {"train": "pvc://adapters/data/train.jsonl"},
+                "training": {"maxSteps": 10}, "resources": {"nodes": 2, "gpusPerNode": 8},
+                "output": {"uri": "pvc://adapters/rbac"}, "runPolicy": {"backoffLimit": 1},
+                "s3": {"endpointUrl": "http://127.0.0.1:9000", "credentialsSecret": "absent"},  # preflight is off
+            },
+        })  # fmt: skip
+        def wait_phase(phase: str, attempt: int) -> None:
+            try:
+                wait_for(lambda: (s := c.get("rbac").get("status", {})).get("phase") == phase
+                         and s.get("attempt") == attempt, 60, f"attempt {attempt} {phase}")  # fmt: skip
+            except pytest.fail.Exception:
+                pytest.fail(f"attempt {attempt} not {phase}: {c.get('rbac').get('status')}\n{op.log.read_text()[-3000:]}")
+
+        wait_phase("Running", 1)
+        c.finish_pods("rbac", 1, "Failed", only=1, exit_code="137", reason="OOMKilled")
+        wait_phase("Running", 2)
+        c.finish_pods("rbac", 2, "Succeeded")
+        wait_phase("Succeeded", 2)
+        assert {"AttemptCreated", "AllPodsRunning", "TrainingComplete"} <= {e.reason for e in c.events("rbac")}
+        assert sorted(j.metadata.name for j in c.jobs("rbac")) == ["rbac-a1", "rbac-a2"]
+    finally:
+        op.stop()
+    log = op.log.read_text()
+    assert "Forbidden" not in log and "403" not in log, log[-3000:]
+
+    # Upgrade changes a setting in place; uninstall leaves the CRD and every fine-tune alone.
+    upgrade = run_helm(
+        helm, "upgrade", "lft", str(CHART), "--kubeconfig", str(kc), "--namespace", "lft-system", *MONITORS_ON,
+        "--set", "image.tag=test", "--set", "operator.reconcileIntervalSeconds=5", "--wait", "--timeout", "180s",
+    )  # fmt: skip
+    assert upgrade.returncode == 0, upgrade.stderr
+    env = json.loads(kubectl(kc, "-n", "lft-system", "get", "deployment/lft-lorafinetune", "-o", "json").stdout)
+    env = {e["name"]: e.get("value", "") for e in env["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LFT_RECONCILE_INTERVAL_SECONDS"] == "5"
+    uninstall = run_helm(helm, "uninstall", "lft", "--kubeconfig", str(kc), "--namespace", "lft-system", "--wait")
+    assert uninstall.returncode == 0, uninstall.stderr
+    kubectl(kc, "get", "crd/lorafinetunes.lorafinetune.io")
+    assert c.get("rbac")["status"]["phase"] == "Succeeded"
+    assert kubectl(kc, "get", "clusterrole/lft-lorafinetune", check=False).returncode != 0
