@@ -265,6 +265,9 @@ def test_install_run_a_fine_tune_as_the_chart_identity_upgrade_uninstall(
                 pytest.fail(f"attempt {attempt} not {phase}: {c.get('rbac').get('status')}\n{op.log.read_text()[-3000:]}")
 
         wait_phase("Running", 1)
+        # The PodMonitor scrapes rank 0 by the index label the Job controller puts on Indexed Job pods.
+        index = {p.metadata.labels.get("batch.kubernetes.io/job-completion-index") for p in c.pods("rbac", 1)}
+        assert index == {"0", "1"}
         c.finish_pods("rbac", 1, "Failed", only=1, exit_code="137", reason="OOMKilled")
         wait_phase("Running", 2)
         c.finish_pods("rbac", 2, "Succeeded")
