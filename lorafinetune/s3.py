@@ -138,6 +138,12 @@ class S3Store:
         keys = [o["Key"] for o in self._objects(S3Location(loc.bucket, loc.prefix + "/"))]
         return sorted(k[len(loc.prefix) + 1 : -len(suffix)] for k in keys if k.endswith(suffix))
 
+    def child_folders(self, uri: str) -> list[str]:
+        """Names of the immediate sub-folders of `uri`, complete or not."""
+        loc = S3Location.parse(uri)
+        keys = [o["Key"][len(loc.prefix) + 1 :] for o in self._objects(S3Location(loc.bucket, loc.prefix + "/"))]
+        return sorted({k.split("/", 1)[0] for k in keys if "/" in k})
+
     def download_file(self, uri: str, dest: Path) -> Path:
         """One object into `dest` (a file path), skipped when the cached copy has the same size and ETag."""
         loc = S3Location.parse(uri)
@@ -186,9 +192,16 @@ class S3Store:
     def publish_dir(self, local: Path, uri: str, on_file: Callable[[str], None] | None = None) -> int:
         """Upload `local` under `uri`, COMPLETE.json last. Refuses a destination that is already complete.
         Returns the number of files uploaded."""
-        loc = S3Location.parse(uri)
         if self.is_complete(uri):
             raise S3Error(f"{uri} already holds a complete upload; it is never overwritten", "exists")
+        count = self.upload_files(local, uri, on_file)
+        self.mark_complete(local, uri, default={"files": count})
+        return count
+
+    def upload_files(self, local: Path, uri: str, on_file: Callable[[str], None] | None = None) -> int:
+        """Upload every file of `local` except COMPLETE.json (several writers may fill one prefix, e.g. one per
+        node of a multi-node checkpoint; one of them marks it complete afterwards)."""
+        loc = S3Location.parse(uri)
         files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
         for path in files:
             relative = path.relative_to(local).as_posix()
@@ -198,10 +211,24 @@ class S3Store:
             )
             if on_file:
                 on_file(relative)
+        return len(files)
+
+    def mark_complete(self, local: Path, uri: str, default: dict | None = None) -> None:
+        """Write `uri`/COMPLETE.json (the local one if present, else `default`): readers now see the folder."""
+        loc = S3Location.parse(uri)
         marker = local / COMPLETE_MARKER
-        body = marker.read_bytes() if marker.is_file() else json.dumps({"files": len(files)}).encode()
+        body = marker.read_bytes() if marker.is_file() else json.dumps(default or {}).encode()
         self._retry(
             f"marking {uri} complete",
             lambda: self.client.put_object(Bucket=loc.bucket, Key=loc.key(COMPLETE_MARKER), Body=body),
         )
-        return len(files)
+
+    def delete_folder(self, uri: str) -> int:
+        """Delete everything under `uri`, COMPLETE.json first so that an interrupted delete never leaves a folder
+        that looks complete. Returns the number of objects deleted."""
+        loc = S3Location.parse(uri)
+        keys = [o["Key"] for o in self._objects(S3Location(loc.bucket, loc.prefix + "/"))]
+        keys.sort(key=lambda k: not k.endswith(f"/{COMPLETE_MARKER}"))
+        for key in keys:
+            self._retry(f"deleting {key}", lambda k=key: self.client.delete_object(Bucket=loc.bucket, Key=k))
+        return len(keys)

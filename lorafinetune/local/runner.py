@@ -75,11 +75,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _agent_env(run_dir: Path, node: int, threads: int, opts: LocalOptions, on_cpu: bool) -> dict[str, str]:
+def _node_run_dir(run_dir: Path, node: int, per_node: bool) -> Path:
+    """Node 0 uses `run_dir`; with an s3:// output the other nodes get scratch folders of their own, as pods do."""
+    return run_dir.with_name(f"{run_dir.name}.node-{node}") if per_node and node else run_dir
+
+
+def _agent_env(run_dir: Path, node: int, threads: int, opts: LocalOptions, on_cpu: bool, per_node: bool) -> dict:
     env = {
         **os.environ,
         ENV_CONFIG: str(run_dir / CONFIG_FILE),
-        ENV_RUN_DIR: str(run_dir),
+        ENV_RUN_DIR: str(_node_run_dir(run_dir, node, per_node)),
         ENV_TERMINATION_LOG: str(run_dir / "logs" / f"termination-node{node}.json"),
         ENV_METRICS_PORT: str(opts.metrics_port if node == 0 else 0),
         "OMP_NUM_THREADS": str(threads),
@@ -121,7 +126,8 @@ def run_local(lft: LoRAFineTune, opts: LocalOptions, show_progress: bool = True)
         log = open(run_dir / "logs" / f"node-{node}.log", "ab")
         agents.append(
             subprocess.Popen(
-                cmd, env=_agent_env(run_dir, node, threads, opts, on_cpu), stdout=log, stderr=subprocess.STDOUT,
+                cmd, env=_agent_env(run_dir, node, threads, opts, on_cpu, out_uri.scheme == "s3"), stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches only us; we forward it deliberately
             )
         )  # fmt: skip

@@ -89,19 +89,24 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save(engine: Any, run_dir: Path, step: int, rank: int, meta: dict[str, Any], keep_last: int) -> Path:
-    """Every rank must call this (DeepSpeed saves its shards collectively). Returns the complete folder."""
+def save(
+    engine: Any, run_dir: Path, step: int, rank: int, meta: dict[str, Any], keep_last: int, leader: bool
+) -> Path:
+    """Every rank must call this (DeepSpeed saves its shards collectively). Returns the complete folder.
+
+    `leader` is the one rank that manages this run folder: rank 0 when all nodes share it (a PVC), each node's
+    local rank 0 when every node has its own (scratch mirrored to S3; each then holds that node's shards only)."""
     root = run_dir / CHECKPOINTS_DIR
     final = root / f"step-{step:08d}"
     staging = root / f"step-{step:08d}.partial"
-    if rank == 0:
+    if leader:
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash mid-save
         staging.mkdir(parents=True)
     dist.barrier()
     engine.save_checkpoint(str(staging), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
     torch.save(rng_state(), staging / f"rng-rank{rank}.pt")
     dist.barrier()  # sync point: every rank's files are on disk before the marker says "complete"
-    if rank == 0:
+    if leader:
         write_json_atomic(staging / COMPLETE_MARKER, {**meta, "step": step, "savedAt": datetime.now(UTC).isoformat()})
         if final.exists():  # same step saved before a crash (e.g. by an attempt that then failed)
             shutil.rmtree(final)

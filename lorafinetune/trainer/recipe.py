@@ -58,6 +58,10 @@ class LoRAFineTuneRecipe:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.is_main = self.rank == 0
+        # With an s3:// output every node has its own scratch run folder (mirrored to S3); otherwise all nodes
+        # share one (a PVC). The folder's leader creates, renames and prunes checkpoints in it.
+        self.per_node_run_dir = spec.output.uri.startswith("s3://")
+        self.run_dir_leader = self.local_rank == 0 if self.per_node_run_dir else self.is_main
         self.on_gpu = spec.resources.gpus_per_node > 0 and torch.cuda.is_available()
         self.stop_requested = False
         self.history: list[dict[str, Any]] = []
@@ -82,11 +86,6 @@ class LoRAFineTuneRecipe:
             )
         if self.on_gpu:
             torch.cuda.set_device(self.local_rank)
-        if spec.output.uri.startswith("s3://") and spec.resources.nodes > 1:
-            raise ConfigError(
-                "an s3:// output with resources.nodes > 1 is not supported yet: each node's checkpoint shards stay "
-                "on its own scratch disk. Write to a pvc:// output shared by all nodes"
-            )
         # Before any collective: fetch inputs and, in a new pod, the newest checkpoint from S3 (file-locked).
         self.mirror = remote.OutputMirror(spec, self.run_dir)
         pulled = self.mirror.pull_latest_checkpoint()
@@ -134,6 +133,14 @@ class LoRAFineTuneRecipe:
         # 4. Resume from the newest complete checkpoint, if any (collective load).
         self.start_step = 0
         last = checkpoint.latest_checkpoint(self.run_dir, self.world, self.fingerprint)
+        # Collective: with per-node run folders each node picked its own checkpoint; they must be the same step.
+        steps = torch.tensor([last.step if last else -1, -(last.step if last else -1)], device=self.device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0].item() != -steps[1].item():
+            raise TrainerError(
+                f"nodes found different newest checkpoints (steps {-steps[1].item()} to {steps[0].item()}) in their "
+                f"run folders; remove the newer ones from {self.run_dir / CHECKPOINTS_DIR} or start a fresh output"
+            )
         if last is not None:
             checkpoint.load(self.engine, last, self.rank)
             self.start_step = last.step
@@ -357,13 +364,22 @@ class LoRAFineTuneRecipe:
         }
 
     def save_checkpoint(self, step: int) -> None:
-        path = checkpoint.save(
-            self.engine, self.run_dir, step, self.rank, self._meta(), self.spec.checkpointing.keep_last
-        )
+        keep_last = self.spec.checkpointing.keep_last
+        path = checkpoint.save(self.engine, self.run_dir, step, self.rank, self._meta(), keep_last, self.run_dir_leader)
+        relative = f"{CHECKPOINTS_DIR}/{path.name}"
+        if self.mirror.remote and self.spec.resources.nodes > 1:
+            if self.run_dir_leader:
+                self.mirror.push_shards(path, relative)  # this node's shards
+            dist.barrier()  # sync point: every node's shards are in S3 before rank 0 marks the checkpoint complete
+            if self.is_main:
+                self.mirror.mark_complete(path, relative)
+        elif self.is_main:
+            self.mirror.push(path, relative)  # single node: rank 0's folder has every shard
         if self.is_main:
-            self.mirror.push(path, f"{CHECKPOINTS_DIR}/{path.name}")  # single node: rank 0 has every shard
+            pruned = self.mirror.prune_checkpoints(keep_last)
             self.metrics.checkpoint_time.set_to_current_time()
-            print(f"step {step}: checkpoint {path}", flush=True)
+            print(f"step {step}: checkpoint {path}" + (f" (pruned {', '.join(pruned)} in S3)" if pruned else ""),
+                  flush=True)  # fmt: skip
 
     def save_adapter(self, started: float) -> dict[str, Any] | None:
         """Gather the LoRA weights (collective under ZeRO-3), then rank 0 writes, verifies and publishes."""

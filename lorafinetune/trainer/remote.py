@@ -2,9 +2,10 @@
 
 Inputs (model prefix, dataset files) are downloaded once into the cache, per node, under a file lock so the local
 ranks share one copy. Outputs stay in the local run folder (the contract's LFT_RUN_DIR, scratch space in the pod)
-and are mirrored to `spec.output.uri`: each complete checkpoint right after it is written, the adapter when it is
-published, always with COMPLETE.json last. A run whose local folder is empty (a new pod) resumes from the newest
-complete checkpoint in S3.
+and are mirrored to `spec.output.uri`: each complete checkpoint right after it is written (on several nodes, each
+node uploads its own shards and rank 0 then writes the marker), the adapter when it is published, always with
+COMPLETE.json last; checkpoints beyond `checkpointing.keepLast` are deleted, marker first. A run whose local folder is
+empty (a new pod) resumes from the newest complete checkpoint in S3.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class OutputMirror:
         return names[-1]
 
     def push(self, local: Path, relative: str) -> None:
+        """Publish a folder that exists whole in this run folder (the adapter; single-node checkpoints)."""
         if not self.remote:
             return
         try:
@@ -103,3 +105,42 @@ class OutputMirror:
             if err.kind == "exists" and relative.startswith(CHECKPOINTS_DIR):
                 return  # the same step, mirrored by an attempt that then failed: identical on exact resume
             raise _error(err, ConfigError) from None
+
+    # A multi-node checkpoint is spread over the nodes' scratch folders: each node uploads its own shards, then,
+    # after a barrier, rank 0 marks the prefix complete.
+    def push_shards(self, local: Path, relative: str) -> None:
+        if not self.remote:
+            return
+        try:
+            if not self.store.is_complete(f"{self.remote}/{relative}"):  # else mirrored by an earlier attempt
+                self.store.upload_files(local, f"{self.remote}/{relative}")
+        except S3Error as err:
+            raise _error(err, ConfigError) from None
+
+    def mark_complete(self, local: Path, relative: str) -> None:
+        if not self.remote:
+            return
+        try:
+            if not self.store.is_complete(f"{self.remote}/{relative}"):
+                self.store.mark_complete(local, f"{self.remote}/{relative}")
+        except S3Error as err:
+            raise _error(err, ConfigError) from None
+
+    def prune_checkpoints(self, keep_last: int) -> list[str]:
+        """Delete remote checkpoints older than the newest `keep_last` complete ones (as the local folder does),
+        and older incomplete ones left by a crash mid-upload. Returns the names deleted."""
+        if not self.remote:
+            return []
+        root = f"{self.remote}/{CHECKPOINTS_DIR}"
+        try:
+            complete = self.store.complete_children(root)
+            if len(complete) <= keep_last:
+                return []
+            oldest_kept = complete[-keep_last]
+            present = self.store.child_folders(root)
+            doomed = [name for name in present if name < oldest_kept]
+            for name in doomed:
+                self.store.delete_folder(f"{root}/{name}")
+        except S3Error as err:
+            raise _error(err, ConfigError) from None
+        return doomed

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafinetune.s3 import S3Error, S3Store
+from lorafinetune.s3 import S3Error, S3Location, S3Store
 from tests.conftest import REPO, run_cli, tiny_manifest, write_manifest
 from tests.integration.conftest import _free_port, wait_for
 
@@ -143,6 +143,32 @@ def test_server_stopped_during_an_upload_fails_clearly_and_never_marks_complete(
     assert store.is_complete(uri)
 
 
+def test_pruning_deletes_old_and_abandoned_checkpoints_marker_first(store: S3Store, tmp_path: Path, monkeypatch):
+    from lorafinetune.api.spec import LoRAFineTuneSpec
+    from lorafinetune.trainer.remote import OutputMirror
+
+    root = f"s3://{store.bucket}/run"
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "state.pt").write_bytes(b"x" * 1000)
+    (folder / "COMPLETE.json").write_text("{}")
+    for step in (2, 4, 6):
+        store.publish_dir(folder, f"{root}/checkpoints/step-{step:08d}")
+    store.upload_files(folder, f"{root}/checkpoints/step-00000001")  # abandoned by a crash mid-upload
+    store.upload_files(folder, f"{root}/checkpoints/step-00000008")  # being uploaded right now by another node
+    spec = LoRAFineTuneSpec.model_validate({
+        "model": {"uri": "hf://a/b"}, "dataset": {"train": "file:///d.jsonl"}, "training": {"maxSteps": 1},
+        "output": {"uri": root}, "s3": {"endpointUrl": store.client.meta.endpoint_url},
+    })  # fmt: skip
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    mirror = OutputMirror(spec, tmp_path / "run")
+    assert mirror.prune_checkpoints(keep_last=2) == ["step-00000001", "step-00000002"]
+    assert store.child_folders(f"{root}/checkpoints") == ["step-00000004", "step-00000006", "step-00000008"]
+    assert store.complete_children(f"{root}/checkpoints") == ["step-00000004", "step-00000006"]
+    assert mirror.prune_checkpoints(keep_last=2) == []
+
+
 def test_training_reads_inputs_from_s3_mirrors_outputs_and_a_new_pod_resumes_from_s3(
     s3_server: S3Server, store: S3Store, tmp_path: Path, tiny_model: Path, chat_data: Path
 ):
@@ -192,3 +218,41 @@ def test_training_reads_inputs_from_s3_mirrors_outputs_and_a_new_pod_resumes_fro
     proc = run_cli(*args, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "already holds a complete adapter of this spec" in next(scratch.rglob("node-0.log")).read_text()
+
+
+def test_two_nodes_with_their_own_scratch_checkpoint_to_s3_and_resume_from_it(
+    s3_server: S3Server, store: S3Store, tmp_path: Path, tiny_model: Path, chat_data: Path
+):
+    """Two nodes (one rank each), each with its own scratch folder as pods have: each uploads its own shards, rank 0
+    marks the checkpoint complete, old checkpoints are pruned in S3, and fresh pods resume from S3."""
+    import shutil
+
+    out = f"s3://{store.bucket}/runs/two-nodes"
+    spec = {
+        "output": {"uri": out},
+        "s3": {"endpointUrl": s3_server.url, "credentialsSecret": "unused-locally"},
+        "training": {"maxSteps": 6},
+        "checkpointing": {"everySteps": 2, "keepLast": 1},
+        "resources": {"nodes": 2, "processesPerNode": 1},
+    }
+    manifest = write_manifest(tmp_path / "m.yaml", tiny_manifest(tiny_model, chat_data, tmp_path / "x", **spec))
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET,
+           "LFT_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+    scratch = tmp_path / "pvc"
+    args = ("run", str(manifest), "--quiet", "--pvc-root", str(scratch))
+
+    proc = run_cli(*args, env={**env, "LFT_FAIL_AT_STEP": "5"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert store.child_folders(f"{out}/checkpoints") == ["step-00000004"], "step 2 pruned (keepLast 1)"
+    keys = {o["Key"].rsplit("/", 1)[-1] for o in store._objects(S3Location.parse(f"{out}/checkpoints/step-00000004"))}
+    assert {"rng-rank0.pt", "rng-rank1.pt", "COMPLETE.json"} <= keys, "node 1's shards were uploaded by node 1"
+    assert [p.name for p in scratch.rglob("*.node-1")], "node 1 had a scratch folder of its own"
+
+    shutil.rmtree(scratch)  # new pods: nothing local on either node
+    proc = run_cli(*args, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = next(scratch.rglob("node-1.log")).read_text()
+    assert "resuming from step 4" in next(scratch.rglob("node-0.log")).read_text()
+    assert "fetched checkpoint step-00000004" in log, "node 1 fetched the checkpoint for itself"
+    assert store.is_complete(f"{out}/adapter")
+    assert store.child_folders(f"{out}/checkpoints") == ["step-00000004"], "no checkpoint of the final step"
