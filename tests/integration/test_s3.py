@@ -143,6 +143,15 @@ def test_server_stopped_during_an_upload_fails_clearly_and_never_marks_complete(
     assert store.is_complete(uri)
 
 
+def local_s3_run(tmp_path: Path, tiny_model: Path, chat_data: Path, spec: dict) -> tuple[dict, tuple, Path]:
+    """The environment, `lorafinetune run` arguments and scratch root of a local run whose output is in S3."""
+    manifest = write_manifest(tmp_path / "m.yaml", tiny_manifest(tiny_model, chat_data, tmp_path / "x", **spec))
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET,
+           "LFT_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+    scratch = tmp_path / "pvc"
+    return env, ("run", str(manifest), "--quiet", "--pvc-root", str(scratch)), scratch
+
+
 def test_pruning_deletes_old_and_abandoned_checkpoints_marker_first(store: S3Store, tmp_path: Path, monkeypatch):
     from lorafinetune.api.spec import LoRAFineTuneSpec
     from lorafinetune.trainer.remote import OutputMirror
@@ -186,11 +195,7 @@ def test_training_reads_inputs_from_s3_mirrors_outputs_and_a_new_pod_resumes_fro
         "training": {"maxSteps": 6},
         "checkpointing": {"everySteps": 2},
     }
-    manifest = write_manifest(tmp_path / "m.yaml", tiny_manifest(tiny_model, chat_data, tmp_path / "x", **spec))
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET,
-           "LFT_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
-    scratch = tmp_path / "pvc"
-    args = ("run", str(manifest), "--quiet", "--pvc-root", str(scratch))
+    env, args, scratch = local_s3_run(tmp_path, tiny_model, chat_data, spec)
 
     # 1. A crash after step 5: checkpoints 2 and 4 are complete in S3, no adapter there.
     proc = run_cli(*args, env={**env, "LFT_FAIL_AT_STEP": "5"})
@@ -235,11 +240,7 @@ def test_two_nodes_with_their_own_scratch_checkpoint_to_s3_and_resume_from_it(
         "checkpointing": {"everySteps": 2, "keepLast": 1},
         "resources": {"nodes": 2, "processesPerNode": 1},
     }
-    manifest = write_manifest(tmp_path / "m.yaml", tiny_manifest(tiny_model, chat_data, tmp_path / "x", **spec))
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET,
-           "LFT_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
-    scratch = tmp_path / "pvc"
-    args = ("run", str(manifest), "--quiet", "--pvc-root", str(scratch))
+    env, args, scratch = local_s3_run(tmp_path, tiny_model, chat_data, spec)
 
     proc = run_cli(*args, env={**env, "LFT_FAIL_AT_STEP": "5"})
     assert proc.returncode == 1, proc.stdout + proc.stderr
