@@ -132,10 +132,18 @@ class LoRAFineTuneRecipe:
 
         # 4. Resume from the newest complete checkpoint, if any (collective load).
         self.start_step = 0
-        last = checkpoint.latest_checkpoint(self.run_dir, self.world, self.fingerprint)
+        try:
+            last, problem = checkpoint.latest_checkpoint(self.run_dir, self.world, self.fingerprint), None
+        except TrainerError as err:  # raised after the collective below, so that no rank is left waiting in it
+            last, problem = None, err
         # Collective: with per-node run folders each node picked its own checkpoint; they must be the same step.
-        steps = torch.tensor([last.step if last else -1, -(last.step if last else -1)], device=self.device)
+        step_seen = last.step if last else -1
+        steps = torch.tensor([step_seen, -step_seen, int(problem is not None)], device=self.device)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if problem is not None:
+            raise problem
+        if steps[2].item():
+            raise TrainerError("another rank could not use its checkpoints (its log says why)")
         if steps[0].item() != -steps[1].item():
             raise TrainerError(
                 f"nodes found different newest checkpoints (steps {-steps[1].item()} to {steps[0].item()}) in their "
@@ -368,11 +376,7 @@ class LoRAFineTuneRecipe:
         path = checkpoint.save(self.engine, self.run_dir, step, self.rank, self._meta(), keep_last, self.run_dir_leader)
         relative = f"{CHECKPOINTS_DIR}/{path.name}"
         if self.mirror.remote and self.spec.resources.nodes > 1:
-            if self.run_dir_leader:
-                self.mirror.push_shards(path, relative)  # this node's shards
-            dist.barrier()  # sync point: every node's shards are in S3 before rank 0 marks the checkpoint complete
-            if self.is_main:
-                self.mirror.mark_complete(path, relative)
+            self._mirror_multi_node(path, relative)
         elif self.is_main:
             self.mirror.push(path, relative)  # single node: rank 0's folder has every shard
         if self.is_main:
@@ -380,6 +384,25 @@ class LoRAFineTuneRecipe:
             self.metrics.checkpoint_time.set_to_current_time()
             print(f"step {step}: checkpoint {path}" + (f" (pruned {', '.join(pruned)} in S3)" if pruned else ""),
                   flush=True)  # fmt: skip
+
+    def _mirror_multi_node(self, path: Path, relative: str) -> None:
+        """Each node's leader uploads its own shards; then rank 0 marks the S3 checkpoint complete. Every rank calls
+        this (collective); an upload error is raised after the collective, so no rank is left waiting in it."""
+        failure: TrainerError | None = None
+        if self.run_dir_leader:
+            try:
+                self.mirror.push_shards(path, relative)
+            except TrainerError as err:
+                failure = err
+        # Collective and sync point: every node's shards are in S3 before rank 0 marks the checkpoint complete.
+        failed = torch.tensor([int(failure is not None)], device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failure is not None:
+            raise failure
+        if failed.item():
+            raise TrainerError(f"another node could not upload its part of {relative} (its log says why)")
+        if self.is_main:
+            self.mirror.mark_complete(path, relative)
 
     def save_adapter(self, started: float) -> dict[str, Any] | None:
         """Gather the LoRA weights (collective under ZeRO-3), then rank 0 writes, verifies and publishes."""

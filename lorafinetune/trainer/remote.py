@@ -24,6 +24,9 @@ from lorafinetune.storage import StorageError, local_path
 from lorafinetune.trainer.errors import ConfigError, DataError, ModelError, TrainerError
 
 
+PULLED_MARKER = ".from-s3"  # a local checkpoint downloaded whole from S3 (not one node's own shards)
+
+
 def _store(spec: LoRAFineTuneSpec) -> S3Store:
     s3 = spec.s3
     return S3Store(endpoint_url=s3.endpoint_url if s3 else None, region=s3.region if s3 else None)
@@ -60,6 +63,9 @@ class OutputMirror:
         self.remote = spec.output.uri.rstrip("/") if spec.output.uri.startswith("s3://") else None
         self.run_dir = run_dir
         self.store = _store(spec) if self.remote else None
+        # Several nodes, each with its own scratch folder: a local checkpoint holds one node's shards only, so S3 is
+        # the only place a checkpoint is whole, and every node resumes from the same S3 checkpoint.
+        self.s3_is_truth = bool(self.remote) and spec.resources.nodes > 1
 
     def published_marker(self) -> dict | None:
         if not self.remote:
@@ -70,8 +76,9 @@ class OutputMirror:
             raise _error(err, ConfigError) from None
 
     def pull_latest_checkpoint(self) -> str | None:
-        """Download the newest complete remote checkpoint when the local folder has none. Every local rank calls
-        this; a file lock makes the first one download and the others find it done."""
+        """Download the newest complete remote checkpoint when the local folder does not have it (single node: when
+        the local folder has no complete checkpoint at all). Every local rank calls this; a file lock makes the first
+        one download and the others find it done."""
         if not self.remote:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -80,19 +87,30 @@ class OutputMirror:
             return self._pull()
 
     def _pull(self) -> str | None:
-        if any((self.run_dir / CHECKPOINTS_DIR).glob(f"*/{COMPLETE_MARKER}")):
+        local_root = self.run_dir / CHECKPOINTS_DIR
+        if not self.s3_is_truth and any(local_root.glob(f"*/{COMPLETE_MARKER}")):
             return None
         try:
             names = self.store.complete_children(f"{self.remote}/{CHECKPOINTS_DIR}")
-            if not names:
-                return None
-            final = self.run_dir / CHECKPOINTS_DIR / names[-1]
-            staging = final.with_name(final.name + ".partial")  # never picked for resume until renamed
-            shutil.rmtree(staging, ignore_errors=True)
-            self.store.download_prefix(f"{self.remote}/{CHECKPOINTS_DIR}/{names[-1]}", staging)
-            os.replace(staging, final)
         except S3Error as err:
             raise _error(err, ConfigError) from None
+        if self.s3_is_truth:  # keep only a whole copy of the newest S3 checkpoint; the rest is one node's shards
+            for p in (p for p in local_root.glob("*") if p.is_dir()):
+                if not (names and p.name == names[-1] and (p / PULLED_MARKER).exists()):
+                    shutil.rmtree(p, ignore_errors=True)
+        if not names or (local_root / names[-1] / COMPLETE_MARKER).exists():
+            return None
+        final = local_root / names[-1]
+        staging = final.with_name(final.name + ".partial")  # never picked for resume until renamed
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self.store.download_prefix(f"{self.remote}/{CHECKPOINTS_DIR}/{names[-1]}", staging)
+            (staging / PULLED_MARKER).touch()
+        except S3Error as err:
+            if err.kind == "object":  # pruned while we listed (an older attempt still saving): retrying helps
+                raise TrainerError(f"checkpoint {names[-1]} disappeared while downloading it: {err}") from None
+            raise _error(err, ConfigError) from None
+        os.replace(staging, final)
         return names[-1]
 
     def push(self, local: Path, relative: str) -> None:
@@ -128,19 +146,20 @@ class OutputMirror:
 
     def prune_checkpoints(self, keep_last: int) -> list[str]:
         """Delete remote checkpoints older than the newest `keep_last` complete ones (as the local folder does),
-        and older incomplete ones left by a crash mid-upload. Returns the names deleted."""
+        and older incomplete ones left by a crash mid-upload. Best effort: credentials without delete rights or a
+        bucket with object lock must not fail a run, so errors are printed, not raised. Returns the names deleted."""
         if not self.remote:
             return []
         root = f"{self.remote}/{CHECKPOINTS_DIR}"
+        deleted: list[str] = []
         try:
             complete = self.store.complete_children(root)
             if len(complete) <= keep_last:
                 return []
             oldest_kept = complete[-keep_last]
-            present = self.store.child_folders(root)
-            doomed = [name for name in present if name < oldest_kept]
-            for name in doomed:
+            for name in (n for n in self.store.child_folders(root) if n < oldest_kept):
                 self.store.delete_folder(f"{root}/{name}")
+                deleted.append(name)
         except S3Error as err:
-            raise _error(err, ConfigError) from None
-        return doomed
+            print(f"warning: could not prune old checkpoints in {root} (training goes on): {err}", flush=True)
+        return deleted

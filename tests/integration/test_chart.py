@@ -2,7 +2,8 @@
 operator then runs as the chart's ServiceAccount, so a missing RBAC rule fails a fine-tune here, not in production.
 
 helm is built from its Go module (hack/helm/build.sh); the Prometheus Operator's CRDs come from its Go module
-(hack/monitoring/crds.sh) so the API server validates the chart's ServiceMonitor and PodMonitor against the real schemas.
+(hack/monitoring/crds.sh) so the API server validates the chart's ServiceMonitor and PodMonitor against the real
+schemas.
 """
 
 from __future__ import annotations
@@ -89,9 +90,23 @@ def test_operator_pod_is_non_root_and_restricted(helm: str):
         "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
     }  # fmt: skip
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] > 60, (
+        "the startup probe must outlast the operator's wait for its CRD"
+    )
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["LFT_DEFAULT_IMAGE"] == container["image"] == "ghcr.io/lorafinetune/lorafinetune:0.1.0"
     assert env["LFT_SECRET_PREFLIGHT"] == "false" and env["LFT_NAMESPACES"] == ""
+
+
+def test_values_render_as_the_operator_parses_them(helm: str):
+    objects = render(helm, "--set", "operator.terminationGraceSeconds=1000000", "--set", "podLabels.team=nlp",
+                     "--set", "podLabels.app\\.kubernetes\\.io/name=other")  # fmt: skip
+    [deployment] = by_kind(objects, "Deployment")
+    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LFT_TERMINATION_GRACE_SECONDS"] == "1000000"  # not 1e+06, which int() refuses
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels["team"] == "nlp"
+    assert labels["app.kubernetes.io/name"] == deployment["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
 
 
 def _rules(role: dict) -> dict[str, set[str]]:
@@ -102,6 +117,7 @@ def _rules(role: dict) -> dict[str, set[str]]:
 EXPECTED_RULES = {
     "lorafinetune.io/lorafinetunes": {"get", "list", "watch", "patch"},
     "lorafinetune.io/lorafinetunes/status": {"patch"},
+    "lorafinetune.io/lorafinetunes/finalizers": {"update"},
     "batch/jobs": {"create", "get", "delete"},
     "core/configmaps": {"create", "delete"},
     "core/services": {"create", "delete"},
@@ -209,7 +225,8 @@ def test_install_run_a_fine_tune_as_the_chart_identity_upgrade_uninstall(
     )  # fmt: skip
     assert install.returncode == 0, install.stderr
     kubectl(kc, "wait", "--for=condition=Established", "crd/lorafinetunes.lorafinetune.io", "--timeout=60s")
-    kubectl(kc, "-n", "lft-system", "get", "servicemonitor/lft-lorafinetune-operator", "podmonitor/lft-lorafinetune-trainers")
+    monitors = ("servicemonitor/lft-lorafinetune-operator", "podmonitor/lft-lorafinetune-trainers")
+    kubectl(kc, "-n", "lft-system", "get", *monitors)
     dashboard = kubectl(kc, "-n", "lft-system", "get", "configmap", "-l", "grafana_dashboard=1", "-o", "name")
     assert dashboard.stdout.strip() == "configmap/lft-lorafinetune-dashboard"
 
@@ -262,7 +279,8 @@ def test_install_run_a_fine_tune_as_the_chart_identity_upgrade_uninstall(
                 wait_for(lambda: (s := c.get("rbac").get("status", {})).get("phase") == phase
                          and s.get("attempt") == attempt, 60, f"attempt {attempt} {phase}")  # fmt: skip
             except pytest.fail.Exception:
-                pytest.fail(f"attempt {attempt} not {phase}: {c.get('rbac').get('status')}\n{op.log.read_text()[-3000:]}")
+                status = c.get("rbac").get("status")
+                pytest.fail(f"attempt {attempt} not {phase}: {status}\n{op.log.read_text()[-3000:]}")
 
         wait_phase("Running", 1)
         # The PodMonitor scrapes rank 0 by the index label the Job controller puts on Indexed Job pods.
@@ -272,7 +290,8 @@ def test_install_run_a_fine_tune_as_the_chart_identity_upgrade_uninstall(
         wait_phase("Running", 2)
         c.finish_pods("rbac", 2, "Succeeded")
         wait_phase("Succeeded", 2)
-        assert {"AttemptCreated", "AllPodsRunning", "TrainingComplete"} <= {e.reason for e in c.events("rbac")}
+        expected = {"AttemptCreated", "AllPodsRunning", "OOMKilled", "TrainingComplete"}  # posted after the status
+        wait_for(lambda: expected <= {e.reason for e in c.events("rbac")}, 30, f"events {expected}")
         assert sorted(j.metadata.name for j in c.jobs("rbac")) == ["rbac-a1", "rbac-a2"]
     finally:
         op.stop()
