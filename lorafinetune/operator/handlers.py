@@ -99,6 +99,10 @@ def _poll_progress(owner: builders.Owner, status: LoRAFineTuneStatus) -> None:
         status.progress = fresh
 
 
+def _attempt_of(pod: dict[str, Any]) -> int:
+    return int(pod["metadata"].get("labels", {}).get(builders.LABEL_ATTEMPT, "0"))
+
+
 def reconcile(namespace: str, name: str, handler: str) -> None:
     """Converge one fine-tune. Serialised per object and run on a fresh read, because change events and the
     timer fire independently and a stale copy would plan the same transition twice."""
@@ -121,8 +125,10 @@ def reconcile(namespace: str, name: str, handler: str) -> None:
             p = plan(spec, current, AttemptOutcome("pending", *problem), now, SETTINGS, generation)
         else:
             job = kube.read_job(namespace, builders.job_name(name, current.attempt)) if current.attempt else None
-            pods = kube.list_pods(namespace, name, current.attempt) if job else []
-            p = plan(spec, current, observe_attempt(job, pods), now, SETTINGS, generation)
+            every_pod = kube.list_pods(namespace, name) if current.attempt else []
+            pods = [pod for pod in every_pod if _attempt_of(pod) == current.attempt] if job else []
+            active = sum(pod.get("status", {}).get("phase") in ("Pending", "Running") for pod in every_pod)
+            p = plan(spec, current, observe_attempt(job, pods), now, SETTINGS, generation, active_pods=active)
             _execute(owner, spec, p)
             if p.status.phase == "Running":
                 _poll_progress(owner, p.status)

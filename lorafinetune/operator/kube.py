@@ -8,7 +8,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from lorafinetune.api.manifest import GROUP, PLURAL, VERSION
-from lorafinetune.operator.builders import LABEL_ATTEMPT, LABEL_NAME
+from lorafinetune.operator.builders import LABEL_NAME
 
 
 def load_config() -> None:
@@ -60,10 +60,9 @@ def read_job(namespace: str, name: str) -> dict[str, Any] | None:
     return client.ApiClient().sanitize_for_serialization(job) if job is not None else None
 
 
-def list_pods(namespace: str, name: str, attempt: int) -> list[dict[str, Any]]:
-    pods = client.CoreV1Api().list_namespaced_pod(
-        namespace, label_selector=f"{LABEL_NAME}={name},{LABEL_ATTEMPT}={attempt}"
-    )
+def list_pods(namespace: str, name: str) -> list[dict[str, Any]]:
+    """Every pod of the fine-tune, of all attempts (each carries its attempt label)."""
+    pods = client.CoreV1Api().list_namespaced_pod(namespace, label_selector=f"{LABEL_NAME}={name}")
     return client.ApiClient().sanitize_for_serialization(pods)["items"]
 
 

@@ -140,8 +140,12 @@ def _phase(plan: Plan, phase: str, reason: str, message: str, now: datetime, gen
 
 
 def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOutcome, now: datetime,
-         settings: OperatorSettings, generation: int | None = None) -> Plan:  # fmt: skip
-    """Decide the next status and actions. Safe to call again with the same inputs (converges)."""
+         settings: OperatorSettings, generation: int | None = None, active_pods: int = 0) -> Plan:  # fmt: skip
+    """Decide the next status and actions. Safe to call again with the same inputs (converges).
+
+    `active_pods`: this fine-tune's pods still Pending or Running, of any attempt. A new attempt waits until there
+    are none: pods of a failed or suspended attempt may still be writing a checkpoint in their termination grace,
+    and two attempts must never write the same run folder at once."""
     p = Plan(status=current.model_copy(deep=True))
     s, rp = p.status, spec.run_policy
     s.observed_generation = generation
@@ -177,15 +181,15 @@ def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOu
 
     # 4. Start an attempt: the first, the next one once the backoff expired, the one after a suspension, or the
     #    current one again if its Job vanished (deterministic names make "already exists" harmless).
-    if s.phase == "Retrying":
+    if s.phase == "Retrying" or (s.phase == "Pending" and _stopping(s)):
         if s.next_attempt_time and now < s.next_attempt_time:
             p.requeue_after = (s.next_attempt_time - now).total_seconds()
             return p
-        return _start_attempt(p, s.attempt + 1, now, generation)
+        return _start_attempt(p, s.attempt + 1, now, generation, active_pods)
     if s.phase == "Suspended":
-        return _start_attempt(p, s.attempt + 1, now, generation)
+        return _start_attempt(p, s.attempt + 1, now, generation, active_pods)
     if outcome.state == "none":
-        return _start_attempt(p, max(s.attempt, 1), now, generation)
+        return _start_attempt(p, max(s.attempt, 1), now, generation, active_pods)
 
     if outcome.state == "pending":
         before = next((c.reason for c in s.conditions if c.type == "Ready"), None)
@@ -228,8 +232,23 @@ def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOu
     return p
 
 
-def _start_attempt(p: Plan, attempt: int, now: datetime, generation: int | None) -> Plan:
+STOPPING = "PreviousAttemptStopping"
+
+
+def _stopping(s: LoRAFineTuneStatus) -> bool:
+    return any(c.type == "Ready" and c.reason == STOPPING for c in s.conditions)
+
+
+def _start_attempt(p: Plan, attempt: int, now: datetime, generation: int | None, active_pods: int = 0) -> Plan:
     s = p.status
+    if active_pods:
+        waiting_already = _stopping(s)
+        msg = (f"attempt {attempt} waits for {active_pods} pod(s) of the previous attempt to stop "
+               "(they may be writing a checkpoint)")  # fmt: skip
+        _phase(p, "Pending", STOPPING, msg, now, generation)
+        p.events = [] if waiting_already else [("Normal", STOPPING, msg)]
+        p.requeue_after = 2.0
+        return p
     s.attempt, s.start_time, s.next_attempt_time = attempt, s.start_time or now, None
     p.create_attempt = attempt
     why = "resumes from the last complete checkpoint" if attempt > 1 else "first attempt"

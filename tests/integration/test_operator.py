@@ -68,8 +68,8 @@ def test_create_runs_the_gang_and_success_is_reported(cluster: Cluster):
     assert status["completionTime"] and condition(status, "Succeeded")["status"] == "True"
     assert status["adapter"] == adapter
     assert condition(status, "Running")["status"] == "False"
-    reasons = {e.reason for e in c.events("ok")}
-    assert {"AttemptCreated", "AllPodsRunning", "TrainingComplete"} <= reasons
+    expected = {"AttemptCreated", "AllPodsRunning", "TrainingComplete"}  # events are posted after the status
+    wait_for(lambda: expected <= {e.reason for e in c.events("ok")}, 30, f"events {expected}")
 
 
 def test_a_failed_pod_fails_the_gang_which_is_retried_then_given_up(cluster: Cluster):
@@ -90,7 +90,8 @@ def test_a_failed_pod_fails_the_gang_which_is_retried_then_given_up(cluster: Clu
     status = wait_phase(c, "flaky", "Failed", timeout=30)
     failed = condition(status, "Failed")
     assert failed["reason"] == "BackoffLimitExceeded" and "NCCL timeout" in failed["message"]
-    assert any(e.reason == "BackoffLimitExceeded" and e.type == "Warning" for e in c.events("flaky"))
+    wait_for(lambda: any(e.reason == "BackoffLimitExceeded" and e.type == "Warning" for e in c.events("flaky")),
+             30, "the BackoffLimitExceeded event (posted after the status)")  # fmt: skip
 
 
 def test_a_permanent_trainer_error_is_not_retried(cluster: Cluster):
@@ -111,13 +112,25 @@ def test_suspend_stops_the_attempt_and_resume_starts_a_new_one(cluster: Cluster)
     c = cluster
     c.apply(manifest("pause"))
     wait_phase(c, "pause", "Running")
+    for pod in c.pods("pause", 1):  # after SIGTERM they take 8 s to stop, as trainers writing a checkpoint do
+        c.core.patch_namespaced_pod(pod.metadata.name, c.ns,
+                                    {"metadata": {"annotations": {"test.lorafinetune.io/terminate-after": "8s"}}})
     c.patch_spec("pause", {"runPolicy": {"suspend": True}})
     status = wait_phase(c, "pause", "Suspended")
     assert condition(status, "Suspended")["status"] == "True"
-    wait_for(lambda: not c.jobs("pause"), 30, "the running Job to be deleted")
+    wait_for(lambda: all(p.metadata.deletion_timestamp for p in c.pods("pause", 1)), 30, "the pods to be stopping")
     c.patch_spec("pause", {"runPolicy": {"suspend": False}})
-    status = wait_phase(c, "pause", "Running")
+
+    # Resuming waits until the old pods are gone: two attempts never write the same run folder at once.
+    status = wait_for(lambda: condition(s := c.get("pause")["status"], "Ready")["reason"] == "PreviousAttemptStopping"
+                      and s, 30, "the new attempt to wait")  # fmt: skip
+    assert "waits for 2 pod(s) of the previous attempt" in condition(status, "Ready")["message"]
+    assert c.pods("pause", 1) and not c.pods("pause", 2)
+    assert "pause-a2" not in [j.metadata.name for j in c.jobs("pause")]
+    status = wait_phase(c, "pause", "Running", timeout=60)
+    assert not c.pods("pause", 1), "attempt 2 started only after attempt 1's pods were gone"
     assert status["attempt"] == 2 and [j.metadata.name for j in c.jobs("pause")] == ["pause-a2"]
+    assert "PreviousAttemptStopping" in {e.reason for e in c.events("pause")}
 
 
 def test_active_deadline_fails_the_run(cluster: Cluster):
@@ -159,7 +172,7 @@ def test_more_gpus_than_any_node_has_is_reported_and_creates_no_pods(cluster: Cl
     ready = condition(status, "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "InsufficientGPUs")
     assert "no node has more than 8 allocatable nvidia.com/gpu" in ready["message"]
-    assert any("no node has more than 8" in e.message for e in c.events("huge"))
+    wait_for(lambda: any("no node has more than 8" in e.message for e in c.events("huge")), 30, "the event")
     assert not c.jobs("huge")
 
 

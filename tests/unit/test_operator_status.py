@@ -126,6 +126,25 @@ def test_failures_retry_with_exponential_backoff_then_fail():
     assert final.status.last_failure.reason == "Error" and final.status.completion_time == NOW
 
 
+@pytest.mark.parametrize(
+    ("phase", "run_policy"), [("Retrying", {}), ("Suspended", {"suspend": False})], ids=["retry", "resume"]
+)
+def test_a_new_attempt_waits_for_the_previous_attempts_pods_to_stop(phase, run_policy):
+    s = spec(**run_policy)
+    status = LoRAFineTuneStatus(phase=phase, attempt=1, start_time=NOW, next_attempt_time=NOW)
+    gone = AttemptOutcome("failed", "Error", "", 1, False)
+    waiting = plan(s, status, gone, NOW, SETTINGS, 1, active_pods=2)
+    assert waiting.create_attempt is None and waiting.requeue_after
+    assert waiting.status.phase == "Pending" and waiting.status.attempt == 1
+    ready = next(c for c in waiting.status.conditions if c.type == "Ready")
+    assert ready.reason == "PreviousAttemptStopping" and "waits for 2 pod(s)" in ready.message
+    assert [e[1] for e in waiting.events] == ["PreviousAttemptStopping"]
+    still = plan(s, waiting.status, gone, NOW, SETTINGS, 1, active_pods=1)
+    assert still.create_attempt is None and still.events == [], "one event, not one per tick"
+    started = plan(s, still.status, gone, NOW, SETTINGS, 1, active_pods=0)
+    assert (started.create_attempt, started.status.attempt) == (2, 2)
+
+
 def test_permanent_failures_are_not_retried():
     p = plan(spec(backoffLimit=5), LoRAFineTuneStatus(phase="Running", attempt=1),
              AttemptOutcome("failed", "ModelError", "offline", 4, True), NOW, SETTINGS, 1)  # fmt: skip
