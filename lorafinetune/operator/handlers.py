@@ -30,6 +30,8 @@ SETTINGS = OperatorSettings.from_env()
 CRD_WAIT_SECONDS = 60  # a chart installs the CRD and the operator together; the CRD may take a moment to be served
 _last_progress_poll: dict[str, float] = {}
 _locks: dict[str, threading.Lock] = {}
+_queued: set[str] = set()  # fine-tunes with a Job-event reconcile waiting for their lock
+_queued_guard = threading.Lock()
 
 
 @kopf.on.startup()
@@ -44,6 +46,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # No runtime watch on every CRD and namespace of the cluster: we serve one resource, known at start, and the
     # chart's RBAC grants no access to CRDs. In exchange the CRD must exist before we start, checked here.
     settings.scanning.disabled = True
+    # Watch only our Jobs (a server-side label selector), not every Job in the cluster.
+    settings.watching.label_selectors["batch", "jobs"] = builders.LABEL_NAME
     kube.load_config()
     deadline = time.monotonic() + CRD_WAIT_SECONDS
     while not kube.resource_served():
@@ -106,7 +110,10 @@ def _attempt_of(pod: dict[str, Any]) -> int:
 def reconcile(namespace: str, name: str, handler: str) -> None:
     """Converge one fine-tune. Serialised per object and run on a fresh read, because change events and the
     timer fire independently and a stale copy would plan the same transition twice."""
-    with _locks.setdefault(f"{namespace}/{name}", threading.Lock()), OPERATOR_METRICS.observe(handler):
+    key = f"{namespace}/{name}"
+    with _locks.setdefault(key, threading.Lock()), OPERATOR_METRICS.observe(handler):
+        with _queued_guard:
+            _queued.discard(key)  # from here on, a new Job event needs a new reconcile: this one may read too early
         body = kube.read_fine_tune(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
@@ -153,6 +160,21 @@ def on_change(namespace: str, name: str, **_: Any) -> None:
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.reconcile_interval_seconds, initial_delay=1.0)
 def on_timer(namespace: str, name: str, **_: Any) -> None:
     reconcile(namespace, name, "timer")
+
+
+def on_job_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
+    """One of our Jobs changed: reconcile its fine-tune now rather than at the next tick. A burst of events (every
+    pod of a gang starting) coalesces into one waiting reconcile, which reads the newest state when it runs."""
+    key = f"{namespace}/{labels[builders.LABEL_NAME]}"
+    with _queued_guard:
+        if key in _queued:
+            return
+        _queued.add(key)
+    reconcile(namespace, labels[builders.LABEL_NAME], "job-event")
+
+
+if SETTINGS.watch_jobs:
+    kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_NAME: kopf.PRESENT})(on_job_event)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)

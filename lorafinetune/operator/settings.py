@@ -56,6 +56,10 @@ class OperatorSettings:
     termination_grace_seconds: int = 300
     """LFT_TERMINATION_GRACE_SECONDS: time pods get after SIGTERM to write a checkpoint before SIGKILL."""
 
+    watch_jobs: bool = True
+    """LFT_WATCH_JOBS: reconcile a fine-tune as soon as one of its Jobs changes (a pod became ready, failed or
+    finished) instead of at the next timer tick. Needs list/watch on Jobs; false leaves only the timer."""
+
     secret_preflight: bool = False
     """LFT_SECRET_PREFLIGHT: check that spec.s3.credentialsSecret exists before the first attempt. Off by default
     because RBAC cannot grant `get` on a Secret without its values; a missing Secret then shows as the pods'
@@ -82,6 +86,7 @@ class OperatorSettings:
             termination_grace_seconds=int(
                 os.environ.get("LFT_TERMINATION_GRACE_SECONDS", d.termination_grace_seconds)
             ),
+            watch_jobs=_env_bool("LFT_WATCH_JOBS", d.watch_jobs),
             secret_preflight=_env_bool("LFT_SECRET_PREFLIGHT", d.secret_preflight),
         )
 

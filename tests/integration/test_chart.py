@@ -118,7 +118,7 @@ EXPECTED_RULES = {
     "lorafinetune.io/lorafinetunes": {"get", "list", "watch", "patch"},
     "lorafinetune.io/lorafinetunes/status": {"patch"},
     "lorafinetune.io/lorafinetunes/finalizers": {"update"},
-    "batch/jobs": {"create", "get", "delete"},
+    "batch/jobs": {"create", "get", "delete", "list", "watch"},
     "core/configmaps": {"create", "delete"},
     "core/services": {"create", "delete"},
     "core/pods": {"list"},
@@ -136,6 +136,10 @@ def test_rbac_grants_exactly_what_the_operator_calls(helm: str):
     with_secrets = render(helm, "--set", "operator.secretPreflight=true")
     roles = {r["metadata"]["name"]: _rules(r) for r in by_kind(with_secrets, "ClusterRole")}
     assert roles["lft-lorafinetune"] == {**EXPECTED_RULES, "core/secrets": {"get"}}
+
+    polling_only = render(helm, "--set", "operator.watchJobs=false")
+    roles = {r["metadata"]["name"]: _rules(r) for r in by_kind(polling_only, "ClusterRole")}
+    assert roles["lft-lorafinetune"]["batch/jobs"] == {"create", "get", "delete"}
 
 
 def test_watching_namespaces_grants_roles_only_there(helm: str):

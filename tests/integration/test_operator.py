@@ -257,6 +257,7 @@ def test_operator_metrics_count_reconciles_and_phases(cluster: Cluster, operator
     wait_phase(c, "counted", "Running")
     text = operator.metrics()
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
-    assert values['lorafinetune_operator_reconciles_total{handler="timer"}'] > 0
+    assert values['lorafinetune_operator_reconciles_total{handler="change"}'] > 0  # the create event
+    assert values['lorafinetune_operator_reconciles_total{handler="job-event"}'] > 0  # its Job's pods got ready
     assert values['lorafinetune_operator_resources{phase="Running"}'] >= 1
     assert values["lorafinetune_operator_attempts_started_total"] >= 1
