@@ -245,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="write the generated files")
     parser.add_argument("--check", action="store_true", help="exit 1 and name the files that differ")
     args = parser.parse_args(argv)
-    stale = [p for p, text in generated_files().items() if not p.exists() or p.read_text() != text]
+    files = generated_files()
+    stale = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
     if args.write:
-        for path, text in generated_files().items():
+        for path, text in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
         return 0

@@ -60,8 +60,8 @@ class LoRAFineTuneRecipe:
         self.is_main = self.rank == 0
         # With an s3:// output every node has its own scratch run folder (mirrored to S3); otherwise all nodes
         # share one (a PVC). The folder's leader creates, renames and prunes checkpoints in it.
-        self.per_node_run_dir = spec.output.uri.startswith("s3://")
-        self.run_dir_leader = self.local_rank == 0 if self.per_node_run_dir else self.is_main
+        per_node_run_dir = spec.output.uri.startswith("s3://")
+        self.run_dir_leader = self.local_rank == 0 if per_node_run_dir else self.is_main
         self.on_gpu = spec.resources.gpus_per_node > 0 and torch.cuda.is_available()
         self.stop_requested = False
         self.history: list[dict[str, Any]] = []
