@@ -7,7 +7,12 @@ Launch (one torchrun agent per node; the operator and the local runner both do e
 
     LFT_CONFIG=/etc/lorafinetune/config.json LFT_RUN_DIR=/output/run \\
     torchrun --nnodes N --node-rank R --nproc-per-node P --master-addr ADDR --master-port 29500 \\
-        -m lorafinetune.trainer
+        --shutdown-timeout 270 -m lorafinetune.trainer
+
+`--shutdown-timeout` (PET_SHUTDOWN_TIMEOUT in pods) is how long torchrun lets the ranks checkpoint after SIGTERM
+before it kills them; its default, 30 s, is shorter than a step plus a save of a large model. Launchers set it a
+margin below their own grace period. torchrun exits 1 whatever its ranks exited with, so a launcher reads the
+trainer's exit code from the termination log (below), never from torchrun.
 """
 
 from __future__ import annotations

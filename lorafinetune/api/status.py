@@ -52,7 +52,9 @@ class Failure(APIModel):
     attempt: int = Field(description="The attempt that failed.")
     reason: str = Field(description="OOMKilled, DataError, ModelError, Error, DeadlineExceeded, ...")
     message: str = Field(default="", description="The trainer's termination message (no secrets).")
-    exit_code: int | None = Field(default=None, description="Exit code of the failed container, if it ran.")
+    exit_code: int | None = Field(
+        default=None, description="The trainer's exit code (from its termination message), else the container's."
+    )
     permanent: bool = Field(default=False, description="True when retrying cannot help (bad config, data, model).")
 
 

@@ -121,7 +121,8 @@ def run_local(lft: LoRAFineTune, opts: LocalOptions, show_progress: bool = True)
         cmd = [
             sys.executable, "-m", "torch.distributed.run",
             f"--nnodes={res.nodes}", f"--node-rank={node}", f"--nproc-per-node={res.procs_per_node}",
-            "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "lorafinetune.trainer",
+            "--master-addr=127.0.0.1", f"--master-port={port}", f"--shutdown-timeout={GRACE_SECONDS - 10}",
+            "-m", "lorafinetune.trainer",
         ]  # fmt: skip
         log = open(run_dir / "logs" / f"node-{node}.log", "ab")
         agents.append(

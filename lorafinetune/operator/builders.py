@@ -163,6 +163,8 @@ def _env(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: OperatorS
         {"name": ENV_PVC_ROOT, "value": POD_PVC_ROOT},
         {"name": ENV_CACHE_DIR, "value": CACHE_MOUNT},
         {"name": ENV_METRICS_PORT, "value": str(settings.trainer_metrics_port)},
+        # After SIGTERM the ranks get the pod's grace period (less a margin) to checkpoint, not torchrun's 30 s.
+        {"name": "PET_SHUTDOWN_TIMEOUT", "value": str(settings.shutdown_timeout_seconds)},
         {"name": ENV_TERMINATION_LOG, "value": TERMINATION_LOG},
         {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"},
         {"name": "LFT_ATTEMPT", "value": str(attempt)},

@@ -90,6 +90,13 @@ class OperatorSettings:
             secret_preflight=_env_bool("LFT_SECRET_PREFLIGHT", d.secret_preflight),
         )
 
+    @property
+    def shutdown_timeout_seconds(self) -> int:
+        """How long torchrun lets the ranks checkpoint after SIGTERM before it kills them (its own default is 30 s):
+        the grace period less a margin (a tenth, at least 5 s), so torchrun and the trainer's termination message
+        are done before the kubelet kills the container."""
+        return max(1, self.termination_grace_seconds - max(5, self.termination_grace_seconds // 10))
+
     def backoff_seconds(self, failed_attempts: int) -> float:
         """Delay before the next attempt after `failed_attempts` failures: base * 2^(n-1), capped."""
         return min(self.backoff_cap_seconds, self.backoff_base_seconds * 2 ** max(0, failed_attempts - 1))

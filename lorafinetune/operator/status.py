@@ -38,7 +38,11 @@ def _condition(obj: dict, ctype: str) -> dict | None:
 
 
 def _failure_of(pod: dict) -> AttemptOutcome:
-    """Reason for a failed pod: OOMKilled, the trainer's own reason from its termination message, or the exit code."""
+    """Reason for a failed pod: OOMKilled, the trainer's own reason from its termination message, or the exit code.
+
+    The trainer's exit code is read from its termination message, not from the container: in a pod the container
+    runs torchrun, which exits 1 whatever its workers exited with, so a permanent error (3: bad data) would otherwise
+    look retryable and burn every retry."""
     for cs in pod.get("status", {}).get("containerStatuses") or []:
         term = (cs.get("state") or {}).get("terminated")
         if not term or term.get("exitCode", 0) == 0:
@@ -47,6 +51,8 @@ def _failure_of(pod: dict) -> AttemptOutcome:
         try:  # the trainer writes {exitCode, reason, message} to its termination log
             record = json.loads(message)
             reason, message = record.get("reason", reason), record.get("message", "")
+            if isinstance(record.get("exitCode"), int) and record["exitCode"] != 0:
+                code = record["exitCode"]
         except (json.JSONDecodeError, AttributeError):
             pass
         permanent = code in {c.value for c in ExitCode if c.permanent}

@@ -52,6 +52,9 @@ def test_pods_run_non_root_with_a_checkpoint_grace_period():
     assert sc["runAsNonRoot"] and sc["runAsUser"] != 0 and sc["seccompProfile"]["type"] == "RuntimeDefault"
     assert csc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
     assert pod["terminationGracePeriodSeconds"] == SETTINGS.termination_grace_seconds >= 60
+    # torchrun would kill the ranks 30 s after SIGTERM; they get until just before the grace period ends.
+    stop = int(env_of(build_job(OWNER, spec(), 1, SETTINGS))["PET_SHUTDOWN_TIMEOUT"])
+    assert SETTINGS.termination_grace_seconds - 60 <= stop < SETTINGS.termination_grace_seconds
     assert pod["automountServiceAccountToken"] is False
 
 

@@ -61,6 +61,17 @@ def test_failed_pod_reason_comes_from_the_trainers_termination_message():
     assert out.message == "train.jsonl:5: not valid JSON"
 
 
+def test_the_trainers_exit_code_wins_over_torchruns():
+    # In a pod the container is torchrun, which exits 1 whatever its worker exited with.
+    message = json.dumps({"exitCode": 3, "reason": "DataError", "message": "train.jsonl:5: not valid JSON"})
+    out = observe_attempt(job(), [pod("a-0", "Failed", terminated={"exitCode": 1, "reason": "Error",
+                                                                   "message": message})])  # fmt: skip
+    assert (out.exit_code, out.permanent) == (3, True)
+    retryable = json.dumps({"exitCode": 1, "reason": "RuntimeError", "message": "NCCL timeout"})
+    out = observe_attempt(job(), [pod("a-0", "Failed", terminated={"exitCode": 1, "message": retryable})])
+    assert (out.exit_code, out.permanent) == (1, False)
+
+
 def test_oom_killed_is_retryable_and_explained():
     out = observe_attempt(job(), [pod("a-1", "Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})])
     assert (out.reason, out.exit_code, out.permanent) == ("OOMKilled", 137, False)
