@@ -15,6 +15,11 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 key=$( { sed -n '/^dependencies = \[/,/^\[project.scripts\]/p' pyproject.toml; cat scripts/env.sh; } | sha256sum | cut -c1-12)
 VENV=${LFT_VENV:-$HOME/.cache/lorafinetune/venv-$key}
 
+# One builder at a time: a second caller (a test, `make image`, another make target) waits here instead of
+# deleting the environment the first one is still installing.
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+flock 9
 if [ ! -f "$VENV/.complete" ]; then
   echo "setting up $VENV (first time only)..." >&2
   rm -rf "$VENV"
