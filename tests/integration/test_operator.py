@@ -98,8 +98,9 @@ def test_a_permanent_trainer_error_is_not_retried(cluster: Cluster):
     c = cluster
     c.apply(manifest("baddata", runPolicy={"backoffLimit": 3}))
     wait_phase(c, "baddata", "Running")
+    # As in a real pod (tests/e2e/test_real_pods.py): torchrun exits 1, the trainer's termination message says 3.
     message = json.dumps({"exitCode": 3, "reason": "DataError", "message": "train.jsonl:7: not valid JSON"})
-    c.finish_pods("baddata", 1, "Failed", only=0, exit_code="3", message=message)
+    c.finish_pods("baddata", 1, "Failed", only=0, exit_code="1", message=message)
     status = wait_phase(c, "baddata", "Failed", timeout=30)
     assert status["lastFailure"] == {
         "attempt": 1, "reason": "DataError", "message": "train.jsonl:7: not valid JSON", "exitCode": 3,
