@@ -5,7 +5,7 @@ SHELL := /bin/bash
 
 QUICKSTART := examples/quickstart.yaml --pvc quickstart-data=examples/data
 
-.PHONY: quickstart test test-unit generate cluster cluster-down
+.PHONY: quickstart test test-unit generate cluster cluster-down image
 
 quickstart:  ## fine-tune the packaged SmolLM2 on 2 CPU ranks, then compare base vs adapter
 	VENV=$$(scripts/env.sh)
@@ -31,3 +31,6 @@ cluster:  ## start the local control plane (builds it once); prints the kubeconf
 
 cluster-down:  ## stop it
 	@hack/cluster/down.sh
+
+image:  ## build the trainer and operator images with podman; where Docker Hub is out of reach: BASE=localhost/lorafinetune-base:bookworm make image
+	@hack/image/build.sh
