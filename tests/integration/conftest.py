@@ -34,10 +34,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_cluster(work: Path, apply_crd: bool = True) -> Iterator[Path]:
-    """Start a control plane with hack/cluster/up.sh; yield its kubeconfig; stop it on exit."""
+def local_cluster(work: Path, apply_crd: bool = True, real_node: bool = False) -> Iterator[Path]:
+    """Start a control plane with hack/cluster/up.sh (and a real node beside the kwok ones); yield its kubeconfig;
+    stop it on exit."""
     name = f"lft-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "LFT_CLUSTER_WORK": str(work), "LFT_APPLY_CRD": "1" if apply_crd else "0"}
+    env = {**os.environ, "LFT_CLUSTER_WORK": str(work), "LFT_APPLY_CRD": "1" if apply_crd else "0",
+           "LFT_REAL_NODE": "1" if real_node else "0"}  # fmt: skip
     up = subprocess.run([REPO / "hack/cluster/up.sh", name], env=env, capture_output=True, text=True, timeout=3600)
     try:
         if up.returncode != 0:
