@@ -11,6 +11,7 @@ locally) are built once and cached by version; a machine that cannot start them 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -295,15 +296,15 @@ def test_two_pod_fine_tune_runs_in_real_containers_and_publishes_an_adapter(real
     discovery = Discovery(real, tmp_path)
     prom = Prometheus(tmp_path, scrape_configs=monitors_as_scrape_configs(real, discovery))
     try:
-        real.c.apply(_fine_tune(name, model="smollm2", nodes=2, steps=10,
-                                dataset={"maxSeqLength": 192}, evaluation={"everySteps": 4},
-                                checkpointing={"everySteps": 5}))  # fmt: skip
+        real.c.apply(_fine_tune(name, model="smollm2", nodes=2, steps=6,
+                                dataset={"maxSeqLength": 192}, evaluation={"everySteps": 3},
+                                checkpointing={"everySteps": 3}))  # fmt: skip
         real.wait_phase(name, "Running", timeout=300)
         # Progress, loss and eval loss come from rank 0's metrics endpoint, read by the operator in its pod through
         # the headless Service's DNS name: the same numbers `kubectl get lft` shows.
         progress = wait_for(lambda: (p := real.status(name).get("progress", {})).get("evalLoss")
                             and p.get("trainLoss") and p, 900, "progress with train and eval loss")  # fmt: skip
-        assert progress["totalSteps"] == 10 and 0 < progress["step"] <= 10
+        assert progress["totalSteps"] == 6 and 0 < progress["step"] <= 6
         row = real.k("-n", real.c.ns, "get", "lft", name).stdout
         assert name in row and "Running" in row and progress["summary"] in row, row
 
@@ -324,7 +325,9 @@ def test_two_pod_fine_tune_runs_in_real_containers_and_publishes_an_adapter(real
     assert status["attempt"] == 1 and status.get("failedAttempts", 0) == 0
     adapter = real.storage / "outputs" / name / "adapter"
     assert status["adapter"]["uri"] == f"/mnt/pvc/storage/outputs/{name}/adapter"
-    assert status["adapter"]["sizeBytes"] == sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file())
+    weights = (adapter / "adapter_model.safetensors").read_bytes()
+    assert status["adapter"]["sizeBytes"] == len(weights)
+    assert status["adapter"]["sha256"] == hashlib.sha256(weights).hexdigest()
     pods = real.c.pods(name, 1)
     assert sorted(p.spec.node_name for p in pods) == ["lft-node", "lft-node"]
     assert all(p.status.container_statuses[0].state.terminated.exit_code == 0 for p in pods)
