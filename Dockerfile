@@ -25,13 +25,15 @@
 ARG BASE=docker.io/library/python:3.11.14-slim-bookworm
 
 # The requirement lists, from pyproject.toml. Later stages copy only these files, so a pyproject.toml edit that
-# changes no pin (the version, a tool setting) reuses the installed dependencies.
+# changes no pin (the version, a tool setting) reuses the installed dependencies. Their times are fixed because
+# buildah's cache key for a COPY includes them.
 FROM ${BASE} AS requirements
 COPY pyproject.toml hack/image/requirements.py /src/
 RUN cd /src \
  && python3 requirements.py pyproject.toml operator >operator.txt \
  && python3 requirements.py pyproject.toml train operator >trainer.txt \
- && python3 requirements.py pyproject.toml --build >build.txt
+ && python3 requirements.py pyproject.toml --build >build.txt \
+ && touch -d @0 operator.txt trainer.txt build.txt
 
 FROM ${BASE} AS runtime
 RUN useradd --uid 1000 --user-group --create-home --home-dir /home/lft --shell /usr/sbin/nologin lft \
