@@ -52,6 +52,8 @@ if [ -d "$HOME/.cache/pip" ]; then
 fi
 
 built=()
+iid=$(mktemp)  # podman writes the image id here only once the image is committed
+trap 'rm -f "$iid"' EXIT
 for target in $TARGETS; do
   case $target in
     operator) ref=$OPERATOR_IMAGE ;;
@@ -59,7 +61,10 @@ for target in $TARGETS; do
     *) echo "unknown target: $target (operator, trainer)" >&2; exit 2 ;;
   esac
   echo "building $ref (target $target, FROM $BASE)..." >&2
-  nice -n "${NICE:-10}" podman build "${args[@]}" --target "$target" --tag "$ref" --file Dockerfile . >&2
+  : >"$iid"
+  nice -n "${NICE:-10}" podman build "${args[@]}" --iidfile "$iid" --target "$target" --tag "$ref" --file Dockerfile . >&2
+  # A podman build stopped by a signal can exit 0 without an image: print only what was really built.
+  [ -s "$iid" ] || { echo "podman build of $ref ended without an image" >&2; exit 1; }
   built+=("$ref")
 done
 printf '%s\n' "${built[@]}"
