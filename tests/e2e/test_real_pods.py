@@ -32,7 +32,9 @@ from tests.integration.conftest import Cluster, local_cluster, wait_for
 from tests.prometheus import Prometheus, dashboard_queries, substitute
 from tests.tiny_model import build_tiny_model, chat_rows, write_jsonl
 
-pytestmark = [pytest.mark.e2e, pytest.mark.realnode]
+# The first test also pays for the module's setup (images, node binaries and imports: half an hour on a fresh machine),
+# which pytest-timeout counts against that test.
+pytestmark = [pytest.mark.e2e, pytest.mark.realnode, pytest.mark.timeout(5400)]
 CHART = REPO / "charts" / "lorafinetune"
 ON_REAL_NODE = {"lorafinetune.io/node": "real"}
 GRACE_SECONDS = 120

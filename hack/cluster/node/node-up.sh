@@ -15,6 +15,15 @@ here=$(cd "$(dirname "$0")" && pwd)
 log() { echo "[node-up $(date +%T)] $*" >&2; }
 die() { echo "[node-up] error: $*" >&2; exit 1; }
 
+claim_alive() {  # is any process recorded by the node in work dir $1 still running (with that dir in its command)?
+  local f pid
+  for f in "$1"/pids/*.pid; do
+    pid=$(cat "$f" 2>/dev/null) || continue
+    [ -n "$pid" ] && { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -qF "$1" && return 0
+  done
+  return 1
+}
+
 check() {
   [ "$(id -u)" = 0 ] || die "the real node needs root (bridge, iptables, mounts, cgroups)"
   local owner=""
@@ -22,6 +31,15 @@ check() {
   if [ -z "$owner" ] && ip link show "$NODE_BRIDGE" >/dev/null 2>&1; then
     die "bridge $NODE_BRIDGE exists but no real node claims it (see $NODE_CACHE/active): another real node may be up
   from another checkout; if not, remove it with: ip link delete $NODE_BRIDGE"
+  fi
+  if [ -n "$owner" ] && ! claim_alive "$owner"; then
+    # A run that was killed (a stopped CI job, a crashed test session) never got to node-down.sh: nothing of that
+    # node runs any more, so give the host back now instead of refusing every later run.
+    log "a real node was left behind by a run that did not stop it ($owner; none of its processes runs): cleaning up"
+    "$here/node-down.sh" "${owner%/node}" "$("$here/../build.sh" --node)" >&2 ||
+      die "could not clean up the real node left in $owner"
+    owner=""
+    [ -f "$NODE_CACHE/active" ] && owner=$(cat "$NODE_CACHE/active")
   fi
   if [ -n "$owner" ]; then
     local work=${owner%/node} name
