@@ -5,9 +5,11 @@ set -euo pipefail
 VERSION=${HELM_VERSION:-3.21.4}
 BIN=${LFT_HELM_CACHE:-$HOME/.cache/lorafinetune/helm-$VERSION/bin}
 command -v go >/dev/null || export PATH="$PATH:/usr/local/go/bin"
+mkdir -p "$BIN"
+exec 9>"$BIN/.build.lock"  # one build at a time: a second caller waits, then finds helm built
+flock 9
 if [ ! -x "$BIN/helm" ]; then
   echo "[helm build] building helm v$VERSION" >&2
-  mkdir -p "$BIN"
   export GOFLAGS=-mod=mod CGO_ENABLED=0
   # helm's Makefile stamps these: its version, and the Kubernetes version `helm template` and `helm lint` assume
   # (that of the client-go it is built with; unstamped it is 1.20, below the chart's kubeVersion).

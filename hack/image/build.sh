@@ -22,6 +22,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . hack/image/podman-env.sh
+# One build at a time per image store (the tests start one in the background while others run): a second caller waits
+# here and then reuses every layer. Under the lock, any working container in this private store is a leftover of an
+# interrupted build (they hold gigabytes): remove them.
+exec 9>"$LFT_PODMAN_DIR/build.lock"
+flock 9
+podman ps --all --external --quiet | xargs -r podman rm --force >/dev/null
 
 BASE=${BASE:-docker.io/library/python:3.11.14-slim-bookworm}
 IMAGE=${IMAGE:-localhost/lorafinetune:dev}
