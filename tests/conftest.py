@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,20 @@ import yaml
 from tests.tiny_model import build_tiny_model, chat_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When real-node tests will run (after -m/-k selection), start their builds now, beside the tests before them."""
+    if not session.config.option.collectonly and any(i.get_closest_marker("realnode") for i in session.items):
+        from tests.e2e import builds
+
+        builds.start_in_background(Path(tempfile.mkdtemp(prefix="lorafinetune-builds-")))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.e2e import builds
+
+    builds.stop_background()
 
 
 @pytest.fixture(scope="session")

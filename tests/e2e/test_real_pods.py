@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.e2e import builds
 from tests.integration.conftest import Cluster, local_cluster, wait_for
 from tests.prometheus import Prometheus, dashboard_queries, substitute
 from tests.tiny_model import build_tiny_model, chat_rows, write_jsonl
@@ -135,11 +136,10 @@ def _stage_storage(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
-    bin_dir = Path(_run([REPO / "hack/cluster/build.sh", "--node"]).splitlines()[-1])
-    helm = _run([REPO / "hack/helm/build.sh"]).splitlines()[-1]
-    # The operator and trainer images, FROM a base made here from Debian packages (no registry on these machines).
-    built = _run([REPO / "hack/image/build.sh"], env={**os.environ, "BASE": "localhost/lorafinetune-base:bookworm",
-                                                      "IMAGE": "localhost/lorafinetune:e2e"})  # fmt: skip
+    # Instant when the background builds (tests/e2e/builds.py) finished; otherwise they wait for them or build here.
+    bin_dir = Path(_run(builds.CLUSTER).splitlines()[-1])
+    helm = _run(builds.HELM).splitlines()[-1]
+    built = _run(builds.IMAGES, env={**os.environ, **builds.IMAGES_ENV})
     operator_image, image = built.splitlines()[-2:]
     storage = tmp_path_factory.mktemp("pv-storage")
     os.chmod(storage.parent, 0o755)

@@ -1,0 +1,59 @@
+"""What the real-node tests need built: node and control-plane binaries, helm, and the two images.
+
+Each build is cached by version and locks its cache, so it can run twice at once: the second caller waits, then finds
+it done. `start_in_background` runs them as soon as pytest knows real-node tests are selected, niced, beside the
+tests that run first; the module fixture then calls `run` for each, which returns at once when the background build
+succeeded and otherwise builds in the foreground and fails with that build's own output. On a fresh machine this
+overlaps the downloads (Go modules, Debian packages, ~3.5 GB of wheels) with the CPU-bound tests before them.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+
+from tests.conftest import REPO
+
+CLUSTER = [str(REPO / "hack/cluster/build.sh"), "--node"]  # prints the binaries' folder, last
+HELM = [str(REPO / "hack/helm/build.sh")]  # prints helm's path
+IMAGES = [str(REPO / "hack/image/build.sh")]  # prints the operator's and the trainer's image references, last
+# FROM a base made here from Debian packages (no registry on these machines)
+IMAGES_ENV = {"BASE": "localhost/lorafinetune-base:bookworm", "IMAGE": "localhost/lorafinetune:e2e"}
+
+# chain -> its builds, run one after the other: (command, extra environment)
+CHAINS: dict[str, list[tuple[list[str], dict[str, str]]]] = {
+    "binaries": [(CLUSTER, {}), (HELM, {})],
+    "images": [(IMAGES, IMAGES_ENV)],
+}
+
+_background: list[subprocess.Popen] = []
+
+
+def start_in_background(log_dir: Path) -> None:
+    """Start every chain, each in its own process group at low priority, logging to log_dir/<chain>.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for name, steps in CHAINS.items():
+        script = " && ".join(_shell(cmd, env) for cmd, env in steps)
+        with open(log_dir / f"{name}.log", "wb") as log:
+            _background.append(subprocess.Popen(["nice", "-n", "15", "bash", "-c", script], stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+
+
+def stop_background() -> None:
+    """Stop what is still running (a session that ended early); the next build cleans up after it."""
+    for proc in _background:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in _background:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _background.clear()
+
+
+def _shell(cmd: list[str], env: dict[str, str]) -> str:
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), *map(shlex.quote, cmd)])
