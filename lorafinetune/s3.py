@@ -26,7 +26,8 @@ _CREDENTIAL_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatc
 
 class S3Error(RuntimeError):
     """A transfer that failed; `permanent` says retrying cannot help (bad credentials, missing bucket or object).
-    `kind` is one of: credentials, bucket, object, exists, transient."""
+    `kind` is one of: credentials, bucket, object, exists, unsafe (a key that would land outside its folder),
+    transient."""
 
     def __init__(self, message: str, kind: str):
         super().__init__(message)
@@ -49,6 +50,32 @@ class S3Location:
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
+
+
+def local_relative(key: str, prefix: str) -> str | None:
+    """Where the object `key`, listed under `prefix`, goes inside a local copy of the prefix: a relative path, or None
+    for a folder placeholder (a key ending in "/", as consoles create). S3 keys are free-form; one whose path would
+    land outside the copy or collide with another ('..', '.' or empty segments, a backslash or NUL) or with the
+    copy's own bookkeeping is refused, never written."""
+    if key.endswith("/"):
+        return None
+    if not prefix:
+        relative = key
+    elif key == prefix:  # the prefix names one object
+        relative = key.rsplit("/", 1)[-1]
+    else:
+        relative = key[len(prefix.rstrip("/")) + 1 :]
+    parts = relative.split("/")
+    unsafe = any(p in ("", ".", "..") for p in parts) or "\\" in relative or "\0" in relative
+    if unsafe or relative == DOWNLOAD_MANIFEST:
+        raise S3Error(f"refusing to download object key {key!r}: its path under {prefix!r} would not stay a plain "
+                      f"file inside the destination folder", "unsafe")  # fmt: skip
+    return relative
+
+
+def _child_name(name: str) -> bool:
+    """A listed sub-folder name usable as one local path segment."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
 
 
 class S3Store:
@@ -102,9 +129,14 @@ class S3Store:
 
     # ------------------------------------------------------------------ reading
     def _objects(self, loc: S3Location) -> list[dict]:
+        """Objects in the folder `loc` names: the key equal to its prefix, and keys under prefix + "/" (a listing by
+        the bare prefix would also return a sibling such as models/m2/... for models/m)."""
+
         def page_all() -> list[dict]:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.prefix)
-            return [o for page in pages for o in page.get("Contents", [])]
+            folder = loc.prefix.rstrip("/") + "/"
+            return [o for page in pages for o in page.get("Contents", [])
+                    if not loc.prefix or o["Key"] == loc.prefix or o["Key"].startswith(folder)]  # fmt: skip
 
         return self._retry(f"listing {loc}", page_all)  # type: ignore[return-value]
 
@@ -136,13 +168,14 @@ class S3Store:
         loc = S3Location.parse(uri)
         suffix = f"/{COMPLETE_MARKER}"
         keys = [o["Key"] for o in self._objects(S3Location(loc.bucket, loc.prefix + "/"))]
-        return sorted(k[len(loc.prefix) + 1 : -len(suffix)] for k in keys if k.endswith(suffix))
+        names = (k[len(loc.prefix) + 1 : -len(suffix)] for k in keys if k.endswith(suffix))
+        return sorted(n for n in names if _child_name(n))
 
     def child_folders(self, uri: str) -> list[str]:
         """Names of the immediate sub-folders of `uri`, complete or not."""
         loc = S3Location.parse(uri)
         keys = [o["Key"][len(loc.prefix) + 1 :] for o in self._objects(S3Location(loc.bucket, loc.prefix + "/"))]
-        return sorted({k.split("/", 1)[0] for k in keys if "/" in k})
+        return sorted({k.split("/", 1)[0] for k in keys if "/" in k and _child_name(k.split("/", 1)[0])})
 
     def download_file(self, uri: str, dest: Path) -> Path:
         """One object into `dest` (a file path), skipped when the cached copy has the same size and ETag."""
@@ -169,8 +202,10 @@ class S3Store:
         dest.mkdir(parents=True, exist_ok=True)
         manifest_path = dest / DOWNLOAD_MANIFEST
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-        for obj in objects:
-            relative = obj["Key"][len(loc.prefix) :].lstrip("/") or Path(obj["Key"]).name
+        wanted = [(obj, local_relative(obj["Key"], loc.prefix)) for obj in objects]  # refuse before writing any
+        for obj, relative in wanted:
+            if relative is None:
+                continue
             target = dest / relative
             fingerprint = [obj["Size"], obj["ETag"]]
             if target.is_file() and manifest.get(relative) == fingerprint and target.stat().st_size == obj["Size"]:

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,12 +83,22 @@ def latest_checkpoint(run_dir: Path, world_size: int, fingerprint: dict[str, Any
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Each generator's state as tensors and plain numbers only, so that it loads with weights_only=True."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "hasGauss": int(has_gauss), "cachedGaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["hasGauss"],
+                         npy["cachedGaussian"]))  # fmt: skip
     torch.set_rng_state(state["torch"])
 
 
@@ -121,7 +134,46 @@ def save(
 
 def load(engine: Any, ckpt: Checkpoint, rank: int) -> None:
     """Restore adapter weights, optimizer, scheduler and this rank's RNG streams (every rank calls this)."""
-    path, _ = engine.load_checkpoint(str(ckpt.path), tag=DS_TAG, load_module_strict=False)
-    if path is None:
-        raise ConfigError(f"DeepSpeed could not read checkpoint {ckpt.path}")
-    restore_rng(torch.load(ckpt.path / f"rng-rank{rank}.pt", weights_only=False))
+    with tensors_only(ckpt.path):
+        path, _ = engine.load_checkpoint(str(ckpt.path), tag=DS_TAG, load_module_strict=False)
+        if path is None:
+            raise ConfigError(f"DeepSpeed could not read checkpoint {ckpt.path}")
+        restore_rng(torch.load(ckpt.path / f"rng-rank{rank}.pt", weights_only=True))
+
+
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+@contextmanager
+def tensors_only(where: Path) -> Iterator[None]:
+    """Every torch.load inside reads tensors and plain data only, DeepSpeed's own loads included (they pass
+    weights_only=False, which the environment variable overrides): unpickling an arbitrary object can run code, and
+    an output folder can be written by whoever can write its volume or bucket, in a pod that holds credentials."""
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
+            yield
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported (global: GLOBAL [\w.]+|operand \d+)", str(err))
+        raise ConfigError(
+            f"checkpoint {where} holds more than tensors and plain data ({found[0] if found else 'an object'}); it is "
+            f"refused, since loading it could run code. Delete that checkpoint folder to resume from an earlier one, "
+            f"or write to a new output.uri to start over"
+        ) from None
+    finally:
+        if previous is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
+def _deepspeed_checkpoint_classes() -> list[Any]:
+    """The plain data classes DeepSpeed pickles beside the tensors of its ZeRO optimizer state (found by loading every
+    ZeRO stage's checkpoint under tensors_only; tests/trainer resumes each stage). None defines code that runs when
+    unpickled: an enum, a dataclass and the loss scalers' attribute bags (DynamicLossScaler: fp16 runs, GPU only)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
