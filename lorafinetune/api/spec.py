@@ -8,6 +8,7 @@ rules (`x-kubernetes-validations`, enforced by the API server). Keep each pair i
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -34,8 +35,25 @@ def immutable(field: str) -> dict:
     }
 
 
+_SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"  # a Kubernetes object name (DNS-1123 subdomain)
+_PINNED_HF = r"@[0-9a-f]{40}$"  # hf://org/name@<commit>
+
+
 class ModelSpec(APIModel):
     """The base model to fine-tune."""
+
+    model_config = APIModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel(f"!(has(self.trustRemoteCode) && self.trustRemoteCode) || !self.uri.startsWith('hf://') || "
+                    f"self.uri.matches('{_PINNED_HF}')",
+                    "model.trustRemoteCode runs the repository's Python code in your pods: pin model.uri to a commit "
+                    "(hf://org/name@<40-hex commit>) so the code that runs is the code you reviewed"),
+                cel("!has(self.tokenSecret) || self.uri.startsWith('hf://')",
+                    "model.tokenSecret is only used for hf:// models"),
+            ]
+        }
+    }  # fmt: skip
 
     uri: str = Field(
         description="Where the base model is: hf://org/name[@revision] (Hugging Face Hub), pvc://claim/path, "
@@ -59,11 +77,31 @@ class ModelSpec(APIModel):
         "from the model source inside your pods.",
     )
 
+    token_secret: str | None = Field(
+        default=None,
+        pattern=_SECRET_NAME,
+        max_length=253,
+        description="Name of a Secret in the same namespace with key HF_TOKEN, for gated or private hf:// models: "
+        "passed to the pods as the HF_TOKEN variable by reference (never copied into config, status, events or "
+        "logs). Local runs read HF_TOKEN from your environment.",
+    )
+
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
         parse_uri(v, ("hf", "pvc", "s3", "file", "package"))
         return v
+
+    @model_validator(mode="after")
+    def _hub_rules(self) -> ModelSpec:
+        if self.trust_remote_code and self.uri.startswith("hf://") and not re.search(_PINNED_HF, self.uri):
+            raise ValueError(
+                "model.trustRemoteCode runs the repository's Python code in your pods: pin model.uri to a commit "
+                "(hf://org/name@<40-hex commit>) so the code that runs is the code you reviewed"
+            )
+        if self.token_secret and not self.uri.startswith("hf://"):
+            raise ValueError("model.tokenSecret is only used for hf:// models")
+        return self
 
     @field_validator("gguf_file")
     @classmethod

@@ -171,6 +171,9 @@ def _env(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: OperatorS
     ]
     if res.gpus_per_node == 0:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    if spec.model.token_secret:  # by reference only, like the S3 keys below; huggingface_hub reads HF_TOKEN
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": spec.model.token_secret,
+                                                                        "key": "HF_TOKEN"}}})  # fmt: skip
     if spec.s3 and spec.s3.credentials_secret:  # by reference only: the values never enter our objects
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             env.append(

@@ -65,9 +65,11 @@ def _preflight(owner: builders.Owner, spec: LoRAFineTuneSpec) -> tuple[str, str]
     for claim in builders.pvc_claims(spec):
         if not kube.pvc_exists(owner.namespace, claim):
             return "PVCNotFound", f"PersistentVolumeClaim {claim!r} does not exist in namespace {owner.namespace}"
-    secret = spec.s3.credentials_secret if spec.s3 and SETTINGS.secret_preflight else None
-    if secret and not kube.secret_exists(owner.namespace, secret):
-        return "SecretNotFound", f"Secret {secret!r} (spec.s3.credentialsSecret) does not exist"
+    secrets = {"spec.s3.credentialsSecret": spec.s3.credentials_secret if spec.s3 else None,
+               "spec.model.tokenSecret": spec.model.token_secret}  # fmt: skip
+    for field, secret in secrets.items() if SETTINGS.secret_preflight else ():
+        if secret and not kube.secret_exists(owner.namespace, secret):
+            return "SecretNotFound", f"Secret {secret!r} ({field}) does not exist"
     gpus = spec.resources.gpus_per_node
     if gpus and gpus > (most := kube.max_node_gpus()):
         return "InsufficientGPUs", (

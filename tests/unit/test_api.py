@@ -56,6 +56,10 @@ def test_every_example_manifest_is_valid():
         ({"model": {"uri": "ftp://host/model"}}, "spec.model.uri", "unsupported scheme 'ftp://'"),
         ({"model": {"uri": "file://relative/path"}}, "spec.model.uri", "absolute path"),
         ({"model": {"ggufFile": "../x.bin"}}, "spec.model.ggufFile", "ending in .gguf"),
+        ({"model": {"uri": "hf://org/m", "trustRemoteCode": True}}, "spec.model", "pin model.uri to a commit"),
+        ({"model": {"uri": "hf://org/m@main", "trustRemoteCode": True}}, "spec.model", "pin model.uri to a commit"),
+        ({"model": {"uri": "pvc://m/x", "tokenSecret": "hf"}}, "spec.model", "only used for hf:// models"),
+        ({"model": {"uri": "hf://org/m", "tokenSecret": "Hf_Token"}}, "spec.model.tokenSecret", "should match"),
         ({"output": {"uri": "hf://org/name"}}, "spec.output.uri", "pvc://claim/path, s3://bucket/prefix"),
         ({"output": {"uri": "pvc://Bad_Claim/x"}}, "spec.output.uri", "not a valid PersistentVolumeClaim name"),
         ({"output": {"uri": "s3://bucket/out"}}, "spec", "s3:// URIs need spec.s3"),
@@ -72,6 +76,12 @@ def test_invalid_spec_names_the_field_and_what_is_valid(override, path, message)
         parse_manifest(with_spec(**override))
     lines = err.value.problems
     assert any(line.startswith(f"{path}:") and message in line for line in lines), lines
+
+
+def test_a_hub_model_with_its_code_pinned_to_a_commit_and_a_token_by_reference_is_valid():
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    m = parse_manifest(with_spec(model={"uri": f"hf://org/m@{commit}", "trustRemoteCode": True, "tokenSecret": "hf"}))
+    assert (m.spec.model.token_secret, m.spec.model.trust_remote_code) == ("hf", True)
 
 
 def test_missing_required_fields_are_named():

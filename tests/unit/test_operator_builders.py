@@ -92,6 +92,15 @@ def test_s3_credentials_are_passed_by_reference_only():
     assert config["spec"]["s3"] == {"endpointUrl": "http://s3:9000", "credentialsSecret": "s3-creds"}
 
 
+def test_a_hub_token_is_passed_by_reference_only():
+    s = spec(model={"uri": "hf://org/private-model", "tokenSecret": "hf-token"})
+    assert env_of(build_job(OWNER, s, 1, SETTINGS))["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token",
+                                                                                      "key": "HF_TOKEN"}}  # fmt: skip
+    config = json.loads(build_config_map(OWNER, s)["data"]["config.json"])
+    assert config["spec"]["model"]["tokenSecret"] == "hf-token"
+    assert "HF_TOKEN" not in env_of(build_job(OWNER, spec(), 1, SETTINGS))
+
+
 def test_headless_service_publishes_not_ready_addresses():
     svc = build_service(OWNER, SETTINGS)
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
