@@ -10,12 +10,14 @@ same output resumes from its last complete checkpoint.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,10 +132,13 @@ def run_local(lft: LoRAFineTune, opts: LocalOptions, show_progress: bool = True)
                 cmd, env=_agent_env(run_dir, node, threads, opts, on_cpu, out_uri.scheme == "s3"), stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches only us; we forward it deliberately
+                preexec_fn=_stop_with(os.getpid()),
             )
         )  # fmt: skip
     display = ProgressDisplay(lft.metadata.name, enabled=show_progress)
     interrupted = False
+    # SIGTERM (a scheduler's stop, `timeout`, `kill`) is a Ctrl-C: the ranks checkpoint and stop.
+    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         while any(a.poll() is None for a in agents):
             display.update(read_progress(run_dir))
@@ -149,6 +154,8 @@ def run_local(lft: LoRAFineTune, opts: LocalOptions, show_progress: bool = True)
         except (KeyboardInterrupt, subprocess.TimeoutExpired):
             for a in agents:
                 _signal_group(a, signal.SIGKILL)
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
     display.update(read_progress(run_dir))
     display.close()
     codes = [a.wait() for a in agents]
@@ -156,6 +163,29 @@ def run_local(lft: LoRAFineTune, opts: LocalOptions, show_progress: bool = True)
         print_summary(run_dir, lft.spec.output.uri)
         return ExitCode.OK
     return _report_failure(run_dir, res.nodes, interrupted)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_with(parent: int) -> Callable[[], None]:
+    """preexec_fn for an agent: SIGTERM it when this process dies, however it dies (SIGKILL included), so that no
+    training outlives the command that started it. Linux only; elsewhere a no-op."""
+
+    def arrange() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before prctl: the signal would never come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:

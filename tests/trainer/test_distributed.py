@@ -210,6 +210,55 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path, tiny_model, chat
     assert summary(out)["steps"] == 150
 
 
+def _trainer_pids(run_dir: Path) -> list[int]:
+    """Live processes of a local run (torchrun agents and ranks carry its folder in their environment)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(run_dir).encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_stopping_the_run_command_stops_its_training_with_a_checkpoint(sig, tmp_path, tiny_model, chat_data):
+    """What a scheduler, `timeout` or an OOM killer does to `lorafinetune run`: SIGTERM is a Ctrl-C; after SIGKILL
+    the agents still get SIGTERM (they die with their parent), so no training outlives the command."""
+    out = tmp_path / "long"
+    spec = {"training": {"maxSteps": 150}, "checkpointing": {"everySteps": 1000}, "evaluation": {"everySteps": 1000}}
+    manifest = write_manifest(tmp_path / "long.yaml", tiny_manifest(tiny_model, chat_data, out, **spec))
+    runner = subprocess.Popen([sys.executable, "-m", "lorafinetune.cli", "run", str(manifest), "--quiet"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline, step = time.time() + 180, 0
+        while step < 2 and time.time() < deadline and runner.poll() is None:
+            time.sleep(0.2)
+            try:
+                step = json.loads((out / "progress.json").read_text())["step"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+        assert runner.poll() is None and step >= 2, "the run did not start training"
+        assert _trainer_pids(out), "no training process found"
+        runner.send_signal(sig)
+        output, _ = runner.communicate(timeout=150)
+        deadline = time.time() + 150
+        while _trainer_pids(out) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _trainer_pids(out), "training outlived the run command"
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        for pid in _trainer_pids(out):
+            os.kill(pid, signal.SIGKILL)
+    if sig == signal.SIGTERM:
+        assert runner.returncode == ExitCode.INTERRUPTED, output
+        assert "Run the same command to resume" in output
+    saved = [p for p in (out / "checkpoints").iterdir() if (p / "COMPLETE.json").is_file()]
+    assert len(saved) == 1 and 2 <= int(saved[0].name.split("-")[1]) < 150, "no checkpoint on the way out"
+
+
 def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(tmp_path, tiny_model, chat_data):
     # minDelta far above any possible gain: the first evaluation after step 0 counts as "no improvement"
     spec = {"evaluation": {"everySteps": 1, "earlyStopping": {"patience": 1, "minDelta": 100.0}}}
