@@ -103,6 +103,27 @@ def build_service(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
     }
 
 
+def build_network_policy(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
+    """Ingress to a fine-tune's pods: every port from its own gang (the rendezvous port, and gloo/NCCL on ports
+    chosen at run time), the metrics port from the operator's namespace (progress) and the metrics namespaces
+    (Prometheus), nothing from anywhere else: the ranks speak unauthenticated protocols."""
+    gang = {"podSelector": {"matchLabels": {LABEL_NAME: owner.name}}}
+    readers = [ns for ns in [settings.operator_namespace, *settings.metrics_namespaces] if ns]
+    ingress: list[dict[str, Any]] = [{"from": [gang]}]
+    if readers:
+        ingress.append({
+            "from": [{"namespaceSelector": {"matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "In", "values": sorted(set(readers))}]}}],
+            "ports": [{"protocol": "TCP", "port": settings.trainer_metrics_port}],
+        })  # fmt: skip
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": owner.metadata(owner.name),
+        "spec": {"podSelector": gang["podSelector"], "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
 def pvc_claims(spec: LoRAFineTuneSpec) -> dict[str, bool]:
     """PVC claims the pods mount -> whether writable (only the output's claim is)."""
     claims: dict[str, bool] = {}

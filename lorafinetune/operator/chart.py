@@ -91,6 +91,17 @@ class Operator(APIModel):
     )
 
 
+    network_policy: bool = Field(
+        _DEFAULTS.network_policy,
+        description="Give each fine-tune a NetworkPolicy: its pods accept any port from their own gang and only the "
+        "metrics port from the operator's namespace and metricsNamespaces (where the network plugin enforces it).",
+    )
+    metrics_namespaces: list[str] = Field(
+        default_factory=lambda: list(_DEFAULTS.metrics_namespaces),
+        description="Namespaces whose pods may scrape the trainers' metrics port (where Prometheus runs).",
+    )
+
+
 class ServiceAccount(APIModel):
     create: bool = Field(True, description="Create the operator's ServiceAccount.")
     name: str = Field("", description="Name to use; empty means the release's full name.")

@@ -17,16 +17,17 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from lorafinetune.api.manifest import GROUP, PLURAL, VERSION
+from lorafinetune.api.manifest import GROUP, PLURAL, VERSION, describe_errors
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import LoRAFineTuneStatus
 from lorafinetune.operator import builders, kube
 from lorafinetune.operator import progress as progress_reader
 from lorafinetune.operator.metrics import OPERATOR_METRICS
 from lorafinetune.operator.settings import OperatorSettings
-from lorafinetune.operator.status import AttemptOutcome, Plan, as_patch, observe_attempt, plan
+from lorafinetune.operator.status import AttemptOutcome, Plan, as_patch, observe_attempt, plan, plan_invalid
 
 SETTINGS = OperatorSettings.from_env()
+log = logging.getLogger("lorafinetune.operator")
 CRD_WAIT_SECONDS = 60  # a chart installs the CRD and the operator together; the CRD may take a moment to be served
 _last_progress_poll: dict[str, float] = {}
 _locks: dict[str, threading.Lock] = {}
@@ -82,13 +83,16 @@ def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
     if p.delete_job is not None:
         kube.delete("Job", owner.namespace, builders.job_name(owner.name, p.delete_job))
     if p.delete_children:
-        for kind, name in (("ConfigMap", builders.config_map_name(owner.name)), ("Service", owner.name)):
+        children = [("ConfigMap", builders.config_map_name(owner.name)), ("Service", owner.name)]
+        for kind, name in children + ([("NetworkPolicy", owner.name)] if SETTINGS.network_policy else []):
             kube.delete(kind, owner.namespace, name)
         for attempt in range(1, p.status.attempt + 1):
             kube.delete("Job", owner.namespace, builders.job_name(owner.name, attempt))
     if p.create_attempt is not None:
         kube.create(builders.build_config_map(owner, spec))
         kube.create(builders.build_service(owner, SETTINGS))
+        if SETTINGS.network_policy:  # before the pods: no moment without it
+            kube.create(builders.build_network_policy(owner, SETTINGS))
         if kube.create(builders.build_job(owner, spec, p.create_attempt, SETTINGS)):
             OPERATOR_METRICS.attempts.inc()
 
@@ -103,6 +107,23 @@ def _poll_progress(owner: builders.Owner, status: LoRAFineTuneStatus) -> None:
     fresh = progress_reader.fetch(address, SETTINGS.trainer_metrics_port, status.progress)
     if fresh is not None:
         status.progress = fresh
+
+
+def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, now: datetime,
+                  generation: int | None) -> Plan:  # fmt: skip
+    namespace, name = owner.namespace, owner.name
+    problem = _preflight(owner, spec) if current.attempt == 0 and not spec.run_policy.suspend else None
+    if problem is not None:  # no pods until it is fixed; the timer checks again
+        return plan(spec, current, AttemptOutcome("pending", *problem), now, SETTINGS, generation)
+    job = kube.read_job(namespace, builders.job_name(name, current.attempt)) if current.attempt else None
+    every_pod = kube.list_pods(namespace, name) if current.attempt else []
+    pods = [pod for pod in every_pod if _attempt_of(pod) == current.attempt] if job else []
+    active = sum(pod.get("status", {}).get("phase") in ("Pending", "Running") for pod in every_pod)
+    p = plan(spec, current, observe_attempt(job, pods), now, SETTINGS, generation, active_pods=active)
+    _execute(owner, spec, p)
+    if p.status.phase == "Running":
+        _poll_progress(owner, p.status)
+    return p
 
 
 def _attempt_of(pod: dict[str, Any]) -> int:
@@ -122,25 +143,13 @@ def reconcile(namespace: str, name: str, handler: str) -> None:
         meta = body["metadata"]
         owner = builders.Owner(meta["name"], meta["namespace"], meta["uid"])
         current = LoRAFineTuneStatus.model_validate(body.get("status") or {})
+        now, generation = datetime.now(UTC), meta.get("generation")
         try:
             spec = LoRAFineTuneSpec.model_validate(body["spec"])
-        except ValidationError as err:  # the CRD catches nearly all of this; what remains is permanent too
-            raise kopf.PermanentError(f"invalid spec: {err}") from None
-        now, generation = datetime.now(UTC), meta.get("generation")
-        problem = None
-        if current.attempt == 0 and not spec.run_policy.suspend:
-            problem = _preflight(owner, spec)
-        if problem is not None:  # no pods until it is fixed; the timer checks again
-            p = plan(spec, current, AttemptOutcome("pending", *problem), now, SETTINGS, generation)
+        except ValidationError as err:  # what the CRD let through but the models refuse: say so, never hang
+            p = plan_invalid(current, [f"spec.{line}" for line in describe_errors(err)], now, generation)
         else:
-            job = kube.read_job(namespace, builders.job_name(name, current.attempt)) if current.attempt else None
-            every_pod = kube.list_pods(namespace, name) if current.attempt else []
-            pods = [pod for pod in every_pod if _attempt_of(pod) == current.attempt] if job else []
-            active = sum(pod.get("status", {}).get("phase") in ("Pending", "Running") for pod in every_pod)
-            p = plan(spec, current, observe_attempt(job, pods), now, SETTINGS, generation, active_pods=active)
-            _execute(owner, spec, p)
-            if p.status.phase == "Running":
-                _poll_progress(owner, p.status)
+            p = _plan_and_act(owner, spec, current, now, generation)
         new = as_patch(p.status)
         old = body.get("status") or {}
         if new != old:
@@ -149,6 +158,7 @@ def reconcile(namespace: str, name: str, handler: str) -> None:
                 return  # changed meanwhile: the next event or tick reconciles from the new state
         for kind, reason, message in p.events:
             kopf.event(body, type=kind, reason=reason, message=message[:1000])
+            log.log(logging.WARNING if kind == "Warning" else logging.INFO, "%s: %s: %s", key, reason, message)
         OPERATOR_METRICS.set_phase(f"{namespace}/{name}", p.status.phase)
 
 

@@ -39,6 +39,7 @@ def create(obj: dict[str, Any]) -> bool:
     call = {
         "ConfigMap": client.CoreV1Api().create_namespaced_config_map,
         "Service": client.CoreV1Api().create_namespaced_service,
+        "NetworkPolicy": client.NetworkingV1Api().create_namespaced_network_policy,
         "Job": client.BatchV1Api().create_namespaced_job,
     }[kind]
     return _ignore(409, call, ns, obj) is not None
@@ -50,6 +51,7 @@ def delete(kind: str, namespace: str, name: str) -> None:
     call = {
         "ConfigMap": client.CoreV1Api().delete_namespaced_config_map,
         "Service": client.CoreV1Api().delete_namespaced_service,
+        "NetworkPolicy": client.NetworkingV1Api().delete_namespaced_network_policy,
         "Job": client.BatchV1Api().delete_namespaced_job,
     }[kind]
     _ignore(404, call, name, namespace, body=body)

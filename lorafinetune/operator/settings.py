@@ -65,6 +65,17 @@ class OperatorSettings:
     because RBAC cannot grant `get` on a Secret without its values; a missing Secret then shows as the pods'
     CreateContainerConfigError (Pending, with the kubelet's message) instead."""
 
+    network_policy: bool = True
+    """LFT_NETWORK_POLICY: give each fine-tune a NetworkPolicy: its pods accept any port from their own gang
+    (rendezvous, gloo/NCCL) and only the metrics port from the operator's namespace and LFT_METRICS_NAMESPACES,
+    nothing else. Enforced where the cluster's network plugin implements NetworkPolicy."""
+
+    metrics_namespaces: list[str] = field(default_factory=lambda: ["monitoring"])
+    """LFT_METRICS_NAMESPACES: comma-separated namespaces whose pods may scrape trainer metrics (Prometheus's)."""
+
+    operator_namespace: str = ""
+    """LFT_OPERATOR_NAMESPACE: the operator's own namespace (the chart sets it), allowed to read rank 0's progress."""
+
     @classmethod
     def from_env(cls) -> OperatorSettings:
         d = cls()
@@ -88,6 +99,11 @@ class OperatorSettings:
             ),
             watch_jobs=_env_bool("LFT_WATCH_JOBS", d.watch_jobs),
             secret_preflight=_env_bool("LFT_SECRET_PREFLIGHT", d.secret_preflight),
+            network_policy=_env_bool("LFT_NETWORK_POLICY", d.network_policy),
+            metrics_namespaces=_env_list("LFT_METRICS_NAMESPACES")
+            if "LFT_METRICS_NAMESPACES" in os.environ
+            else d.metrics_namespaces,
+            operator_namespace=os.environ.get("LFT_OPERATOR_NAMESPACE", d.operator_namespace),
         )
 
     @property

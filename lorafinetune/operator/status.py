@@ -238,6 +238,23 @@ def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOu
     return p
 
 
+def plan_invalid(current: LoRAFineTuneStatus, problems: list[str], now: datetime,
+                 generation: int | None = None) -> Plan:  # fmt: skip
+    """A spec the operator cannot run although the API server stored it: Failed at once with reason InvalidSpec and
+    every problem, written as `lorafinetune validate` writes them. Converges: a second call changes nothing."""
+    p = Plan(status=current.model_copy(deep=True))
+    s = p.status
+    s.observed_generation = generation
+    if s.phase == "Failed" and s.last_failure and s.last_failure.reason == INVALID_SPEC:
+        return p
+    message = "invalid spec: " + "; ".join(problems) + " (fix it in a new LoRAFineTune: the spec is immutable)"
+    s.last_failure = Failure(attempt=s.attempt, reason=INVALID_SPEC, message=message, permanent=True)
+    s.completion_time = now
+    _phase(p, "Failed", INVALID_SPEC, message, now, generation)
+    return p
+
+
+INVALID_SPEC = "InvalidSpec"
 STOPPING = "PreviousAttemptStopping"
 
 

@@ -124,6 +124,7 @@ EXPECTED_RULES = {
     "core/pods": {"list"},
     "core/persistentvolumeclaims": {"get"},
     "core/events": {"create"},
+    "networking.k8s.io/networkpolicies": {"create", "delete"},
 }
 
 
@@ -137,6 +138,10 @@ def test_rbac_grants_exactly_what_the_operator_calls(helm: str):
     roles = {r["metadata"]["name"]: _rules(r) for r in by_kind(with_secrets, "ClusterRole")}
     assert roles["lft-lorafinetune"] == {**EXPECTED_RULES, "core/secrets": {"get"}}
 
+    no_policy = render(helm, "--set", "operator.networkPolicy=false")
+    roles = {r["metadata"]["name"]: _rules(r) for r in by_kind(no_policy, "ClusterRole")}
+    assert "networking.k8s.io/networkpolicies" not in roles["lft-lorafinetune"]
+
     polling_only = render(helm, "--set", "operator.watchJobs=false")
     roles = {r["metadata"]["name"]: _rules(r) for r in by_kind(polling_only, "ClusterRole")}
     assert roles["lft-lorafinetune"]["batch/jobs"] == {"create", "get", "delete"}
@@ -148,7 +153,7 @@ def test_watching_namespaces_grants_roles_only_there(helm: str):
     assert all(_rules(r) == EXPECTED_RULES for r in by_kind(objects, "Role"))
     assert [r["metadata"]["name"] for r in by_kind(objects, "ClusterRole")] == ["lft-lorafinetune-nodes"]
     [deployment] = by_kind(objects, "Deployment")
-    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["LFT_NAMESPACES"] == "team-a,team-b"
     [pod_monitor] = by_kind(objects, "PodMonitor")
     assert pod_monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
@@ -237,7 +242,8 @@ def test_install_run_a_fine_tune_as_the_chart_identity_upgrade_uninstall(
     # What the ServiceAccount may and may not do, as the API server's authorizer answers it.
     sa = "system:serviceaccount:lft-system:lft-lorafinetune"
     allowed = ["create jobs.batch -n ns1", "patch lorafinetunes.lorafinetune.io/status -n ns1", "list nodes",
-               "create events -n ns1", "list pods -n ns1", "get persistentvolumeclaims -n ns1"]
+               "create events -n ns1", "list pods -n ns1", "get persistentvolumeclaims -n ns1",
+               "create networkpolicies.networking.k8s.io -n ns1"]
     denied = ["get secrets -n ns1", "list secrets -n ns1", "delete pods -n ns1", "create pods -n ns1",
               "create pods/exec -n ns1", "update lorafinetunes.lorafinetune.io -n ns1",
               "delete lorafinetunes.lorafinetune.io -n ns1", "create clusterrolebindings", "patch nodes"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from tests.integration.conftest import Cluster, wait_for
@@ -55,6 +56,9 @@ def test_create_runs_the_gang_and_success_is_reported(cluster: Cluster):
     assert svc.spec.cluster_ip == "None" and svc.spec.publish_not_ready_addresses
     config = json.loads(c.core.read_namespaced_config_map("ok-config", c.ns).data["config.json"])
     assert config["spec"]["training"]["maxSteps"] == 100
+    policy = client.NetworkingV1Api(c.api).read_namespaced_network_policy("ok", c.ns)
+    assert policy.spec.pod_selector.match_labels == {"lorafinetune.io/name": "ok"}
+    assert policy.metadata.owner_references[0].uid == lft["metadata"]["uid"]
     pods = c.pods("ok", 1)
     assert sorted(p.spec.node_name for p in pods) == ["gpu-node-0", "gpu-node-1"], "one 8-GPU pod per node"
     status = c.get("ok")["status"]
@@ -218,12 +222,29 @@ def test_a_missing_credentials_secret_is_reported_and_creates_no_pods(cluster: C
         ({"deepspeed": {"zeroStage": 5}}, "spec.deepspeed.zeroStage: Invalid value"),
         ({"lora": {"rank": 8}}, 'unknown field "spec.lora.rank"'),
         ({"output": {"uri": "s3://bucket/out"}}, "s3:// URIs need spec.s3"),
+        ({"model": {"trustRemoteCode": True}}, "pin model.uri to a commit"),
+        ({"model": {"uri": "pvc://models/m", "tokenSecret": "hf"}}, "tokenSecret is only used for hf:// models"),
     ],
 )
 def test_invalid_manifests_are_refused_by_the_api_server(cluster: Cluster, override, message):
     with pytest.raises(ApiException) as err:
         cluster.apply(manifest("invalid", **override))
     assert err.value.status in (400, 422) and message in json.loads(err.value.body)["message"], err.value.body
+
+
+def test_a_spec_the_api_server_accepts_but_the_operator_cannot_run_fails_loudly(cluster: Cluster, operator):
+    """Whatever the CRD lets through and the models refuse (here a URI scheme the CRD has no pattern for yet): Failed
+    with every problem named, a Warning event and an operator log line, never an empty status."""
+    c = cluster
+    c.apply(manifest("ftp", model={"uri": "ftp://models.example.com/m"}))
+    status = wait_phase(c, "ftp", "Failed", 30)
+    assert status["lastFailure"]["reason"] == "InvalidSpec" and status["lastFailure"]["permanent"]
+    assert "spec.model.uri: unsupported scheme 'ftp://'" in status["lastFailure"]["message"]
+    assert condition(status, "Failed")["reason"] == "InvalidSpec"
+    warning = wait_for(lambda: [e for e in c.events("ftp") if e.reason == "InvalidSpec"], 30, "the event")
+    assert warning[0].type == "Warning" and "unsupported scheme 'ftp://'" in warning[0].message
+    assert f"{c.ns}/ftp: InvalidSpec: invalid spec: spec.model.uri" in operator.log.read_text()
+    assert not c.jobs("ftp")
 
 
 def test_training_settings_are_immutable_but_suspend_is_not(cluster: Cluster):

@@ -101,6 +101,24 @@ def test_a_hub_token_is_passed_by_reference_only():
     assert "HF_TOKEN" not in env_of(build_job(OWNER, spec(), 1, SETTINGS))
 
 
+def test_the_network_policy_admits_the_gang_and_metrics_readers_only():
+    from lorafinetune.operator.builders import build_network_policy
+    from lorafinetune.operator.settings import OperatorSettings
+
+    settings = OperatorSettings(operator_namespace="lft-system", metrics_namespaces=["monitoring"])
+    policy = build_network_policy(OWNER, settings)
+    gang = {"matchLabels": {"lorafinetune.io/name": OWNER.name}}
+    assert policy["spec"]["podSelector"] == gang and policy["spec"]["policyTypes"] == ["Ingress"]
+    from_gang, from_readers = policy["spec"]["ingress"]
+    assert from_gang == {"from": [{"podSelector": gang}]}  # every port: rendezvous, gloo and NCCL
+    [readers] = from_readers["from"][0]["namespaceSelector"]["matchExpressions"]
+    assert readers["values"] == ["lft-system", "monitoring"]
+    assert from_readers["ports"] == [{"protocol": "TCP", "port": settings.trainer_metrics_port}]
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+    nobody = build_network_policy(OWNER, OperatorSettings(metrics_namespaces=[]))
+    assert nobody["spec"]["ingress"] == [{"from": [{"podSelector": gang}]}]
+
+
 def test_headless_service_publishes_not_ready_addresses():
     svc = build_service(OWNER, SETTINGS)
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True

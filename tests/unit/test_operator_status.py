@@ -238,3 +238,18 @@ def test_progress_is_fetched_over_http_from_a_live_trainer_endpoint():
     progress = fetch("127.0.0.1", port, previous=None)
     assert (progress.step, progress.summary, progress.train_loss) == (3, "3/9", 1.5)
     assert fetch("127.0.0.1", 1, previous=None) is None, "an unreachable trainer means no progress, not an error"
+
+
+def test_a_spec_the_operator_cannot_run_fails_at_once_saying_why_and_converges():
+    from lorafinetune.operator.status import plan_invalid
+
+    problems = ["spec.model.uri: unsupported scheme 'ftp://' in 'ftp://host/m'"]
+    p = plan_invalid(LoRAFineTuneStatus(), problems, NOW, generation=1)
+    s = p.status
+    assert s.phase == "Failed" and s.last_failure.reason == "InvalidSpec" and s.last_failure.permanent
+    assert "spec.model.uri: unsupported scheme 'ftp://'" in s.last_failure.message
+    failed = next(c for c in s.conditions if c.type == "Failed")
+    assert (failed.status, failed.reason) == ("True", "InvalidSpec")
+    assert [(kind, reason) for kind, reason, _ in p.events] == [("Warning", "InvalidSpec")]
+    again = plan_invalid(s, problems, NOW + timedelta(seconds=10), generation=1)
+    assert again.status == s and again.events == [] and again.create_attempt is None
