@@ -166,6 +166,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_training(runner: subprocess.Popen, out: Path, step: int, timeout: float = 180) -> None:
+    """Until the run in `out` reports `step` (progress.json), failing if it ends or stalls first."""
+    deadline, reached = time.time() + timeout, 0
+    while reached < step and time.time() < deadline and runner.poll() is None:
+        time.sleep(0.2)
+        try:
+            reached = json.loads((out / "progress.json").read_text())["step"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+    assert runner.poll() is None and reached >= step, "the run did not start training"
+
+
 def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path, tiny_model, chat_data):
     out = tmp_path / "long"
     spec = {"training": {"maxSteps": 150}, "checkpointing": {"everySteps": 1000}, "evaluation": {"everySteps": 1000}}
@@ -176,15 +188,7 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path, tiny_model, chat
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        deadline = time.time() + 180
-        step = 0
-        while step < 3 and time.time() < deadline and runner.poll() is None:
-            time.sleep(0.2)
-            try:
-                step = json.loads((out / "progress.json").read_text())["step"]
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-        assert runner.poll() is None and step >= 3, "the run did not start training"
+        wait_until_training(runner, out, step=3)
         # Rank 0 serves Prometheus metrics while training.
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         values = {
@@ -232,14 +236,7 @@ def test_stopping_the_run_command_stops_its_training_with_a_checkpoint(sig, tmp_
     runner = subprocess.Popen([sys.executable, "-m", "lorafinetune.cli", "run", str(manifest), "--quiet"], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        deadline, step = time.time() + 180, 0
-        while step < 2 and time.time() < deadline and runner.poll() is None:
-            time.sleep(0.2)
-            try:
-                step = json.loads((out / "progress.json").read_text())["step"]
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-        assert runner.poll() is None and step >= 2, "the run did not start training"
+        wait_until_training(runner, out, step=2)
         assert _trainer_pids(out), "no training process found"
         runner.send_signal(sig)
         output, _ = runner.communicate(timeout=150)
