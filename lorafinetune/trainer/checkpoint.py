@@ -13,6 +13,7 @@ checkpoint is never picked. Resuming needs the same world size: ZeRO shards opti
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import pickle
@@ -155,7 +156,7 @@ def tensors_only(where: Path) -> Iterator[None]:
         with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
             yield
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported (global: GLOBAL [\w.]+|operand \d+)", str(err))
+        found = re.search(r"Unsupported (global: GLOBAL [\w.]+|operand \d+)|getattr on .*?allowed", str(err))
         raise ConfigError(
             f"checkpoint {where} holds more than tensors and plain data ({found[0] if found else 'an object'}); it is "
             f"refused, since loading it could run code. Delete that checkpoint folder to resume from an earlier one, "
@@ -171,9 +172,19 @@ def tensors_only(where: Path) -> Iterator[None]:
 def _deepspeed_checkpoint_classes() -> list[Any]:
     """The plain data classes DeepSpeed pickles beside the tensors of its ZeRO optimizer state (found by loading every
     ZeRO stage's checkpoint under tensors_only; tests/trainer resumes each stage). None defines code that runs when
-    unpickled: an enum, a dataclass and the loss scalers' attribute bags (DynamicLossScaler: fp16 runs, GPU only)."""
+    unpickled: an enum, a dataclass and the loss scalers' attribute bags (DynamicLossScaler: fp16 runs, GPU only).
+    Python 3.11.0 to 3.11.4 (Debian 12's 3.11.2, in the image built FROM a Debian base) pickle an enum member as
+    getattr(EnumClass, name), so `builtins.getattr` resolves to _enum_member, which allows exactly that."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, (_enum_member, "builtins.getattr")]
+
+
+def _enum_member(cls: Any, name: str) -> Any:
+    """getattr as a checkpoint may use it: a member of an enum that is itself allowed (the unpickler only hands us
+    classes it resolved from its allowlist), nothing else."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"getattr on {cls!r}.{name}: only enum members are allowed")

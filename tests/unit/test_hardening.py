@@ -45,10 +45,38 @@ def test_a_checkpoint_file_that_carries_code_is_refused_not_run(tmp_path: Path):
     witness.unlink(missing_ok=True)
     planted = tmp_path / "rng-rank0.pt"
     torch.save({"python": _Planted()}, planted)
-    with pytest.raises(ConfigError, match=r"more than tensors and plain data \(Unsupported global: GLOBAL getattr\)"):
+    refused = r"more than tensors and plain data \(Unsupported global: GLOBAL pathlib.Path\)"
+    with pytest.raises(ConfigError, match=refused):
         with tensors_only(tmp_path):
             torch.load(planted, weights_only=False)  # what DeepSpeed's loader passes
     assert not witness.exists()
+
+
+class _EnumByGetattr:
+    """How Python 3.11.0-3.11.4 pickle an enum member (DeepSpeed's ZeroStageEnum in every ZeRO checkpoint)."""
+
+    def __init__(self, cls: type, name: str):
+        self.cls, self.name = cls, name
+
+    def __reduce__(self) -> tuple[Callable, tuple]:
+        return (getattr, (self.cls, self.name))
+
+
+def test_an_enum_member_pickled_by_getattr_loads_and_nothing_else_does(tmp_path: Path):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from lorafinetune.trainer.checkpoint import tensors_only
+    from lorafinetune.trainer.errors import ConfigError
+
+    torch.save({"zero_stage": _EnumByGetattr(ZeroStageEnum, "gradients")}, tmp_path / "optim.pt")
+    with tensors_only(tmp_path):
+        assert torch.load(tmp_path / "optim.pt", weights_only=False) == {"zero_stage": ZeroStageEnum.gradients}
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    torch.save({"x": _EnumByGetattr(LossScaler, "__init__")}, tmp_path / "evil.pt")  # an allowed class, not an enum
+    refused = "getattr on .*LossScaler.*__init__: only enum members are allowed"
+    with pytest.raises(ConfigError, match=refused), tensors_only(tmp_path):
+        torch.load(tmp_path / "evil.pt", weights_only=False)
 
 
 @pytest.mark.parametrize(
