@@ -18,6 +18,7 @@ def main() -> None:
     # succeeded" for every resource on every timer tick) would bury them, so kopf logs warnings and errors only.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kopf").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # a line per liveness probe otherwise
     where = ", ".join(settings.namespaces) if settings.namespaces else "all namespaces"
     logging.getLogger("lorafinetune.operator").info(
         "watching %s.%s/%s in %s; trainer image %s; Job events %s", PLURAL, GROUP, VERSION, where,
