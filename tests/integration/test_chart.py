@@ -93,16 +93,19 @@ def test_operator_pod_is_non_root_and_restricted(helm: str):
     assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] > 60, (
         "the startup probe must outlast the operator's wait for its CRD"
     )
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["LFT_DEFAULT_IMAGE"] == container["image"] == "ghcr.io/lorafinetune/lorafinetune:0.1.0"
     assert env["LFT_SECRET_PREFLIGHT"] == "false" and env["LFT_NAMESPACES"] == ""
+    assert env["LFT_NETWORK_POLICY"] == "true" and env["LFT_METRICS_NAMESPACES"] == "monitoring"
+    [own_namespace] = [e for e in container["env"] if e["name"] == "LFT_OPERATOR_NAMESPACE"]
+    assert own_namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
 
 
 def test_values_render_as_the_operator_parses_them(helm: str):
     objects = render(helm, "--set", "operator.terminationGraceSeconds=1000000", "--set", "podLabels.team=nlp",
                      "--set", "podLabels.app\\.kubernetes\\.io/name=other")  # fmt: skip
     [deployment] = by_kind(objects, "Deployment")
-    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["LFT_TERMINATION_GRACE_SECONDS"] == "1000000"  # not 1e+06, which int() refuses
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert labels["team"] == "nlp"
