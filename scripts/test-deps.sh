@@ -4,8 +4,8 @@
 #   containerd runc containernetworking-plugins iptables conntrack
 #                                       the real node beside the kwok ones (hack/cluster, LFT_REAL_NODE=1)
 #   podman mmdebstrap gcc libc6-dev     the project's image, built FROM a Debian base made here (hack/image)
-# go is on the machine image: it builds the control plane, the kubelet, CoreDNS, the S3 server and helm once
-# (hack/*/build.sh), each cached by version.
+# go is on the machine image: it builds the control plane, the real node's binaries and helm (hack/cluster/build.sh,
+# one module) and the S3 server (hack/s3/build.sh) once, cached by version.
 set -euo pipefail
 need=()
 for pair in prometheus:prometheus containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins \

@@ -14,10 +14,8 @@ NAME=${1:-lft}
 REAL_NODE=${LFT_REAL_NODE:-0}
 if [ "$REAL_NODE" = 1 ]; then
   "$here/node/node-up.sh" --check   # refuse before starting anything if a real node already runs on this host
-  BIN=$("$here/build.sh" --node)
-else
-  BIN=$("$here/build.sh")
 fi
+BIN=$("$here/build.sh")
 WORK=${LFT_CLUSTER_WORK:-$HOME/.cache/lorafinetune/clusters/$NAME}
 mkdir -p "$WORK"
 sed "s#BIN_DIR#$BIN#g" "$here/kwok.yaml" > "$WORK/kwok.yaml"

@@ -137,8 +137,8 @@ def _stage_storage(root: Path) -> None:
 @pytest.fixture(scope="module")
 def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
     # Instant when the background builds (tests/e2e/builds.py) finished; otherwise they wait for them or build here.
-    bin_dir = Path(_run(builds.CLUSTER).splitlines()[-1])
-    helm = _run(builds.HELM).splitlines()[-1]
+    bin_dir = Path(_run(builds.TOOLS).splitlines()[-1])
+    helm = str(bin_dir / "helm")
     built = _run(builds.IMAGES, env={**os.environ, **builds.IMAGES_ENV})
     operator_image, image = built.splitlines()[-2:]
     storage = tmp_path_factory.mktemp("pv-storage")

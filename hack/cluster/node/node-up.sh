@@ -36,7 +36,7 @@ check() {
     # A run that was killed (a stopped CI job, a crashed test session) never got to node-down.sh: nothing of that
     # node runs any more, so give the host back now instead of refusing every later run.
     log "a real node was left behind by a run that did not stop it ($owner; none of its processes runs): cleaning up"
-    "$here/node-down.sh" "${owner%/node}" "$("$here/../build.sh" --node)" >&2 ||
+    "$here/node-down.sh" "${owner%/node}" "$("$here/../build.sh")" >&2 ||
       die "could not clean up the real node left in $owner"
     owner=""
     [ -f "$NODE_CACHE/active" ] && owner=$(cat "$NODE_CACHE/active")

@@ -13,7 +13,7 @@
 # then stop it with down.sh and diff the host (iptables, links, sysctls, mounts, netns, cgroups, paths) against what
 # it was before. Prints timings; exits non-zero on any failed check or host difference.
 #
-#   hack/cluster/node/smoke.sh            (root; cold, the node binaries are built first: hack/cluster/build.sh --node)
+#   hack/cluster/node/smoke.sh            (root; cold, the binaries are built first: hack/cluster/build.sh)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cluster=$(cd "$here/.." && pwd)
@@ -49,7 +49,7 @@ snapshot() {
 }
 
 snapshot before
-BIN=$("$cluster/build.sh" --node)
+BIN=$("$cluster/build.sh")
 export PATH="$BIN:$PATH"
 say "starting the cluster with a real node (work dir $WORK)"
 t0=$(date +%s.%N)
