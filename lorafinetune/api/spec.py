@@ -394,6 +394,20 @@ class RunPolicySpec(APIModel):
     backoff_limit: int = Field(
         default=3, ge=0, le=100, description="Failed attempts retried (whole gang, resuming from the last checkpoint)."
     )
+    disruption_limit: int = Field(
+        default=20,
+        ge=0,
+        le=1000,
+        description="Attempts stopped by a disruption (preemption, eviction, node drain, spot reclaim: a pod with the "
+        "DisruptionTarget condition) restarted without counting against backoffLimit; the run fails above this many.",
+    )
+    pending_timeout_seconds: int = Field(
+        default=1800,
+        ge=30,
+        le=604800,
+        description="Fail an attempt whose pods are not all running after this many seconds (quota, image pull, "
+        "unschedulable, config error), naming the cause; its pods are released and it counts against backoffLimit.",
+    )
     active_deadline_seconds: int | None = Field(
         default=None, ge=1, description="Fail the run (DeadlineExceeded) after this many seconds since it started."
     )

@@ -65,13 +65,23 @@ class LoRAFineTuneStatus(APIModel):
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")
     attempt: int = Field(default=0, description="Attempts started (1 = first attempt).")
     failed_attempts: int = Field(default=0, description="Attempts that failed; retries stop above backoffLimit.")
+    disruptions: int = Field(
+        default=0, description="Attempts stopped by preemption, eviction or drain; not counted in failedAttempts."
+    )
+    pending_since: datetime | None = Field(
+        default=None, description="When the current attempt began waiting for its pods (pendingTimeoutSeconds)."
+    )
     next_attempt_time: datetime | None = Field(
         default=None, description="When the next attempt starts (exponential backoff after a failure)."
     )
     last_failure: Failure | None = Field(default=None, description="Why the last failed attempt failed.")
+    last_disruption: Failure | None = Field(default=None, description="What stopped the last disrupted attempt.")
     progress: Progress | None = Field(default=None, description="Progress of the current attempt.")
     last_checkpoint: str | None = Field(default=None, description="URI of the last complete checkpoint.")
     adapter: AdapterRef | None = Field(default=None, description="The adapter, once published.")
     start_time: datetime | None = Field(default=None, description="When the first attempt started.")
     completion_time: datetime | None = Field(default=None, description="When the run succeeded or failed.")
+    children_deleted_time: datetime | None = Field(
+        default=None, description="When ttlSecondsAfterFinished removed the run's pods, Jobs and config."
+    )
     observed_generation: int | None = Field(default=None, description="metadata.generation last reconciled.")

@@ -263,6 +263,13 @@ def build_job(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: Oper
             "completions": res.nodes,
             "parallelism": res.nodes,
             "backoffLimit": 0,  # retries are the operator's, of the whole gang
+            # A disrupted pod (preemption, eviction, drain) fails the Job with a condition that says so, even when
+            # the pod itself is gone by the time the operator looks: the operator then retries without counting a
+            # failure. The Job controller applies the policy only once the pod is terminal, so the gang still gets
+            # its grace period to checkpoint.
+            "podFailurePolicy": {
+                "rules": [{"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+            },
             "template": {
                 "metadata": {"labels": {LABEL_NAME: owner.name, **labels}},
                 "spec": pod_spec,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
@@ -21,12 +21,23 @@ from lorafinetune.api.manifest import GROUP, PLURAL, VERSION, describe_errors
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import LoRAFineTuneStatus
 from lorafinetune.operator import builders, kube
+from lorafinetune.operator.clock import Clock
 from lorafinetune.operator import progress as progress_reader
 from lorafinetune.operator.metrics import OPERATOR_METRICS
 from lorafinetune.operator.settings import OperatorSettings
-from lorafinetune.operator.status import AttemptOutcome, Plan, as_patch, observe_attempt, plan, plan_invalid
+from lorafinetune.operator.status import (
+    FINISHED,
+    AttemptOutcome,
+    Plan,
+    as_patch,
+    observe_attempt,
+    plan,
+    plan_invalid,
+    ttl_due,
+)
 
 SETTINGS = OperatorSettings.from_env()
+CLOCK = Clock()
 log = logging.getLogger("lorafinetune.operator")
 CRD_WAIT_SECONDS = 60  # a chart installs the CRD and the operator together; the CRD may take a moment to be served
 _last_progress_poll: dict[str, float] = {}
@@ -59,10 +70,17 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
             )
         time.sleep(2)
     OPERATOR_METRICS.serve(SETTINGS.metrics_port)
+    CLOCK.start(lambda key: reconcile(*key.split("/", 1), "timer"))
+
+
+@kopf.on.cleanup()
+def stop_clock(**_: Any) -> None:
+    CLOCK.stop()
 
 
 def _preflight(owner: builders.Owner, spec: LoRAFineTuneSpec) -> tuple[str, str] | None:
-    """Checks the CRD schema cannot express. Returns (reason, message) of the first problem, or None."""
+    """Checks the CRD schema cannot express. Returns (reason, message) of the first problem, or None. A problem
+    holds the run back (no pods) until it is fixed: the timer checks again."""
     for claim in builders.pvc_claims(spec):
         if not kube.pvc_exists(owner.namespace, claim):
             return "PVCNotFound", f"PersistentVolumeClaim {claim!r} does not exist in namespace {owner.namespace}"
@@ -71,10 +89,18 @@ def _preflight(owner: builders.Owner, spec: LoRAFineTuneSpec) -> tuple[str, str]
     for field, secret in secrets.items() if SETTINGS.secret_preflight else ():
         if secret and not kube.secret_exists(owner.namespace, secret):
             return "SecretNotFound", f"Secret {secret!r} ({field}) does not exist"
+    return None
+
+
+def _capacity_warning(spec: LoRAFineTuneSpec) -> tuple[str, str] | None:
+    """No node has the GPUs a pod asks for right now. Only a warning: the Job is still created, because a cluster
+    autoscaler adds a GPU node only for pods that need one; runPolicy.pendingTimeoutSeconds bounds the wait."""
     gpus = spec.resources.gpus_per_node
     if gpus and gpus > (most := kube.max_node_gpus()):
         return "InsufficientGPUs", (
-            f"resources.gpusPerNode is {gpus} but no node has more than {most} allocatable nvidia.com/gpu"
+            f"resources.gpusPerNode is {gpus} but no node has more than {most} allocatable nvidia.com/gpu now; "
+            f"the pods wait for one (a cluster autoscaler may add it) for up to runPolicy.pendingTimeoutSeconds "
+            f"({spec.run_policy.pending_timeout_seconds} s)"
         )
     return None
 
@@ -112,18 +138,36 @@ def _poll_progress(owner: builders.Owner, status: LoRAFineTuneStatus) -> None:
 def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, now: datetime,
                   generation: int | None) -> Plan:  # fmt: skip
     namespace, name = owner.namespace, owner.name
-    problem = _preflight(owner, spec) if current.attempt == 0 and not spec.run_policy.suspend else None
+    if current.phase in FINISHED:  # only the TTL is left to decide: nothing to read
+        p = plan(spec, current, AttemptOutcome("none"), now, SETTINGS, generation)
+        _execute(owner, spec, p)
+        return p
+    first = current.attempt == 0 and not spec.run_policy.suspend
+    problem = _preflight(owner, spec) if first else None
     if problem is not None:  # no pods until it is fixed; the timer checks again
         return plan(spec, current, AttemptOutcome("pending", *problem), now, SETTINGS, generation)
     job = kube.read_job(namespace, builders.job_name(name, current.attempt)) if current.attempt else None
     every_pod = kube.list_pods(namespace, name) if current.attempt else []
     pods = [pod for pod in every_pod if _attempt_of(pod) == current.attempt] if job else []
-    active = sum(pod.get("status", {}).get("phase") in ("Pending", "Running") for pod in every_pod)
-    p = plan(spec, current, observe_attempt(job, pods), now, SETTINGS, generation, active_pods=active)
+    active = sum(_may_still_write(pod, now) for pod in every_pod)
+    # Fewer pods than the Job wants: ask the Job's events why (only then: it costs a list call)
+    missing = job is not None and len(pods) < job["spec"].get("parallelism", 1) and not (job.get("status") or {}).get("conditions")
+    outcome = observe_attempt(job, pods, failed_create=kube.failed_create_message(job) if missing else "")
+    warning = _capacity_warning(spec) if first else None
+    p = plan(spec, current, outcome, now, SETTINGS, generation, active_pods=active, warning=warning)
     _execute(owner, spec, p)
     if p.status.phase == "Running":
         _poll_progress(owner, p.status)
     return p
+
+
+def _may_still_write(pod: dict[str, Any], now: datetime) -> bool:
+    """Whether a pod may still be writing the run folder: Pending or Running, unless it is Terminating long past its
+    grace period, which no live kubelet allows: its node is lost (NotReady, partitioned, gone)."""
+    if pod.get("status", {}).get("phase") not in ("Pending", "Running"):
+        return False
+    deleted = pod["metadata"].get("deletionTimestamp")  # when deleted, plus the grace period
+    return not deleted or now - datetime.fromisoformat(deleted) < timedelta(seconds=SETTINGS.lost_pod_seconds)
 
 
 def _attempt_of(pod: dict[str, Any]) -> int:
@@ -132,34 +176,50 @@ def _attempt_of(pod: dict[str, Any]) -> int:
 
 def reconcile(namespace: str, name: str, handler: str) -> None:
     """Converge one fine-tune. Serialised per object and run on a fresh read, because change events and the
-    timer fire independently and a stale copy would plan the same transition twice."""
+    clock fire independently and a stale copy would plan the same transition twice."""
     key = f"{namespace}/{name}"
     with _locks.setdefault(key, threading.Lock()), OPERATOR_METRICS.observe(handler):
         with _queued_guard:
             _queued.discard(key)  # from here on, a new Job event needs a new reconcile: this one may read too early
+        CLOCK.schedule(key, SETTINGS.reconcile_interval_seconds)  # until this one says otherwise (also if it raises)
         body = kube.read_fine_tune(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
+            CLOCK.schedule(key, None)
             return
         meta = body["metadata"]
         owner = builders.Owner(meta["name"], meta["namespace"], meta["uid"])
         current = LoRAFineTuneStatus.model_validate(body.get("status") or {})
         now, generation = datetime.now(UTC), meta.get("generation")
+        ttl = None
         try:
             spec = LoRAFineTuneSpec.model_validate(body["spec"])
         except ValidationError as err:  # what the CRD let through but the models refuse: say so, never hang
             p = plan_invalid(current, [f"spec.{line}" for line in describe_errors(err)], now, generation)
         else:
-            p = _plan_and_act(owner, spec, current, now, generation)
+            p, ttl = _plan_and_act(owner, spec, current, now, generation), spec.run_policy.ttl_seconds_after_finished
         new = as_patch(p.status)
         old = body.get("status") or {}
         if new != old:
             patch = {key: new.get(key) for key in set(old) | set(new) if old.get(key) != new.get(key)}
             if not kube.patch_status(namespace, name, meta["resourceVersion"], patch):
-                return  # changed meanwhile: the next event or tick reconciles from the new state
+                CLOCK.schedule(key, 1.0)  # changed meanwhile: reconcile again from the new state
+                return
+        CLOCK.schedule(key, _next_tick(p, ttl, now))
         for kind, reason, message in p.events:
-            kopf.event(body, type=kind, reason=reason, message=message[:1000])
+            kube.post_event(body, kind, reason, message[:1000])
             log.log(logging.WARNING if kind == "Warning" else logging.INFO, "%s: %s: %s", key, reason, message)
         OPERATOR_METRICS.set_phase(f"{namespace}/{name}", p.status.phase)
+
+
+def _next_tick(p: Plan, ttl: int | None, now: datetime) -> float | None:
+    """Live runs: every reconcile interval, sooner if the plan asks. Finished runs: only when the TTL is due."""
+    s = p.status
+    if s.phase in FINISHED:
+        due = ttl_due(ttl, s.completion_time, s.children_deleted_time is not None)
+        return None if due is None else (due - now).total_seconds()
+    if p.requeue_after is not None:
+        return min(p.requeue_after, SETTINGS.reconcile_interval_seconds)
+    return SETTINGS.reconcile_interval_seconds
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
@@ -167,11 +227,6 @@ def reconcile(namespace: str, name: str, handler: str) -> None:
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def on_change(namespace: str, name: str, **_: Any) -> None:
     reconcile(namespace, name, "change")
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.reconcile_interval_seconds, initial_delay=1.0)
-def on_timer(namespace: str, name: str, **_: Any) -> None:
-    reconcile(namespace, name, "timer")
 
 
 def on_job_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
@@ -195,4 +250,5 @@ def on_delete(meta: kopf.Meta, **_: Any) -> None:
     key = f"{meta['namespace']}/{meta['name']}"
     _last_progress_poll.pop(key, None)
     _locks.pop(key, None)
+    CLOCK.schedule(key, None)
     OPERATOR_METRICS.set_phase(key, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config
@@ -9,6 +10,13 @@ from kubernetes.client.exceptions import ApiException
 
 from lorafinetune.api.manifest import GROUP, PLURAL, VERSION
 from lorafinetune.operator.builders import LABEL_NAME
+from lorafinetune.operator.metrics import OPERATOR_METRICS
+
+RESOURCES = {"ConfigMap": "configmaps", "Service": "services", "NetworkPolicy": "networkpolicies", "Job": "jobs"}
+
+
+def _count(verb: str, resource: str) -> None:
+    OPERATOR_METRICS.api_requests.labels(verb=verb, resource=resource).inc()
 
 
 def load_config() -> None:
@@ -20,6 +28,7 @@ def load_config() -> None:
 
 def resource_served() -> bool:
     """Whether the API server serves LoRAFineTunes (a discovery read, which RBAC allows every client)."""
+    _count("get", "discovery")
     found = _ignore(404, client.CustomObjectsApi().get_api_resources, GROUP, VERSION)
     return found is not None and any(r.name == PLURAL for r in found.resources)
 
@@ -36,17 +45,24 @@ def _ignore(status: int, call, *args, **kwargs) -> Any:
 def create(obj: dict[str, Any]) -> bool:
     """Create a namespaced object; an existing one with that name counts as success. True if newly created."""
     ns, kind = obj["metadata"]["namespace"], obj["kind"]
+    _count("create", RESOURCES[kind])
     call = {
         "ConfigMap": client.CoreV1Api().create_namespaced_config_map,
         "Service": client.CoreV1Api().create_namespaced_service,
         "NetworkPolicy": client.NetworkingV1Api().create_namespaced_network_policy,
         "Job": client.BatchV1Api().create_namespaced_job,
     }[kind]
-    return _ignore(409, call, ns, obj) is not None
+    try:
+        return _ignore(409, call, ns, obj) is not None
+    except ApiException as err:
+        if err.status == 403 and "NamespaceTerminating" in (err.body or ""):
+            return False  # the namespace is being deleted, and the fine-tune with it
+        raise
 
 
 def delete(kind: str, namespace: str, name: str) -> None:
     """Delete if present; pods of a Job go with it (background propagation, SIGTERM first)."""
+    _count("delete", RESOURCES[kind])
     body = client.V1DeleteOptions(propagation_policy="Background")
     call = {
         "ConfigMap": client.CoreV1Api().delete_namespaced_config_map,
@@ -58,37 +74,75 @@ def delete(kind: str, namespace: str, name: str) -> None:
 
 
 def read_job(namespace: str, name: str) -> dict[str, Any] | None:
+    _count("get", "jobs")
     job = _ignore(404, client.BatchV1Api().read_namespaced_job, name, namespace)
     return client.ApiClient().sanitize_for_serialization(job) if job is not None else None
 
 
 def list_pods(namespace: str, name: str) -> list[dict[str, Any]]:
     """Every pod of the fine-tune, of all attempts (each carries its attempt label)."""
+    _count("list", "pods")
     pods = client.CoreV1Api().list_namespaced_pod(namespace, label_selector=f"{LABEL_NAME}={name}")
     return client.ApiClient().sanitize_for_serialization(pods)["items"]
 
 
+def failed_create_message(job: dict[str, Any]) -> str:
+    """The newest FailedCreate event of this Job (its pods refused by a ResourceQuota, a LimitRange or an admission
+    webhook), else "". Matched by the Job's UID: a Job of the same name deleted earlier has its own events."""
+    meta = job["metadata"]
+    selector = f"involvedObject.uid={meta['uid']},reason=FailedCreate"
+    _count("list", "events")
+    events = client.CoreV1Api().list_namespaced_event(meta["namespace"], field_selector=selector).items
+    newest = max(events, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp, default=None)
+    return (newest.message or "") if newest is not None else ""
+
+
+def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> None:
+    """A core/v1 Event about `obj` (what `kubectl describe` lists). Posted here rather than with kopf.event, which
+    works only inside kopf's handler contexts, not from the operator's clock threads."""
+    meta = obj["metadata"]
+    now = datetime.now(UTC)
+    event = client.CoreV1Event(
+        metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+        involved_object=client.V1ObjectReference(api_version=obj["apiVersion"], kind=obj["kind"], name=meta["name"],
+                                                 namespace=meta["namespace"], uid=meta["uid"]),  # fmt: skip
+        type=kind, reason=reason, message=message, count=1, first_timestamp=now, last_timestamp=now,
+        source=client.V1EventSource(component="lorafinetune-operator"), reporting_component="lorafinetune-operator",
+    )  # fmt: skip
+    _count("create", "events")
+    try:
+        client.CoreV1Api().create_namespaced_event(meta["namespace"], event)
+    except ApiException as err:  # an event is best effort: the status already says it
+        if err.status not in (403, 404, 409):
+            raise
+
+
 def pvc_exists(namespace: str, claim: str) -> bool:
+    _count("get", "persistentvolumeclaims")
     return _ignore(404, client.CoreV1Api().read_namespaced_persistent_volume_claim, claim, namespace) is not None
 
 
 def secret_exists(namespace: str, name: str) -> bool:
     # Only existence is used, but `get` returns the values: hence settings.secret_preflight (off in the chart).
+    _count("get", "secrets")
     return _ignore(404, client.CoreV1Api().read_namespaced_secret, name, namespace) is not None
 
 
 def max_node_gpus() -> int:
+    _count("list", "nodes")
     nodes = client.CoreV1Api().list_node().items
     return max((int((n.status.allocatable or {}).get("nvidia.com/gpu", "0")) for n in nodes), default=0)
 
 
 def read_fine_tune(namespace: str, name: str) -> dict[str, Any] | None:
     """The LoRAFineTune as stored now (not as a possibly stale watch event delivered it)."""
+    _count("get", PLURAL)
     return _ignore(404, client.CustomObjectsApi().get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
 
 
 def patch_status(namespace: str, name: str, resource_version: str, status: dict[str, Any]) -> bool:
     """Merge-patch status if nobody changed the object since we read it (409 -> False: reconcile again)."""
+    _count("patch", f"{PLURAL}/status")
     body = {"metadata": {"resourceVersion": resource_version}, "status": status}
     try:
         client.CustomObjectsApi().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body)

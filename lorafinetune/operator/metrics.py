@@ -28,6 +28,11 @@ class OperatorMetrics:
             "lorafinetune_operator_resources", "LoRAFineTunes known to this operator, by phase", ["phase"], registry=r
         )
         self.attempts = Counter("lorafinetune_operator_attempts_started", "Attempts (Jobs) created", registry=r)
+        # What the reconciles cost the API server (kopf's own watches, annotations and events are not counted).
+        self.api_requests = Counter(
+            "lorafinetune_operator_api_requests", "Kubernetes API requests made by reconciles, by verb and resource",
+            ["verb", "resource"], registry=r,
+        )  # fmt: skip
         # One series per fine-tune (like kube-state-metrics' *_info): bounded by the resources that exist.
         self.phase_info = Gauge(
             "lorafinetune_operator_finetune_phase", "1 for the current phase of each fine-tune",

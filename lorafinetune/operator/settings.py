@@ -56,6 +56,10 @@ class OperatorSettings:
     termination_grace_seconds: int = 300
     """LFT_TERMINATION_GRACE_SECONDS: time pods get after SIGTERM to write a checkpoint before SIGKILL."""
 
+    lost_pod_seconds: int = 120
+    """LFT_LOST_POD_SECONDS: a pod still Terminating this long after its grace period ended is on a lost node (no
+    kubelet finishes it) and no longer holds back the next attempt."""
+
     watch_jobs: bool = True
     """LFT_WATCH_JOBS: reconcile a fine-tune as soon as one of its Jobs changes (a pod became ready, failed or
     finished) instead of at the next timer tick. Needs list/watch on Jobs; false leaves only the timer."""
@@ -97,6 +101,7 @@ class OperatorSettings:
             termination_grace_seconds=int(
                 os.environ.get("LFT_TERMINATION_GRACE_SECONDS", d.termination_grace_seconds)
             ),
+            lost_pod_seconds=int(os.environ.get("LFT_LOST_POD_SECONDS", d.lost_pod_seconds)),
             watch_jobs=_env_bool("LFT_WATCH_JOBS", d.watch_jobs),
             secret_preflight=_env_bool("LFT_SECRET_PREFLIGHT", d.secret_preflight),
             network_policy=_env_bool("LFT_NETWORK_POLICY", d.network_policy),

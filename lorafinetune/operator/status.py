@@ -30,11 +30,30 @@ class AttemptOutcome:
     message: str = ""
     exit_code: int | None = None
     permanent: bool = False
+    # Stopped from outside (preemption, eviction, drain, spot reclaim): restarted without counting as a failure.
+    disrupted: bool = False
     adapter: dict | None = None  # {uri, sizeBytes, sha256} from rank 0's termination message on success
+
+
+# The Job's pod failure policy fails the whole Job at a pod's first disruption (builders.build_job); the Job's
+# Failed condition then names the policy, and the pod itself may already be gone (an evicted pod is deleted).
+DISRUPTION_TARGET = "DisruptionTarget"
+POD_FAILURE_POLICY = "PodFailurePolicy"
+# Waiting reasons of a container that no amount of waiting fixes by itself.
+STUCK_WAITING = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+                 "CreateContainerError")  # fmt: skip
 
 
 def _condition(obj: dict, ctype: str) -> dict | None:
     return next((c for c in obj.get("status", {}).get("conditions") or [] if c.get("type") == ctype), None)
+
+
+def _disruption_of(pod: dict) -> AttemptOutcome | None:
+    """The control plane's DisruptionTarget condition: preemption, eviction, taint manager, drain, node shutdown."""
+    if (c := _condition(pod, DISRUPTION_TARGET)) and c.get("status") == "True":
+        message = f"pod {pod['metadata']['name']}: {c.get('message') or c.get('reason') or 'disrupted'}"
+        return AttemptOutcome("failed", c.get("reason") or DISRUPTION_TARGET, message[:1000], disrupted=True)
+    return None
 
 
 def _failure_of(pod: dict) -> AttemptOutcome:
@@ -77,14 +96,23 @@ def _adapter_of(pods: list[dict]) -> dict | None:
     return None
 
 
-def observe_attempt(job: dict | None, pods: list[dict]) -> AttemptOutcome:
+def observe_attempt(job: dict | None, pods: list[dict], failed_create: str = "") -> AttemptOutcome:
+    """`failed_create`: the message of the Job controller's latest FailedCreate event for this Job (a ResourceQuota or
+    an admission webhook refused its pods), if it has fewer pods than it wants."""
     if job is None:
         return AttemptOutcome("none")
-    failed_pods = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
+    failed_pods = sorted((p for p in pods if p.get("status", {}).get("phase") == "Failed"),
+                         key=lambda p: p["metadata"]["name"])  # fmt: skip
     if failed_pods:
-        return _failure_of(sorted(failed_pods, key=lambda p: p["metadata"]["name"])[0])
+        # A rank's own permanent error wins (retrying cannot help); then a disruption of any rank (its peers fail
+        # too once it is gone, with errors that say nothing of why); then the first rank's failure.
+        failures = [_failure_of(p) for p in failed_pods]
+        disruptions = [d for p in failed_pods if (d := _disruption_of(p))]
+        return next((f for f in failures if f.permanent), None) or (disruptions or failures)[0]
     if (c := _condition(job, "Failed")) and c.get("status") == "True":
-        return AttemptOutcome("failed", c.get("reason") or "JobFailed", c.get("message", ""))
+        reason, message = c.get("reason") or "JobFailed", c.get("message", "")
+        disrupted = reason == POD_FAILURE_POLICY and DISRUPTION_TARGET in message
+        return AttemptOutcome("failed", DISRUPTION_TARGET if disrupted else reason, message, disrupted=disrupted)
     if (c := _condition(job, "Complete")) and c.get("status") == "True":
         return AttemptOutcome("succeeded", adapter=_adapter_of(pods))
     for pod in pods:
@@ -96,12 +124,14 @@ def observe_attempt(job: dict | None, pods: list[dict]) -> AttemptOutcome:
     nodes = job.get("spec", {}).get("parallelism", 1)
     if len(running) >= nodes:
         return AttemptOutcome("running")
+    if failed_create and len(pods) < nodes:
+        return AttemptOutcome("pending", "FailedCreate", failed_create[:1000])
     waiting = [
         (cs.get("state") or {}).get("waiting", {})
         for p in pods
         for cs in p.get("status", {}).get("containerStatuses") or []
     ]
-    bad = [w for w in waiting if w.get("reason") in ("ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError")]
+    bad = [w for w in waiting if w.get("reason") in STUCK_WAITING]
     if bad:
         return AttemptOutcome("pending", bad[0]["reason"], bad[0].get("message", ""))
     return AttemptOutcome("pending", "PodsStarting", f"{len(running)}/{nodes} pods running")
@@ -146,24 +176,26 @@ def _phase(plan: Plan, phase: str, reason: str, message: str, now: datetime, gen
 
 
 def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOutcome, now: datetime,
-         settings: OperatorSettings, generation: int | None = None, active_pods: int = 0) -> Plan:  # fmt: skip
+         settings: OperatorSettings, generation: int | None = None, active_pods: int = 0,
+         warning: tuple[str, str] | None = None) -> Plan:  # fmt: skip
     """Decide the next status and actions. Safe to call again with the same inputs (converges).
 
     `active_pods`: this fine-tune's pods still Pending or Running, of any attempt. A new attempt waits until there
     are none: pods of a failed or suspended attempt may still be writing a checkpoint in their termination grace,
-    and two attempts must never write the same run folder at once."""
+    and two attempts must never write the same run folder at once.
+    `warning`: (reason, message) of a preflight doubt that does not stop the attempt (no node has enough GPUs now:
+    a cluster autoscaler adds one only when it sees pods that need it); said when the attempt is created."""
     p = Plan(status=current.model_copy(deep=True))
     s, rp = p.status, spec.run_policy
     s.observed_generation = generation
 
-    # 1. Finished runs only wait for their TTL.
-    if s.phase in ("Succeeded", "Failed"):
-        if rp.ttl_seconds_after_finished is not None and s.completion_time is not None:
-            due = s.completion_time + timedelta(seconds=rp.ttl_seconds_after_finished)
-            if now >= due:
-                p.delete_children = True
-            else:
-                p.requeue_after = (due - now).total_seconds()
+    # 1. Finished runs only wait for their TTL, and delete their children once.
+    if s.phase in FINISHED:
+        due = ttl_due(rp.ttl_seconds_after_finished, s.completion_time, s.children_deleted_time is not None)
+        if due is not None and now >= due:
+            p.delete_children, s.children_deleted_time = True, now
+        elif due is not None:
+            p.requeue_after = (due - now).total_seconds()
         return p
 
     # 2. Deadline over the whole run, across attempts.
@@ -193,10 +225,18 @@ def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOu
             return p
         return _start_attempt(p, s.attempt + 1, now, generation, active_pods)
     if s.phase == "Suspended":
-        return _start_attempt(p, s.attempt + 1, now, generation, active_pods)
+        return _start_attempt(p, s.attempt + 1, now, generation, active_pods, warning)
     if outcome.state == "none":
-        return _start_attempt(p, max(s.attempt, 1), now, generation, active_pods)
+        return _start_attempt(p, max(s.attempt, 1), now, generation, active_pods, warning)
 
+    if outcome.state == "pending" and s.pending_since is None:
+        s.pending_since = now  # an attempt created before this field existed: count from now
+    if outcome.state == "pending" and _pending_too_long(s, rp.pending_timeout_seconds, now):
+        # Give the pods back (GPUs held by the ranks that did start) and count a failed attempt naming the cause.
+        p.delete_job = s.attempt
+        cause = outcome.reason + (f": {outcome.message}" if outcome.message else "")
+        outcome = AttemptOutcome("failed", "PendingTimeout", f"pods not all running after "
+                                 f"runPolicy.pendingTimeoutSeconds ({rp.pending_timeout_seconds} s): {cause}")  # fmt: skip
     if outcome.state == "pending":
         before = next((c.reason for c in s.conditions if c.type == "Ready"), None)
         reason = outcome.reason or "Pending"
@@ -207,6 +247,7 @@ def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOu
             p.events.append((kind, reason, outcome.message or "waiting"))
         return p
     if outcome.state == "running":
+        s.pending_since = None
         _phase(p, "Running", "AllPodsRunning", f"attempt {s.attempt}: all pods running", now, generation)
         return p
     if outcome.state == "succeeded":
@@ -216,6 +257,9 @@ def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOu
         _phase(p, "Succeeded", "TrainingComplete", "the adapter is published", now, generation)
         return p
 
+    s.pending_since = None
+    if outcome.disrupted:
+        return _disrupted(p, spec, outcome, now, settings, generation)
     # 5. The attempt failed: retry the whole gang with backoff, unless retrying cannot help.
     s.failed_attempts += 1
     s.last_failure = Failure(attempt=s.attempt, reason=outcome.reason, message=outcome.message,
@@ -254,6 +298,40 @@ def plan_invalid(current: LoRAFineTuneStatus, problems: list[str], now: datetime
     return p
 
 
+FINISHED = ("Succeeded", "Failed")
+
+
+def ttl_due(ttl: int | None, completion_time: datetime | None, children_deleted: bool) -> datetime | None:
+    """When runPolicy.ttlSecondsAfterFinished deletes a finished run's children; None if never (again)."""
+    if ttl is None or completion_time is None or children_deleted:
+        return None
+    return completion_time + timedelta(seconds=ttl)
+
+
+def _disrupted(p: Plan, spec: LoRAFineTuneSpec, outcome: AttemptOutcome, now: datetime, settings: OperatorSettings,
+               generation: int | None) -> Plan:  # fmt: skip
+    """Preemption, eviction, drain: not the run's fault, so a new attempt without touching backoffLimit, after the
+    shortest backoff; bounded by runPolicy.disruptionLimit so that a run evicted over and over still ends."""
+    s, limit = p.status, spec.run_policy.disruption_limit
+    s.disruptions += 1
+    s.last_disruption = Failure(attempt=s.attempt, reason=outcome.reason, message=outcome.message)
+    detail = f"attempt {s.attempt} was disrupted: {outcome.reason}" + (f": {outcome.message}" if outcome.message else "")
+    if s.disruptions > limit:
+        s.completion_time = now
+        _phase(p, "Failed", "DisruptionLimitExceeded", f"{detail} (disruptionLimit {limit} reached)", now, generation)
+        return p
+    delay = settings.backoff_seconds(1)
+    s.next_attempt_time = now + timedelta(seconds=delay)
+    p.requeue_after = delay
+    _phase(p, "Retrying", "Disrupted", f"{detail}; not counted as a failure, new attempt in {delay:.0f} s", now,
+           generation)  # fmt: skip
+    return p
+
+
+def _pending_too_long(s: LoRAFineTuneStatus, timeout: int, now: datetime) -> bool:
+    return s.pending_since is not None and now - s.pending_since >= timedelta(seconds=timeout)
+
+
 INVALID_SPEC = "InvalidSpec"
 STOPPING = "PreviousAttemptStopping"
 
@@ -262,7 +340,8 @@ def _stopping(s: LoRAFineTuneStatus) -> bool:
     return any(c.type == "Ready" and c.reason == STOPPING for c in s.conditions)
 
 
-def _start_attempt(p: Plan, attempt: int, now: datetime, generation: int | None, active_pods: int = 0) -> Plan:
+def _start_attempt(p: Plan, attempt: int, now: datetime, generation: int | None, active_pods: int = 0,
+                   warning: tuple[str, str] | None = None) -> Plan:  # fmt: skip
     s = p.status
     if active_pods:
         waiting_already = _stopping(s)
@@ -272,10 +351,14 @@ def _start_attempt(p: Plan, attempt: int, now: datetime, generation: int | None,
         p.events = [] if waiting_already else [("Normal", STOPPING, msg)]
         p.requeue_after = 2.0
         return p
-    s.attempt, s.start_time, s.next_attempt_time = attempt, s.start_time or now, None
+    s.attempt, s.start_time, s.next_attempt_time, s.pending_since = attempt, s.start_time or now, None, now
     p.create_attempt = attempt
     why = "resumes from the last complete checkpoint" if attempt > 1 else "first attempt"
     _phase(p, "Pending", "AttemptCreated", f"attempt {attempt} created ({why})", now, generation)
+    if warning:
+        reason, message = warning
+        set_condition(s, "Ready", False, reason, message, now, generation)
+        p.events.append(("Warning", reason, message))
     return p
 
 

@@ -76,6 +76,9 @@ class Operator:
             "LFT_LIVENESS_PORT": str(liveness),
             "LFT_DEFAULT_IMAGE": "lorafinetune:test",
             "LFT_SECRET_PREFLIGHT": "true",  # tested here; the chart's RBAC (tests/integration/test_chart.py) omits it
+            # kwok ignores grace periods; these make a pod Terminating 15 s after its deletion count as lost
+            "LFT_TERMINATION_GRACE_SECONDS": "5",
+            "LFT_LOST_POD_SECONDS": "10",
             **self.env,
         }
         self.proc = subprocess.Popen(

@@ -6,6 +6,7 @@ Each test gets its own namespace; pods end only when the test says so (`finish_p
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from kubernetes import client
@@ -138,6 +139,29 @@ def test_suspend_stops_the_attempt_and_resume_starts_a_new_one(cluster: Cluster)
     assert "PreviousAttemptStopping" in {e.reason for e in c.events("pause")}
 
 
+def test_pods_stuck_terminating_on_a_lost_node_do_not_hold_back_the_next_attempt(cluster: Cluster):
+    # The test operator gives pods a 5 s grace period and calls a pod lost 10 s after it (conftest): a pod still
+    # Terminating then has no kubelet finishing it, as on a NotReady or partitioned node.
+    c = cluster
+    c.apply(manifest("lost", resources={"nodes": 1, "gpusPerNode": 4}))  # the lost pod keeps its GPUs: leave room
+    wait_phase(c, "lost", "Running")
+    for pod in c.pods("lost", 1):  # no kubelet will confirm these pods' end
+        c.core.patch_namespaced_pod(pod.metadata.name, c.ns,
+                                    {"metadata": {"annotations": {"test.lorafinetune.io/terminate-after": "1h"}}})
+    c.patch_spec("lost", {"runPolicy": {"suspend": True}})
+    wait_phase(c, "lost", "Suspended")
+    c.patch_spec("lost", {"runPolicy": {"suspend": False}})
+    wait_for(lambda: condition(c.get("lost")["status"], "Ready")["reason"] == "PreviousAttemptStopping", 30,
+             "the new attempt to wait for the old pods first")  # fmt: skip
+    status = wait_for(lambda: (s := c.get("lost")["status"]).get("phase") == "Running" and s, 60, "attempt 2")
+    assert status["attempt"] == 2
+    stuck = c.pods("lost", 1)
+    assert len(stuck) == 1 and stuck[0].metadata.deletion_timestamp, "the lost pod is still there"
+    # What an administrator does once the node is gone for good: force-delete, so its GPUs are free for other tests.
+    c.core.patch_namespaced_pod(stuck[0].metadata.name, c.ns, {"metadata": {"finalizers": None}})
+    c.core.delete_namespaced_pod(stuck[0].metadata.name, c.ns, grace_period_seconds=0)
+
+
 def test_active_deadline_fails_the_run(cluster: Cluster):
     c = cluster
     c.apply(manifest("slow", runPolicy={"activeDeadlineSeconds": 3}))
@@ -169,16 +193,63 @@ def test_deleting_the_resource_leaves_nothing_behind(cluster: Cluster):
              60, "garbage collection of the ConfigMap and Service")  # fmt: skip
 
 
-def test_more_gpus_than_any_node_has_is_reported_and_creates_no_pods(cluster: Cluster):
+def test_more_gpus_than_any_node_has_is_a_warning_and_the_pods_wait_for_an_autoscaler(cluster: Cluster):
+    # A cluster autoscaler adds a 16-GPU node only for a pod that asks for one: the Job is created anyway, and the
+    # pending bound (its own test below) decides how long the pods may wait.
     c = cluster
     c.apply(manifest("huge", resources={"nodes": 1, "gpusPerNode": 16}))
-    status = wait_for(lambda: (s := c.get("huge").get("status", {})).get("conditions") and s, 30, "a condition")
-    assert status["phase"] == "Pending"
-    ready = condition(status, "Ready")
-    assert (ready["status"], ready["reason"]) == ("False", "InsufficientGPUs")
-    assert "no node has more than 8 allocatable nvidia.com/gpu" in ready["message"]
-    wait_for(lambda: any("no node has more than 8" in e.message for e in c.events("huge")), 30, "the event")
-    assert not c.jobs("huge")
+    wait_for(lambda: any(e.reason == "InsufficientGPUs" and e.type == "Warning"
+                         and "no node has more than 8 allocatable nvidia.com/gpu now" in e.message
+                         for e in c.events("huge")), 30, "the InsufficientGPUs warning")  # fmt: skip
+    assert [j.metadata.name for j in c.jobs("huge")] == ["huge-a1"]
+    ready = wait_for(lambda: (r := condition(c.get("huge")["status"], "Ready"))["reason"] == "Unschedulable" and r,
+                     60, "the scheduler's reason")  # fmt: skip
+    assert "Insufficient nvidia.com/gpu" in ready["message"] and phase(c, "huge") == "Pending"
+
+
+def test_pods_refused_by_a_quota_are_explained_then_bounded_by_the_pending_timeout(cluster: Cluster):
+    c = cluster
+    quota = client.V1ResourceQuota(metadata=client.V1ObjectMeta(name="no-pods"),
+                                   spec=client.V1ResourceQuotaSpec(hard={"pods": "0"}))  # fmt: skip
+    c.core.create_namespaced_resource_quota(c.ns, quota)
+    wait_for(lambda: c.core.read_namespaced_resource_quota("no-pods", c.ns).status.hard, 30, "the quota to count")
+    c.apply(manifest("quota", runPolicy={"pendingTimeoutSeconds": 30, "backoffLimit": 0}))
+    ready = wait_for(lambda: (r := condition(c.get("quota")["status"], "Ready"))["reason"] == "FailedCreate" and r,
+                     30, "the Job controller's FailedCreate in the Ready condition")  # fmt: skip
+    assert "exceeded quota: no-pods" in ready["message"] and phase(c, "quota") == "Pending"
+    status = wait_phase(c, "quota", "Failed", timeout=60)
+    failure = status["lastFailure"]
+    assert failure["reason"] == "PendingTimeout" and "exceeded quota: no-pods" in failure["message"]
+    assert "pendingTimeoutSeconds (30 s)" in failure["message"] and status["failedAttempts"] == 1
+    wait_for(lambda: not c.jobs("quota"), 30, "the timed-out attempt's Job to be deleted")
+
+
+def test_preemptions_restart_the_gang_without_spending_the_backoff_limit(cluster: Cluster):
+    c = cluster
+    c.apply(manifest("spot", runPolicy={"backoffLimit": 1}))
+    for attempt in range(1, 6):
+        wait_for(lambda: (s := c.get("spot")["status"]).get("phase") == "Running" and s["attempt"] == attempt, 60,
+                 f"attempt {attempt} to run")  # fmt: skip
+        victim = sorted(c.pods("spot", attempt), key=lambda p: p.metadata.name)[1].metadata.name
+        # The Eviction API, as a drain or a node-pressure controller calls it: the API server marks the pod with
+        # the DisruptionTarget condition and deletes it; the gang's Job fails by its pod failure policy.
+        eviction = client.V1Eviction(metadata=client.V1ObjectMeta(name=victim, namespace=c.ns))
+        c.core.create_namespaced_pod_eviction(victim, c.ns, eviction)
+        status = wait_for(lambda: (s := c.get("spot")["status"]).get("disruptions") == attempt and s, 60,
+                          f"disruption {attempt} to be counted")  # fmt: skip
+        # the pod condition's reason (EvictionByEvictionAPI) if the pod is still there, else the Job's
+        assert status["failedAttempts"] == 0
+        assert status["lastDisruption"]["reason"] in ("EvictionByEvictionAPI", "DisruptionTarget")
+    status = wait_for(lambda: (s := c.get("spot")["status"]).get("phase") == "Running" and s["attempt"] == 6 and s,
+                      60, "attempt 6 to run")  # fmt: skip
+    c.finish_pods("spot", 6, "Succeeded")
+    status = wait_phase(c, "spot", "Succeeded")
+    assert (status["failedAttempts"], status["disruptions"], status["attempt"]) == (0, 5, 6)
+    assert "lastFailure" not in status
+    job = c.batch.read_namespaced_job("spot-a1", c.ns)
+    failed = [x for x in job.status.conditions if x.type == "Failed"]
+    assert failed and failed[0].reason == "PodFailurePolicy", "the Job itself says a disruption ended it"
+    wait_for(lambda: sum(e.reason == "Disrupted" for e in c.events("spot")) >= 1, 30, "the Disrupted events")
 
 
 def test_a_gang_that_does_not_fit_says_why_in_status(cluster: Cluster):
@@ -283,3 +354,41 @@ def test_operator_metrics_count_reconciles_and_phases(cluster: Cluster, operator
     assert values['lorafinetune_operator_reconciles_total{handler="job-event"}'] > 0  # its Job's pods got ready
     assert values['lorafinetune_operator_resources{phase="Running"}'] >= 1
     assert values["lorafinetune_operator_attempts_started_total"] >= 1
+
+
+def _metric_values(operator) -> dict[str, float]:
+    text = operator.metrics()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
+
+
+def test_finished_runs_cost_nothing_and_deleting_one_needs_no_operator(cluster: Cluster, operator):
+    c = cluster
+    c.apply(manifest("rest", runPolicy={"ttlSecondsAfterFinished": 2}))
+    wait_phase(c, "rest", "Running")
+    assert not c.get("rest")["metadata"].get("finalizers"), "nothing can make its deletion wait for the operator"
+    c.finish_pods("rest", 1, "Succeeded")
+    wait_phase(c, "rest", "Succeeded")
+    status = wait_for(lambda: (s := c.get("rest")["status"]).get("childrenDeletedTime") and s, 30, "the TTL")
+    wait_for(lambda: not c.jobs("rest"), 30, "the TTL to delete the Job")
+
+    # Once no run is live (other tests' namespaces are gone), the finished one costs no API request per tick.
+    live = ("Pending", "Running", "Retrying", "Suspended")
+    wait_for(lambda: sum(_metric_values(operator)[f'lorafinetune_operator_resources{{phase="{p}"}}'] for p in live)
+             == 0 or None, 60, "no live run known to the operator")  # fmt: skip
+
+    def requests() -> float:
+        return sum(v for k, v in _metric_values(operator).items() if k.startswith("lorafinetune_operator_api_req"))
+
+    before = requests()
+    time.sleep(6)  # six ticks of the test operator's 1 s timer
+    assert requests() == before, "a finished run cost API requests at rest"
+    assert c.get("rest")["status"]["childrenDeletedTime"] == status["childrenDeletedTime"], "the TTL acted once"
+
+    operator.stop()
+    try:
+        c.delete("rest")
+        wait_for(lambda: not c.custom.list_namespaced_custom_object("lorafinetune.io", "v1alpha1", c.ns,
+                                                                    "lorafinetunes")["items"],
+                 15, "the fine-tune to be deleted while no operator runs")  # fmt: skip
+    finally:
+        operator.start()

@@ -88,6 +88,55 @@ def test_complete_job_is_success_and_carries_the_published_adapter():
     assert p.status.adapter.uri == "s3://b/run/adapter" and p.status.adapter.size_bytes == 123
 
 
+def disrupted_pod(name, reason="PreemptionByScheduler"):
+    p = pod(name, "Failed", terminated={"exitCode": 143, "reason": "Error"})
+    p["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": reason,
+                                  "message": "Preempted by a higher-priority pod"}]  # fmt: skip
+    return p
+
+
+def test_a_disrupted_rank_makes_the_attempt_disrupted_not_failed():
+    # rank 1 is preempted; rank 0 then fails with a collective error that says nothing of why
+    peer = pod("a-0", "Failed", terminated={"exitCode": 1, "message": json.dumps({"exitCode": 1, "reason": "Error"})})
+    out = observe_attempt(job(), [peer, disrupted_pod("a-1")])
+    assert (out.state, out.disrupted, out.reason) == ("failed", True, "PreemptionByScheduler")
+    assert "a-1" in out.message and "higher-priority" in out.message
+
+
+def test_a_permanent_error_wins_over_a_disruption():
+    bad = json.dumps({"exitCode": 3, "reason": "DataError", "message": "row 5"})
+    out = observe_attempt(job(), [pod("a-0", "Failed", terminated={"exitCode": 1, "message": bad}),
+                                  disrupted_pod("a-1")])  # fmt: skip
+    assert (out.permanent, out.disrupted, out.reason) == (True, False, "DataError")
+
+
+def test_the_jobs_pod_failure_policy_tells_a_disruption_when_the_pod_is_gone():
+    j = job()
+    j["status"]["conditions"] = [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+                                  "message": "Pod ns/a-1 has condition DisruptionTarget matching FailJob rule at "
+                                  "index 0"}]  # fmt: skip
+    out = observe_attempt(j, [pod("a-0", "Running")])
+    assert (out.state, out.disrupted, out.reason) == ("failed", True, "DisruptionTarget")
+    plain = observe_attempt(job(Failed="BackoffLimitExceeded"), [])
+    assert (plain.state, plain.disrupted) == ("failed", False)
+
+
+def test_pods_refused_at_creation_say_why():
+    quota = 'pods "a-0" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=8'
+    out = observe_attempt(job(), [], failed_create=quota)
+    assert (out.state, out.reason, out.message) == ("pending", "FailedCreate", quota)
+    assert observe_attempt(job(), [pod("a-0", "Running"), pod("a-1", "Running")], failed_create=quota).state == (
+        "running"
+    ), "an old refusal does not matter once every pod exists"
+
+
+@pytest.mark.parametrize("reason", ["ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                                    "CreateContainerConfigError"])  # fmt: skip
+def test_containers_that_cannot_start_are_named(reason):
+    out = observe_attempt(job(), [pod("a-0", "Pending", waiting={"reason": reason, "message": "why"})])
+    assert (out.state, out.reason, out.message) == ("pending", reason, "why")
+
+
 # ---------------------------------------------------------------- deciding
 
 
@@ -187,7 +236,10 @@ def test_ttl_removes_children_of_finished_runs_when_due():
                  SETTINGS, 1)  # fmt: skip
     assert not early.delete_children and early.requeue_after == 20
     due = plan(spec(ttlSecondsAfterFinished=30), done, AttemptOutcome("none"), NOW + timedelta(seconds=30), SETTINGS, 1)
-    assert due.delete_children and due.status.phase == "Succeeded"
+    assert due.delete_children and due.status.phase == "Succeeded" and due.status.children_deleted_time
+    again = plan(spec(ttlSecondsAfterFinished=30), due.status, AttemptOutcome("none"), NOW + timedelta(hours=1),
+                 SETTINGS, 1)  # fmt: skip
+    assert not again.delete_children and again.requeue_after is None, "deleted once, then nothing to do"
 
 
 def test_ready_carries_the_reason_a_run_is_still_pending():
@@ -253,3 +305,63 @@ def test_a_spec_the_operator_cannot_run_fails_at_once_saying_why_and_converges()
     assert [(kind, reason) for kind, reason, _ in p.events] == [("Warning", "InvalidSpec")]
     again = plan_invalid(s, problems, NOW + timedelta(seconds=10), generation=1)
     assert again.status == s and again.events == [] and again.create_attempt is None
+
+
+def test_disruptions_restart_without_spending_the_backoff_limit():
+    # backoffLimit 1 and five preemptions: every one restarts, none is a failure
+    s = spec(backoffLimit=1)
+    status = LoRAFineTuneStatus(phase="Running", attempt=1, start_time=NOW)
+    preempted = AttemptOutcome("failed", "PreemptionByScheduler", "pod a-1: preempted", disrupted=True)
+    for n in range(1, 6):
+        p = plan(s, status, preempted, NOW, SETTINGS, 1)
+        assert (p.status.phase, p.status.disruptions, p.status.failed_attempts) == ("Retrying", n, 0)
+        assert p.events[-1][:2] == ("Warning", "Disrupted") and "not counted as a failure" in p.events[-1][2]
+        assert p.status.last_disruption.reason == "PreemptionByScheduler" and p.status.last_failure is None
+        assert p.requeue_after == SETTINGS.backoff_seconds(1), "the shortest backoff, whatever came before"
+        started = plan(s, p.status, preempted, p.status.next_attempt_time, SETTINGS, 1)
+        assert started.create_attempt == n + 1
+        status = started.status
+        status.phase = "Running"
+    done = plan(s, status, AttemptOutcome("succeeded"), NOW, SETTINGS, 1)
+    assert (done.status.phase, done.status.failed_attempts, done.status.disruptions) == ("Succeeded", 0, 5)
+
+
+def test_a_run_disrupted_past_its_limit_fails():
+    status = LoRAFineTuneStatus(phase="Running", attempt=3, start_time=NOW, disruptions=2)
+    p = plan(spec(disruptionLimit=2), status, AttemptOutcome("failed", "EvictionByEvictionAPI", disrupted=True), NOW,
+             SETTINGS, 1)  # fmt: skip
+    assert (p.status.phase, p.status.disruptions) == ("Failed", 3)
+    assert p.events[-1][1] == "DisruptionLimitExceeded" and "disruptionLimit 2" in p.events[-1][2]
+
+
+def test_an_attempt_pending_past_its_bound_fails_naming_the_cause_and_releases_its_pods():
+    s = spec(pendingTimeoutSeconds=60, backoffLimit=1)
+    created = plan(s, LoRAFineTuneStatus(), AttemptOutcome("none"), NOW, SETTINGS, 1).status
+    assert created.pending_since == NOW
+    pull = AttemptOutcome("pending", "ImagePullBackOff", 'Back-off pulling image "nope:1"')
+    early = plan(s, created, pull, NOW + timedelta(seconds=59), SETTINGS, 1)
+    assert (early.status.phase, early.delete_job) == ("Pending", None)
+    late = plan(s, early.status, pull, NOW + timedelta(seconds=60), SETTINGS, 1)
+    assert (late.status.phase, late.delete_job, late.status.failed_attempts) == ("Retrying", 1, 1)
+    failure = late.status.last_failure
+    assert failure.reason == "PendingTimeout" and "ImagePullBackOff" in failure.message and "nope:1" in failure.message
+    assert "pendingTimeoutSeconds (60 s)" in failure.message and late.status.pending_since is None
+
+
+def test_running_pods_end_the_pending_clock():
+    s = spec(pendingTimeoutSeconds=60)
+    status = LoRAFineTuneStatus(phase="Pending", attempt=1, start_time=NOW, pending_since=NOW)
+    running = plan(s, status, AttemptOutcome("running"), NOW + timedelta(seconds=30), SETTINGS, 1)
+    assert running.status.pending_since is None
+    later = plan(s, running.status, AttemptOutcome("running"), NOW + timedelta(hours=5), SETTINGS, 1)
+    assert later.status.phase == "Running" and later.delete_job is None
+
+
+def test_a_capacity_warning_still_creates_the_attempt():
+    # No node has 8 GPUs now: an autoscaler adds one only for pods that need it, so the Job is created anyway.
+    warning = ("InsufficientGPUs", "resources.gpusPerNode is 8 but no node has more than 0 allocatable nvidia.com/gpu")
+    p = plan(spec(), LoRAFineTuneStatus(), AttemptOutcome("none"), NOW, SETTINGS, 1, warning=warning)
+    assert p.create_attempt == 1 and p.status.phase == "Pending"
+    ready = next(c for c in p.status.conditions if c.type == "Ready")
+    assert (ready.status, ready.reason, ready.message) == ("False", *warning)
+    assert ("Warning", *warning) in p.events
