@@ -32,6 +32,11 @@ ENV_CACHE_DIR = "LFT_CACHE_DIR"  # converted models and tokenised data; default 
 ENV_PVC_ROOT = "LFT_PVC_ROOT"  # where pvc://claim/... is mounted: <root>/<claim>/... (pods: /mnt/pvc)
 ENV_TERMINATION_LOG = "LFT_TERMINATION_LOG"  # the failing process writes {exitCode, reason, message} here
 ENV_FAIL_AT_STEP = "LFT_FAIL_AT_STEP"  # fault injection for tests: rank 0 exits with FAILED after this step
+# A token unique to this attempt (operator: the fine-tune's UID and the attempt; local runner: one per `run`). The
+# attempt's first act is to write it to ATTEMPT_FILE; a rank publishes a checkpoint or an adapter only while that
+# file still holds its own token, so a stale rank (a partitioned node, a paused process) cannot overwrite the work of
+# an attempt that started after it. Unset: no fencing.
+ENV_ATTEMPT = "LFT_ATTEMPT"
 
 # Files in the run folder.
 CONFIG_FILE = "config.json"
@@ -42,6 +47,7 @@ SUMMARY_FILE = "training_summary.json"
 MODEL_CARD_FILE = "README.md"
 LOSS_PLOT_FILE = "loss_curve.png"
 COMPLETE_MARKER = "COMPLETE.json"  # written last into a checkpoint or adapter folder: its presence means complete
+ATTEMPT_FILE = "attempt.json"  # {token, claimedAt}: the attempt that owns the run folder now (ENV_ATTEMPT)
 
 
 class ExitCode(IntEnum):

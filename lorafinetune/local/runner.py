@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from lorafinetune.api.manifest import LoRAFineTune
 from lorafinetune.api.uris import parse_uri
 from lorafinetune.contract import (
     CONFIG_FILE,
+    ENV_ATTEMPT,
     ENV_CACHE_DIR,
     ENV_CONFIG,
     ENV_METRICS_PORT,
@@ -82,9 +84,11 @@ def _node_run_dir(run_dir: Path, node: int, per_node: bool) -> Path:
     return run_dir.with_name(f"{run_dir.name}.node-{node}") if per_node and node else run_dir
 
 
-def _agent_env(run_dir: Path, node: int, threads: int, opts: LocalOptions, on_cpu: bool, per_node: bool) -> dict:
+def _agent_env(run_dir: Path, node: int, threads: int, opts: LocalOptions, on_cpu: bool, per_node: bool,
+               attempt: str) -> dict:  # fmt: skip
     env = {
         **os.environ,
+        ENV_ATTEMPT: attempt,  # one per `run`: an older run still alive on this folder can no longer publish
         ENV_CONFIG: str(run_dir / CONFIG_FILE),
         ENV_RUN_DIR: str(_node_run_dir(run_dir, node, per_node)),
         ENV_TERMINATION_LOG: str(run_dir / "logs" / f"termination-node{node}.json"),
@@ -118,6 +122,7 @@ def run_local(lft: LoRAFineTune, opts: LocalOptions, show_progress: bool = True)
     on_cpu = res.gpus_per_node == 0
     threads = max(1, (os.cpu_count() or 1) // res.world_size) if on_cpu else 4
     port = _free_port()
+    attempt = f"local-{uuid.uuid4().hex[:12]}"
     agents = []
     for node in range(res.nodes):
         cmd = [
@@ -129,7 +134,7 @@ def run_local(lft: LoRAFineTune, opts: LocalOptions, show_progress: bool = True)
         log = open(run_dir / "logs" / f"node-{node}.log", "ab")
         agents.append(
             subprocess.Popen(
-                cmd, env=_agent_env(run_dir, node, threads, opts, on_cpu, out_uri.scheme == "s3"), stdout=log,
+                cmd, env=_agent_env(run_dir, node, threads, opts, on_cpu, out_uri.scheme == "s3", attempt), stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches only us; we forward it deliberately
                 preexec_fn=_stop_with(os.getpid()),

@@ -17,6 +17,7 @@ from lorafinetune.api.manifest import API_VERSION, KIND
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.uris import parse_uri
 from lorafinetune.contract import (
+    ENV_ATTEMPT,
     CONFIG_FILE,
     ENV_CACHE_DIR,
     ENV_CONFIG,
@@ -188,7 +189,7 @@ def _env(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: OperatorS
         {"name": "PET_SHUTDOWN_TIMEOUT", "value": str(settings.shutdown_timeout_seconds)},
         {"name": ENV_TERMINATION_LOG, "value": TERMINATION_LOG},
         {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"},
-        {"name": "LFT_ATTEMPT", "value": str(attempt)},
+        {"name": ENV_ATTEMPT, "value": f"{owner.uid}/{attempt}"},  # fencing: unique across re-created fine-tunes
     ]
     if res.gpus_per_node == 0:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from lorafinetune.contract import CHECKPOINTS_DIR, COMPLETE_MARKER, write_json_atomic
+from lorafinetune.trainer import fence
 from lorafinetune.trainer.errors import ConfigError
 from lorafinetune.trainer.fingerprint import changed_sections
 
@@ -104,16 +105,19 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save(
-    engine: Any, run_dir: Path, step: int, rank: int, meta: dict[str, Any], keep_last: int, leader: bool
-) -> Path:
+    engine: Any, run_dir: Path, step: int, rank: int, meta: dict[str, Any], keep_last: int, leader: bool,
+    attempt: str | None = None,
+) -> Path:  # fmt: skip
     """Every rank must call this (DeepSpeed saves its shards collectively). Returns the complete folder.
 
     `leader` is the one rank that manages this run folder: rank 0 when all nodes share it (a PVC), each node's
-    local rank 0 when every node has its own (scratch mirrored to S3; each then holds that node's shards only)."""
+    local rank 0 when every node has its own (scratch mirrored to S3; each then holds that node's shards only).
+    `attempt`: this attempt's fencing token; the leader writes nothing once a newer attempt holds the folder."""
     root = run_dir / CHECKPOINTS_DIR
     final = root / f"step-{step:08d}"
     staging = root / f"step-{step:08d}.partial"
     if leader:
+        fence.check(run_dir, attempt, f"saving checkpoint step {step}")
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash mid-save
         staging.mkdir(parents=True)
     dist.barrier()
@@ -121,6 +125,7 @@ def save(
     torch.save(rng_state(), staging / f"rng-rank{rank}.pt")
     dist.barrier()  # sync point: every rank's files are on disk before the marker says "complete"
     if leader:
+        fence.check(run_dir, attempt, f"completing checkpoint step {step}")  # the shards took a while: again
         write_json_atomic(staging / COMPLETE_MARKER, {**meta, "step": step, "savedAt": datetime.now(UTC).isoformat()})
         if final.exists():  # same step saved before a crash (e.g. by an attempt that then failed)
             shutil.rmtree(final)

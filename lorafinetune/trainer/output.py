@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafinetune.contract import ADAPTER_DIR, COMPLETE_MARKER, MODEL_CARD_FILE, SUMMARY_FILE, write_json_atomic
+from lorafinetune.trainer import fence
 from lorafinetune.trainer.errors import TrainerError
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -100,14 +101,17 @@ def model_card(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish(run_dir: Path, summary: dict[str, Any], fingerprint: dict[str, str]) -> dict[str, Any]:
-    """Write summary and card into the verified staging folder, mark it complete, and rename it into place."""
+def publish(run_dir: Path, summary: dict[str, Any], fingerprint: dict[str, str], attempt: str | None = None
+            ) -> dict[str, Any]:  # fmt: skip
+    """Write summary and card into the verified staging folder, mark it complete, and rename it into place (only
+    while this attempt still holds the run folder: see fence.py)."""
     staging = staging_dir(run_dir)
     weights = staging / ADAPTER_FILE
     ref = {"uri": str(run_dir / ADAPTER_DIR), "sizeBytes": weights.stat().st_size, "sha256": sha256_of(weights)}
     summary = {**summary, "adapter": ref}
     write_json_atomic(staging / SUMMARY_FILE, summary)
     (staging / MODEL_CARD_FILE).write_text(model_card(summary))
+    fence.check(run_dir, attempt, "publishing the adapter")
     write_json_atomic(staging / COMPLETE_MARKER, {**ref, "fingerprint": fingerprint})
     final = run_dir / ADAPTER_DIR
     if final.exists():  # only an incomplete leftover can be here: a complete one stops the run before training

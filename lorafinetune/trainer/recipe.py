@@ -35,7 +35,7 @@ from lorafinetune.contract import (
     write_json_atomic,
 )
 from lorafinetune.plots import plot_loss_curves
-from lorafinetune.trainer import batching, checkpoint, data, engine, model, output, remote
+from lorafinetune.trainer import batching, checkpoint, data, engine, fence, model, output, remote
 from lorafinetune.trainer.errors import ConfigError, DataError, TrainerError
 from lorafinetune.trainer.fingerprint import spec_fingerprint
 from lorafinetune.trainer.metrics import TrainerMetrics
@@ -73,6 +73,7 @@ class LoRAFineTuneRecipe:
         self.input_tokens = 0  # non-padding tokens processed (all ranks): the honest throughput measure
         self.train_seconds = 0.0  # optimizer steps only, without start-up, evaluation and checkpoints
         self.metrics = TrainerMetrics() if self.is_main else None
+        self.attempt = fence.token()  # see fence.py: a newer attempt's claim stops this one from publishing
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -86,6 +87,9 @@ class LoRAFineTuneRecipe:
             )
         if self.on_gpu:
             torch.cuda.set_device(self.local_rank)
+        if self.run_dir_leader:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fence.claim(self.run_dir, self.attempt)  # from now on, older attempts write nothing here
         # Before any collective: fetch inputs and, in a new pod, the newest checkpoint from S3 (file-locked).
         self.mirror = remote.OutputMirror(spec, self.run_dir)
         pulled = self.mirror.pull_latest_checkpoint()
@@ -373,7 +377,8 @@ class LoRAFineTuneRecipe:
 
     def save_checkpoint(self, step: int) -> None:
         keep_last = self.spec.checkpointing.keep_last
-        path = checkpoint.save(self.engine, self.run_dir, step, self.rank, self._meta(), keep_last, self.run_dir_leader)
+        path = checkpoint.save(self.engine, self.run_dir, step, self.rank, self._meta(), keep_last, self.run_dir_leader,
+                               self.attempt)  # fmt: skip
         relative = f"{CHECKPOINTS_DIR}/{path.name}"
         if self.mirror.remote and self.spec.resources.nodes > 1:
             self._mirror_multi_node(path, relative)
@@ -417,6 +422,7 @@ class LoRAFineTuneRecipe:
         )
         with gather:  # collective under ZeRO-3: every rank enters, rank 0 writes
             if self.is_main:
+                fence.check(self.run_dir, self.attempt, "writing the adapter")  # the staging folder is shared
                 shutil.rmtree(staging, ignore_errors=True)
                 self.engine.module.save_pretrained(staging)
                 self.tokenizer.save_pretrained(staging)
@@ -459,7 +465,7 @@ class LoRAFineTuneRecipe:
             "history": self.history,
             "completedAt": datetime.now(UTC).isoformat(),
         }
-        ref = output.publish(self.run_dir, summary, self.fingerprint)
+        ref = output.publish(self.run_dir, summary, self.fingerprint, self.attempt)
         if self.mirror.remote:
             self.mirror.push(self.run_dir / ADAPTER_DIR, ADAPTER_DIR)  # COMPLETE.json last: never seen half-written
             ref = {**ref, "uri": f"{self.mirror.remote}/{ADAPTER_DIR}"}

@@ -272,3 +272,38 @@ def test_offline_hub_model_fails_permanently_with_a_clear_error(tmp_path, tiny_m
     assert proc.returncode == ExitCode.MODEL_ERROR, proc.stdout + proc.stderr
     assert "could not load 'HuggingFaceTB/SmolLM2-135M' from the Hugging Face Hub" in proc.stderr
     assert "use pvc:// or file:// instead" in proc.stderr
+
+
+def test_a_paused_run_that_wakes_after_a_newer_one_took_over_publishes_nothing(tmp_path, tiny_model, chat_data):
+    """A frozen node's ranks (here: SIGSTOP) that come back after the next attempt started must not save over it."""
+    out = tmp_path / "shared"
+    spec = {"training": {"maxSteps": 24}, "checkpointing": {"everySteps": 4}, "evaluation": {"everySteps": 1000}}
+    manifest = write_manifest(tmp_path / "shared.yaml", tiny_manifest(tiny_model, chat_data, out, **spec))
+    old = subprocess.Popen([sys.executable, "-m", "lorafinetune.cli", "run", str(manifest), "--quiet"], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    frozen: list[int] = []
+    try:
+        wait_until_training(old, out, step=1)
+        frozen = [old.pid, *_trainer_pids(out)]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        new = run_cli("run", str(manifest), "--quiet")  # the next attempt, on the same folder
+        assert new.returncode == 0, new.stdout + new.stderr
+        adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+        checkpoints = sorted((p.name, (p / "COMPLETE.json").read_text()) for p in (out / "checkpoints").iterdir())
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        output, _ = old.communicate(timeout=150)
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if old.poll() is None:
+            old.kill()
+    assert old.returncode == ExitCode.FAILED, output
+    assert "has taken over" in output
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter, "the stale run overwrote it"
+    after = sorted((p.name, (p / "COMPLETE.json").read_text()) for p in (out / "checkpoints").iterdir())
+    assert after == checkpoints, "the stale run changed the checkpoints"

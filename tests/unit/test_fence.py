@@ -1,0 +1,54 @@
+"""Fencing between attempts: a paused old rank that wakes after a newer attempt claimed the folder writes nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from lorafinetune.trainer import fence
+from tests.conftest import REPO
+
+# The old attempt: claims the folder, is paused (SIGSTOP, as a frozen node or a debugger would), and when it wakes
+# tries to publish, as checkpoint.save does before its COMPLETE marker.
+OLD_RANK = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from lorafinetune.trainer import fence
+    run = Path(sys.argv[1])
+    fence.claim(run, "attempt-1")
+    os.kill(os.getpid(), signal.SIGSTOP)
+    try:
+        fence.check(run, "attempt-1", "completing checkpoint step 10")
+    except fence.Superseded as err:
+        print(err)
+        sys.exit(1)
+    (run / "COMPLETE.json").write_text("written by a stale attempt")
+""")
+
+
+@pytest.mark.parametrize("round_", range(20))
+def test_a_paused_old_rank_cannot_publish_after_a_new_attempt_started(tmp_path, round_):
+    old = subprocess.Popen([sys.executable, "-c", OLD_RANK, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                           text=True)  # fmt: skip
+    _, status = os.waitpid(old.pid, os.WUNTRACED)  # until it has claimed and stopped itself
+    assert os.WIFSTOPPED(status)
+    fence.claim(tmp_path, "attempt-2")  # the new attempt starts meanwhile
+    os.kill(old.pid, signal.SIGCONT)
+    out, _ = old.communicate(timeout=60)
+    assert old.returncode == 1 and "attempt attempt-2 has taken over" in out
+    assert not (tmp_path / "COMPLETE.json").exists()
+    fence.check(tmp_path, "attempt-2", "the new attempt's own save")  # the owner itself is not refused
+
+
+def test_no_token_means_no_fencing(tmp_path):
+    fence.claim(tmp_path, None)
+    assert not (tmp_path / "attempt.json").exists()
+    fence.check(tmp_path, None, "anything")
+    fence.claim(tmp_path, "a")
+    with pytest.raises(fence.Superseded, match=r"not saving: attempt a has taken over"):
+        fence.check(tmp_path, "b", "saving")
