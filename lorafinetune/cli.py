@@ -42,10 +42,11 @@ def _options(args: argparse.Namespace):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    lft = load_manifest(args.manifest)
+    lft = load_manifest(args.manifest, cluster=args.cluster)
     s = lft.spec
+    where = "in a cluster" if args.cluster else "for local runs"
     print(
-        f"{args.manifest}: valid LoRAFineTune {lft.metadata.name!r}: {s.resources.nodes} node(s) x "
+        f"{args.manifest}: valid {where}: LoRAFineTune {lft.metadata.name!r}: {s.resources.nodes} node(s) x "
         f"{s.resources.procs_per_node} process(es), ZeRO-{s.deepspeed.zero_stage}, LoRA r={s.lora.r}"
     )
     return 0
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a manifest without running it")
     p.add_argument("manifest", type=Path)
+    p.add_argument("--cluster", action="store_true",
+                   help="also the rules of a cluster, as the API server applies them (no file:// or package:// "
+                   "URIs, a name that can name a Service); without it, what `lorafinetune run` accepts")  # fmt: skip
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("run", help="run a manifest on this machine (local ranks over gloo)")

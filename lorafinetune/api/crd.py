@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from lorafinetune.api.manifest import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+from lorafinetune.api.manifest import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, LoRAFineTune
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import LoRAFineTuneStatus
 
@@ -21,7 +21,7 @@ CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / f"{GROUP}_{PLURAL}.yam
 
 _KEPT = {
     "type", "description", "enum", "default", "minimum", "maximum", "minLength", "maxLength", "pattern",
-    "minItems", "maxItems", "items", "properties", "required", "additionalProperties", "format",
+    "minItems", "maxItems", "items", "properties", "required", "additionalProperties", "format", "maxProperties",
     "x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields",
 }  # fmt: skip
 
@@ -93,12 +93,7 @@ def build_crd() -> dict[str, Any]:
             "spec": _schema_of(LoRAFineTuneSpec),
             "status": _schema_of(LoRAFineTuneStatus),
         },
-        "x-kubernetes-validations": [
-            {
-                "rule": "size(self.metadata.name) <= 40",
-                "message": "metadata.name must be at most 40 characters (child object names append a suffix)",
-            }
-        ],
+        "x-kubernetes-validations": [rule.cel() for rule in LoRAFineTune.RULES],
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
-from lorafinetune.api.base import APIModel
+from lorafinetune.api.base import CLUSTER, APIModel
+from lorafinetune.api.rules import F, Rule
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import LoRAFineTuneStatus
 
@@ -26,7 +27,8 @@ class ObjectMeta(APIModel):
 
     model_config = APIModel.model_config | {"extra": "allow"}  # uid, resourceVersion, ... from the API server
 
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", description="DNS-1123 label.")
+    # Any Kubernetes object name; in a cluster also a DNS-1035 label (LoRAFineTune.RULES), since it names a Service.
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253, description="Object name.")
     namespace: str | None = None
     labels: dict[str, str] | None = None
     annotations: dict[str, str] | None = None
@@ -35,19 +37,20 @@ class ObjectMeta(APIModel):
 class LoRAFineTune(APIModel):
     """A LoRA fine-tune of a language model."""
 
+    RULES = (
+        # Child names are `<name>-a<attempt>-<index>-...`: keep room under the 63-character label limit.
+        Rule(~(F("metadata.name").size() > 40), "metadata.name must be at most 40 characters (child object names "
+             "append a suffix)"),
+        Rule(F("metadata.name").matches("^[a-z]([-a-z0-9]*[a-z0-9])?$"), "metadata.name must be a DNS-1035 label in "
+             "a cluster (lower-case letters, digits and '-', starting with a letter): it also names the fine-tune's "
+             "headless Service", cluster=True),
+    )  # fmt: skip
+
     api_version: Literal["lorafinetune.io/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["LoRAFineTune"]
     metadata: ObjectMeta
     spec: LoRAFineTuneSpec
     status: LoRAFineTuneStatus | None = None
-
-    @field_validator("metadata")
-    @classmethod
-    def _name(cls, v: ObjectMeta) -> ObjectMeta:
-        # Child names are `<name>-<attempt>-...`; keep room under the 63-character label limit.
-        if len(v.name) > 40:
-            raise ValueError(f"metadata.name {v.name!r} is {len(v.name)} characters; use at most 40")
-        return v
 
 
 class ManifestError(ValueError):
@@ -75,17 +78,17 @@ def describe_errors(err: ValidationError) -> list[str]:
     return lines
 
 
-def parse_manifest(data: object, source: str = "manifest") -> LoRAFineTune:
-    """Validate an already-decoded manifest."""
+def parse_manifest(data: object, source: str = "manifest", cluster: bool = False) -> LoRAFineTune:
+    """Validate an already-decoded manifest; `cluster`: also the rules that only hold in a cluster (rules.py)."""
     if not isinstance(data, dict):
         raise ManifestError(source, ["(top level): expected a mapping with apiVersion, kind, metadata and spec"])
     try:
-        return LoRAFineTune.model_validate(data)
+        return LoRAFineTune.model_validate(data, context={CLUSTER: cluster})
     except ValidationError as err:
         raise ManifestError(source, describe_errors(err)) from None
 
 
-def load_manifest(path: str | Path) -> LoRAFineTune:
+def load_manifest(path: str | Path, cluster: bool = False) -> LoRAFineTune:
     """Read and validate one LoRAFineTune from a YAML file."""
     path = Path(path)
     try:
@@ -96,4 +99,4 @@ def load_manifest(path: str | Path) -> LoRAFineTune:
         raise ManifestError(str(path), [f"not valid YAML: {err}"]) from None
     if len(docs) != 1:
         raise ManifestError(str(path), [f"expected exactly one YAML document, found {len(docs)}"])
-    return parse_manifest(docs[0], str(path))
+    return parse_manifest(docs[0], str(path), cluster)

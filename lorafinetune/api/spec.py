@@ -2,19 +2,20 @@
 
 The CRD's OpenAPI schema (crds/), the chart's copy and `kubectl explain` text are generated from these models, and
 the same models validate manifests in local runs, so every field's description says its unit, default and why.
-Cross-field rules live twice on purpose: as pydantic validators (local runs, `lorafinetune validate`) and as CEL
-rules (`x-kubernetes-validations`, enforced by the API server). Keep each pair in step.
+Cross-field rules are declared once per type (`RULES`, see rules.py): the same declaration is a pydantic check
+(local runs, `lorafinetune validate`) and a CEL rule (`x-kubernetes-validations`, enforced by the API server). Every
+string and list is bounded, which also keeps CEL within the API server's cost budget.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from lorafinetune.api.base import APIModel
-from lorafinetune.api.uris import parse_uri
+from lorafinetune.api.rules import F, Rule
+from lorafinetune.api.uris import Scheme, parse_uri, scheme_pattern
 
 PositiveInt = Annotated[int, Field(ge=1)]
 K8sObject = dict[str, Any]  # a Kubernetes type (affinity, tolerations, ...) passed through to the pod unchanged
@@ -37,31 +38,39 @@ def immutable(field: str) -> dict:
 
 _SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"  # a Kubernetes object name (DNS-1123 subdomain)
 _PINNED_HF = r"@[0-9a-f]{40}$"  # hf://org/name@<commit>
+URI_MAX = 2048  # characters in a storage URI
+# Schemes each URI accepts: the field's CRD pattern and its Python check (parse_uri) are both made from these.
+MODEL_SCHEMES: tuple[Scheme, ...] = ("hf", "pvc", "s3", "file", "package")
+DATA_SCHEMES: tuple[Scheme, ...] = ("file", "pvc", "s3")
+OUTPUT_SCHEMES: tuple[Scheme, ...] = ("pvc", "s3", "file")
+NAME_MAX = 253  # a Kubernetes object name
+# Schemes a cluster can serve: file:// is a path inside the pod (lost with it) and package:// a Python package on the
+# local machine; both work in local runs only.
+CLUSTER_ONLY = " (file:// and package:// work in local runs only: a pod's file:// output is lost with the pod)"
 
 
 class ModelSpec(APIModel):
     """The base model to fine-tune."""
 
-    model_config = APIModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                cel(f"!(has(self.trustRemoteCode) && self.trustRemoteCode) || !self.uri.startsWith('hf://') || "
-                    f"self.uri.matches('{_PINNED_HF}')",
-                    "model.trustRemoteCode runs the repository's Python code in your pods: pin model.uri to a commit "
-                    "(hf://org/name@<40-hex commit>) so the code that runs is the code you reviewed"),
-                cel("!has(self.tokenSecret) || self.uri.startsWith('hf://')",
-                    "model.tokenSecret is only used for hf:// models"),
-            ]
-        }
-    }  # fmt: skip
+    RULES = (
+        Rule(~F("trustRemoteCode") | ~F("uri").startswith("hf://") | F("uri").matches(_PINNED_HF),
+             "model.trustRemoteCode runs the repository's Python code in your pods: pin model.uri to a commit "
+             "(hf://org/name@<40-hex commit>) so the code that runs is the code you reviewed"),
+        Rule(~F("tokenSecret").has() | F("uri").startswith("hf://"), "model.tokenSecret is only used for hf:// models"),
+        Rule(F("uri").matches("^(hf|pvc|s3)://"), "model.uri must be hf://, pvc:// or s3:// in a cluster" + CLUSTER_ONLY,
+             cluster=True),
+    )  # fmt: skip
 
     uri: str = Field(
+        max_length=URI_MAX,
+        json_schema_extra={"pattern": scheme_pattern(MODEL_SCHEMES)},  # in Python: _uri (clearer messages)
         description="Where the base model is: hf://org/name[@revision] (Hugging Face Hub), pvc://claim/path, "
         "s3://bucket/prefix, file:///abs/path, or package://python_package (a model shipped in an installed "
         "Python package, local runs only).",
     )
     gguf_file: str | None = Field(
         default=None,
+        max_length=255,
         description="Name of a GGUF file inside `uri` to load instead of safetensors weights. The weights are "
         "dequantised to `dtype` once and cached as an ordinary checkpoint, because transformers refuses to train "
         "or save a model it loaded from GGUF.",
@@ -89,19 +98,8 @@ class ModelSpec(APIModel):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        parse_uri(v, ("hf", "pvc", "s3", "file", "package"))
+        parse_uri(v, MODEL_SCHEMES)
         return v
-
-    @model_validator(mode="after")
-    def _hub_rules(self) -> ModelSpec:
-        if self.trust_remote_code and self.uri.startswith("hf://") and not re.search(_PINNED_HF, self.uri):
-            raise ValueError(
-                "model.trustRemoteCode runs the repository's Python code in your pods: pin model.uri to a commit "
-                "(hf://org/name@<40-hex commit>) so the code that runs is the code you reviewed"
-            )
-        if self.token_secret and not self.uri.startswith("hf://"):
-            raise ValueError("model.tokenSecret is only used for hf:// models")
-        return self
 
     @field_validator("gguf_file")
     @classmethod
@@ -114,20 +112,23 @@ class ModelSpec(APIModel):
 class DatasetSpec(APIModel):
     """JSON Lines training data and how to turn it into tokens."""
 
-    model_config = APIModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                cel(
-                    "!(has(self.validation) && has(self.validationSplit) && self.validationSplit > 0.0)",
-                    "set either dataset.validation (a file) or dataset.validationSplit (a fraction), not both",
-                )
-            ]
-        }
-    }
+    RULES = (
+        Rule(~(F("validation").has() & F("validationSplit").has() & (F("validationSplit") > 0.0)),
+             "set either dataset.validation (a file) or dataset.validationSplit (a fraction), not both"),
+        Rule(F("train").matches("^(pvc|s3)://") & (~F("validation").has() | F("validation").matches("^(pvc|s3)://")),
+             "dataset.train and dataset.validation must be pvc:// or s3:// in a cluster" + CLUSTER_ONLY, cluster=True),
+    )  # fmt: skip
 
-    train: str = Field(description="JSONL file with training rows: file://, pvc:// or s3:// URI.")
+    train: str = Field(
+        max_length=URI_MAX,
+        json_schema_extra={"pattern": scheme_pattern(DATA_SCHEMES)},
+        description="JSONL file with training rows: file://, pvc:// or s3:// URI.",
+    )
     validation: str | None = Field(
-        default=None, description="JSONL file with held-out rows for evaluation; same schemes as `train`."
+        default=None,
+        max_length=URI_MAX,
+        json_schema_extra={"pattern": scheme_pattern(DATA_SCHEMES)},
+        description="JSONL file with held-out rows for evaluation; same schemes as `train`.",
     )
     validation_split: float | None = Field(
         default=None,
@@ -162,14 +163,8 @@ class DatasetSpec(APIModel):
     @classmethod
     def _data_uri(cls, v: str | None) -> str | None:
         if v is not None:
-            parse_uri(v, ("file", "pvc", "s3"))
+            parse_uri(v, DATA_SCHEMES)
         return v
-
-    @model_validator(mode="after")
-    def _one_validation_source(self) -> DatasetSpec:
-        if self.validation is not None and self.validation_split:
-            raise ValueError("set either dataset.validation (a file) or dataset.validationSplit (a fraction), not both")
-        return self
 
     @property
     def effective_validation_split(self) -> float:
@@ -186,9 +181,15 @@ class LoRASpec(APIModel):
         default=32.0, gt=0, description="Scaling numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."
     )
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
-    target_modules: list[str] = Field(
+    RULES = (
+        Rule(~(F("targetModules").contains("all-linear") & (F("targetModules").size() > 1)),
+             "use either [\"all-linear\"] or a list of module names in lora.targetModules, not both"),
+    )  # fmt: skip
+
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
+        max_length=64,
         description="Module names to adapt (e.g. q_proj, v_proj) or [\"all-linear\"] for every linear layer except "
         "the output head.",
     )
@@ -198,24 +199,11 @@ class LoRASpec(APIModel):
         description="Weight-decomposed LoRA (DoRA): adds a magnitude vector per adapted module; slower per step.",
     )
 
-    @field_validator("target_modules")
-    @classmethod
-    def _targets(cls, v: list[str]) -> list[str]:
-        if "all-linear" in v and len(v) > 1:
-            raise ValueError("use either [\"all-linear\"] or a list of module names, not both")
-        return v
-
 
 class TrainingSpec(APIModel):
     """Optimisation settings. Exactly one of `epochs` and `maxSteps`."""
 
-    model_config = APIModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                cel("has(self.epochs) != has(self.maxSteps)", "set exactly one of training.epochs and training.maxSteps")
-            ]
-        }
-    }
+    RULES = (Rule(F("epochs").has() != F("maxSteps").has(), "set exactly one of training.epochs and training.maxSteps"),)
 
     epochs: float | None = Field(default=None, gt=0, le=1000, description="Passes over the training set.")
     max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run (overrides epochs).")
@@ -242,24 +230,14 @@ class TrainingSpec(APIModel):
         description="Recompute activations in the backward pass: less memory, about a third more compute.",
     )
 
-    @model_validator(mode="after")
-    def _one_length(self) -> TrainingSpec:
-        if (self.epochs is None) == (self.max_steps is None):
-            raise ValueError("set exactly one of training.epochs and training.maxSteps")
-        return self
-
 
 class DeepSpeedSpec(APIModel):
     """DeepSpeed ZeRO sharding."""
 
-    model_config = APIModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                cel("!self.offloadParams || self.zeroStage == 3", "deepspeed.offloadParams needs zeroStage 3"),
-                cel("!self.offloadOptimizer || self.zeroStage >= 1", "deepspeed.offloadOptimizer needs zeroStage >= 1"),
-            ]
-        }
-    }
+    RULES = (
+        Rule(~F("offloadParams") | (F("zeroStage") == 3), "deepspeed.offloadParams needs zeroStage 3"),
+        Rule(~F("offloadOptimizer") | (F("zeroStage") >= 1), "deepspeed.offloadOptimizer needs zeroStage >= 1"),
+    )
 
     zero_stage: int = Field(
         default=2,
@@ -269,14 +247,6 @@ class DeepSpeedSpec(APIModel):
     )
     offload_optimizer: bool = Field(default=False, description="Keep optimizer states in CPU memory (stage >= 1).")
     offload_params: bool = Field(default=False, description="Keep parameters in CPU memory (stage 3 only).")
-
-    @model_validator(mode="after")
-    def _offload(self) -> DeepSpeedSpec:
-        if self.offload_params and self.zero_stage != 3:
-            raise ValueError("deepspeed.offloadParams needs zeroStage 3")
-        if self.offload_optimizer and self.zero_stage < 1:
-            raise ValueError("deepspeed.offloadOptimizer needs zeroStage >= 1")
-        return self
 
 
 class EarlyStoppingSpec(APIModel):
@@ -305,6 +275,12 @@ class CheckpointingSpec(APIModel):
 class ResourcesSpec(APIModel):
     """Where and on how much hardware the trainer runs."""
 
+    RULES = (
+        Rule((F("gpusPerNode") == 0) | ~F("processesPerNode").has() | (F("processesPerNode") == F("gpusPerNode")),
+             "resources.processesPerNode must equal gpusPerNode when GPUs are used (one process per GPU), or be "
+             "left unset"),
+    )  # fmt: skip
+
     nodes: int = Field(default=1, ge=1, le=1024, description="Pods (machines); one torchrun agent each.")
     gpus_per_node: int = Field(default=1, ge=0, le=16, description="nvidia.com/gpu per pod; 0 trains on CPU.")
     processes_per_node: int | None = Field(
@@ -320,27 +296,27 @@ class ResourcesSpec(APIModel):
         "gpusPerNode.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
-    image: str | None = Field(default=None, description="Trainer image; default: the operator's configured image.")
-    node_selector: dict[str, str] | None = Field(default=None, description="Pod nodeSelector.")
+    image: str | None = Field(
+        default=None, max_length=512, description="Trainer image; default: the operator's configured image."
+    )
+    node_selector: dict[Annotated[str, Field(max_length=317)], Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None, max_length=64, description="Pod nodeSelector."
+    )
     tolerations: list[K8sObject] | None = Field(
         default=None,
+        max_length=64,
         description="Pod tolerations.",
         json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
     )
     affinity: K8sObject | None = Field(
         default=None, description="Pod affinity.", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
     )
-    priority_class_name: str | None = Field(default=None, description="Pod priorityClassName.")
-    service_account_name: str | None = Field(default=None, description="Pod serviceAccountName.")
-
-    @model_validator(mode="after")
-    def _processes(self) -> ResourcesSpec:
-        if self.gpus_per_node and self.processes_per_node not in (None, self.gpus_per_node):
-            raise ValueError(
-                f"resources.processesPerNode ({self.processes_per_node}) must equal gpusPerNode "
-                f"({self.gpus_per_node}) when GPUs are used, or be left unset"
-            )
-        return self
+    priority_class_name: str | None = Field(
+        default=None, max_length=NAME_MAX, pattern=_SECRET_NAME, description="Pod priorityClassName."
+    )
+    service_account_name: str | None = Field(
+        default=None, max_length=NAME_MAX, pattern=_SECRET_NAME, description="Pod serviceAccountName."
+    )
 
     @property
     def procs_per_node(self) -> int:
@@ -354,7 +330,16 @@ class ResourcesSpec(APIModel):
 class OutputSpec(APIModel):
     """Where the adapter, summary, model card and checkpoints go."""
 
-    uri: str = Field(description="Output folder: pvc://claim/path, s3://bucket/prefix or file:///abs/path.")
+    RULES = (
+        Rule(F("uri").matches("^(pvc|s3)://"), "output.uri must be pvc:// or s3:// in a cluster" + CLUSTER_ONLY,
+             cluster=True),
+    )  # fmt: skip
+
+    uri: str = Field(
+        max_length=URI_MAX,
+        json_schema_extra={"pattern": scheme_pattern(OUTPUT_SCHEMES)},
+        description="Output folder: pvc://claim/path, s3://bucket/prefix or file:///abs/path.",
+    )
     merge_adapter: bool = Field(
         default=False,
         description="Also write the base model with the adapter merged in (16-bit base, done after training).",
@@ -363,29 +348,33 @@ class OutputSpec(APIModel):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        parse_uri(v, ("pvc", "s3", "file"))
+        parse_uri(v, OUTPUT_SCHEMES)
         return v
 
 
 class S3Spec(APIModel):
     """Connection to S3 or an S3-compatible store, used for every s3:// URI in the spec."""
 
+    RULES = (
+        Rule(~F("endpointUrl").has() | F("endpointUrl").matches("^https?://[^/]"),
+             "s3.endpointUrl must start with http:// or https:// and name a host"),
+    )  # fmt: skip
+
     endpoint_url: str | None = Field(
-        default=None, description="Endpoint of an S3-compatible store (http(s)://host:port); unset for AWS S3."
+        default=None,
+        max_length=URI_MAX,
+        description="Endpoint of an S3-compatible store (http(s)://host:port); unset for AWS S3.",
     )
-    region: str | None = Field(default=None, description="Region, e.g. us-east-1.")
+    region: str | None = Field(
+        default=None, max_length=64, pattern=r"^[a-z0-9-]+$", description="Region, e.g. us-east-1."
+    )
     credentials_secret: str | None = Field(
         default=None,
+        max_length=NAME_MAX,
+        pattern=_SECRET_NAME,
         description="Name of a Secret in the same namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
         "passed to pods by reference (never copied into config, status or logs). Unset: the pod's own identity.",
     )
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _endpoint(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError(f"{v!r} must start with http:// or https://")
-        return v
 
 
 class RunPolicySpec(APIModel):
@@ -422,22 +411,12 @@ class RunPolicySpec(APIModel):
 class LoRAFineTuneSpec(APIModel):
     """What to fine-tune, on what, how, and where the adapter goes."""
 
-    model_config = APIModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                cel(
-                    "!((self.model.uri.startsWith('s3://') || self.dataset.train.startsWith('s3://') || "
-                    "(has(self.dataset.validation) && self.dataset.validation.startsWith('s3://')) || "
-                    "self.output.uri.startsWith('s3://')) && !has(self.s3))",
-                    "s3:// URIs need spec.s3 (endpointUrl, region, credentialsSecret)",
-                ),
-                cel(
-                    "!self.model.uri.startsWith('package://')",
-                    "package:// models exist only in local runs; use pvc://, s3:// or hf:// in a cluster",
-                ),
-            ]
-        }
-    }
+    RULES = (
+        Rule(F("s3").has() | ~(F("model.uri").startswith("s3://") | F("dataset.train").startswith("s3://")
+                               | (F("dataset.validation").has() & F("dataset.validation").startswith("s3://"))
+                               | F("output.uri").startswith("s3://")),
+             "s3:// URIs need spec.s3 (endpointUrl, region, credentialsSecret)"),
+    )  # fmt: skip
 
     model: ModelSpec = Field(description="The base model.", json_schema_extra=immutable("model"))
     dataset: DatasetSpec = Field(description="Training and validation data.", json_schema_extra=immutable("dataset"))
@@ -470,10 +449,3 @@ class LoRAFineTuneSpec(APIModel):
     output: OutputSpec = Field(description="Where results go.", json_schema_extra=immutable("output"))
     s3: S3Spec | None = Field(default=None, description="S3 connection for s3:// URIs.")
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadlines, clean-up.")
-
-    @model_validator(mode="after")
-    def _cross_field(self) -> LoRAFineTuneSpec:
-        uris = [self.model.uri, self.dataset.train, self.dataset.validation or "", self.output.uri]
-        if any(u.startswith("s3://") for u in uris) and self.s3 is None:
-            raise ValueError("s3:// URIs need spec.s3 (endpointUrl, region, credentialsSecret)")
-        return self

@@ -48,6 +48,11 @@ class StorageURI:
         return f"{self.scheme}://{self.location}{tail}{rev}"
 
 
+def scheme_pattern(allowed: tuple[Scheme, ...]) -> str:
+    """The CRD pattern for a URI field accepting `allowed` (the API server's half of parse_uri's scheme check)."""
+    return "^(" + "|".join(allowed) + ")://"
+
+
 def parse_uri(value: str, allowed: tuple[Scheme, ...]) -> StorageURI:
     """Parse `value`, accepting only the schemes in `allowed`; raise ValueError naming the valid forms."""
     expected = ", ".join(FORMS[s] for s in allowed)

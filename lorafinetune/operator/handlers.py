@@ -17,6 +17,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from lorafinetune.api.base import CLUSTER
 from lorafinetune.api.manifest import GROUP, PLURAL, VERSION, describe_errors
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import LoRAFineTuneStatus
@@ -26,6 +27,7 @@ from lorafinetune.operator import progress as progress_reader
 from lorafinetune.operator.metrics import OPERATOR_METRICS
 from lorafinetune.operator.settings import OperatorSettings
 from lorafinetune.operator.status import (
+    NAME_IN_USE,
     FINISHED,
     AttemptOutcome,
     Plan,
@@ -33,6 +35,7 @@ from lorafinetune.operator.status import (
     observe_attempt,
     plan,
     plan_invalid,
+    plan_waiting,
     ttl_due,
 )
 
@@ -115,7 +118,7 @@ def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
         for attempt in range(1, p.status.attempt + 1):
             kube.delete("Job", owner.namespace, builders.job_name(owner.name, attempt))
     if p.create_attempt is not None:
-        kube.create(builders.build_config_map(owner, spec))
+        kube.create(builders.build_config_map(owner, spec), refresh_data=True)  # mutable fields reach this attempt
         kube.create(builders.build_service(owner, SETTINGS))
         if SETTINGS.network_policy:  # before the pods: no moment without it
             kube.create(builders.build_network_policy(owner, SETTINGS))
@@ -147,7 +150,9 @@ def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFi
     if problem is not None:  # no pods until it is fixed; the timer checks again
         return plan(spec, current, AttemptOutcome("pending", *problem), now, SETTINGS, generation)
     job = kube.read_job(namespace, builders.job_name(name, current.attempt)) if current.attempt else None
-    every_pod = kube.list_pods(namespace, name) if current.attempt else []
+    # Listed before the first attempt too: pods of a deleted fine-tune of the same name may still be writing the
+    # same output in their termination grace, and the first attempt waits for them as for a previous attempt's.
+    every_pod = kube.list_pods(namespace, name)
     pods = [pod for pod in every_pod if _attempt_of(pod) == current.attempt] if job else []
     active = sum(_may_still_write(pod, now) for pod in every_pod)
     # Fewer pods than the Job wants: ask the Job's events why (only then: it costs a list call)
@@ -155,7 +160,10 @@ def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFi
     outcome = observe_attempt(job, pods, failed_create=kube.failed_create_message(job) if missing else "")
     warning = _capacity_warning(spec) if first else None
     p = plan(spec, current, outcome, now, SETTINGS, generation, active_pods=active, warning=warning)
-    _execute(owner, spec, p)
+    try:
+        _execute(owner, spec, p)
+    except kube.OwnedByAnother as conflict:  # wait for garbage collection (or a person) to free the name
+        return plan_waiting(current, NAME_IN_USE, f"{conflict}; waiting for it to be deleted", now, generation)
     if p.status.phase == "Running":
         _poll_progress(owner, p.status)
     return p
@@ -192,7 +200,7 @@ def reconcile(namespace: str, name: str, handler: str) -> None:
         now, generation = datetime.now(UTC), meta.get("generation")
         ttl = None
         try:
-            spec = LoRAFineTuneSpec.model_validate(body["spec"])
+            spec = LoRAFineTuneSpec.model_validate(body["spec"], context={CLUSTER: True})
         except ValidationError as err:  # what the CRD let through but the models refuse: say so, never hang
             p = plan_invalid(current, [f"spec.{line}" for line in describe_errors(err)], now, generation)
         else:

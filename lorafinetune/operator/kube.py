@@ -42,22 +42,47 @@ def _ignore(status: int, call, *args, **kwargs) -> Any:
         return None
 
 
-def create(obj: dict[str, Any]) -> bool:
-    """Create a namespaced object; an existing one with that name counts as success. True if newly created."""
-    ns, kind = obj["metadata"]["namespace"], obj["kind"]
-    _count("create", RESOURCES[kind])
-    call = {
-        "ConfigMap": client.CoreV1Api().create_namespaced_config_map,
-        "Service": client.CoreV1Api().create_namespaced_service,
-        "NetworkPolicy": client.NetworkingV1Api().create_namespaced_network_policy,
-        "Job": client.BatchV1Api().create_namespaced_job,
+class OwnedByAnother(Exception):
+    """A child's name is taken by an object this fine-tune does not control: the child of a deleted fine-tune of the
+    same name that garbage collection has not removed yet, or somebody else's object."""
+
+
+def _controller_uid(obj: dict[str, Any]) -> str | None:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((ref.get("uid") for ref in refs if ref.get("controller")), None)
+
+
+def create(obj: dict[str, Any], refresh_data: bool = False) -> bool:
+    """Create a namespaced child; one of that name that this owner controls counts as success (deterministic names
+    make a repeated create harmless). True if newly created. `refresh_data`: a ConfigMap that exists gets this
+    object's data (the next attempt reads the spec as it is now). Raises OwnedByAnother for a foreign one."""
+    ns, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
+    core, batch, net = client.CoreV1Api(), client.BatchV1Api(), client.NetworkingV1Api()
+    create_call, read_call = {
+        "ConfigMap": (core.create_namespaced_config_map, core.read_namespaced_config_map),
+        "Service": (core.create_namespaced_service, core.read_namespaced_service),
+        "NetworkPolicy": (net.create_namespaced_network_policy, net.read_namespaced_network_policy),
+        "Job": (batch.create_namespaced_job, batch.read_namespaced_job),
     }[kind]
+    _count("create", RESOURCES[kind])
     try:
-        return _ignore(409, call, ns, obj) is not None
+        create_call(ns, obj)
+        return True
     except ApiException as err:
         if err.status == 403 and "NamespaceTerminating" in (err.body or ""):
             return False  # the namespace is being deleted, and the fine-tune with it
-        raise
+        if err.status != 409:
+            raise
+    _count("get", RESOURCES[kind])
+    existing = client.ApiClient().sanitize_for_serialization(read_call(name, ns))
+    if _controller_uid(existing) != _controller_uid(obj):
+        refs = existing["metadata"].get("ownerReferences") or [{"kind": "nobody"}]
+        holder = f"{refs[0].get('kind')} {refs[0].get('name', '')} (uid {refs[0].get('uid', '-')})".strip()
+        raise OwnedByAnother(f"{kind} {name} already exists and belongs to {holder}")
+    if refresh_data and existing.get("data") != obj.get("data"):
+        _count("patch", RESOURCES[kind])
+        core.patch_namespaced_config_map(name, ns, {"data": obj["data"]})
+    return False
 
 
 def delete(kind: str, namespace: str, name: str) -> None:

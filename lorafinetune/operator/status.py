@@ -332,7 +332,22 @@ def _pending_too_long(s: LoRAFineTuneStatus, timeout: int, now: datetime) -> boo
     return s.pending_since is not None and now - s.pending_since >= timedelta(seconds=timeout)
 
 
+def plan_waiting(current: LoRAFineTuneStatus, reason: str, message: str, now: datetime,
+                 generation: int | None = None) -> Plan:  # fmt: skip
+    """Nothing can be done until something outside changes: the phase and attempt stay, the Ready condition says why,
+    and the event is posted once per reason, not once per tick."""
+    p = Plan(status=current.model_copy(deep=True))
+    p.status.observed_generation = generation
+    ready = next((c for c in p.status.conditions if c.type == "Ready"), None)
+    if ready is None or ready.reason != reason:
+        p.events.append(("Warning", reason, message))
+    set_condition(p.status, "Ready", False, reason, message, now, generation)
+    p.status.phase = p.status.phase or "Pending"
+    return p
+
+
 INVALID_SPEC = "InvalidSpec"
+NAME_IN_USE = "NameInUse"
 STOPPING = "PreviousAttemptStopping"
 
 

@@ -123,6 +123,9 @@ def operator(kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         op.stop()
 
 
+SHARED_CLAIM = "shared"  # a bound claim in every test namespace: the operator tests' data and outputs
+
+
 class Cluster:
     """Thin helpers over the official client, bound to one test namespace."""
 
@@ -147,6 +150,20 @@ class Cluster:
 
     def delete(self, name: str) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
+
+    def bind_claim(self, claim: str) -> None:
+        """A PersistentVolumeClaim bound to a hostPath volume (kwok clusters have no provisioner, and pods that want
+        an unbound claim stay Unschedulable)."""
+        self.core.create_persistent_volume({
+            "metadata": {"name": f"{self.ns}-{claim}"},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                     "hostPath": {"path": f"/tmp/lft-{self.ns}-{claim}"}, "claimRef": {"namespace": self.ns, "name": claim}},
+        })  # fmt: skip
+        self.core.create_namespaced_persistent_volume_claim(self.ns, {
+            "metadata": {"name": claim},
+            "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": f"{self.ns}-{claim}",
+                     "resources": {"requests": {"storage": "1Gi"}}},
+        })  # fmt: skip
 
     def jobs(self, name: str) -> list:
         return self.batch.list_namespaced_job(self.ns, label_selector=f"lorafinetune.io/name={name}").items
@@ -188,7 +205,9 @@ def cluster(kubeconfig: Path, operator: Operator) -> Iterator[Cluster]:
     ns = f"t-{uuid.uuid4().hex[:8]}"
     c = Cluster(kubeconfig, ns)
     c.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    c.bind_claim(SHARED_CLAIM)
     try:
         yield c
     finally:
         c.core.delete_namespace(ns)
+        c.core.delete_persistent_volume(f"{ns}-{SHARED_CLAIM}")

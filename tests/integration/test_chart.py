@@ -122,12 +122,12 @@ EXPECTED_RULES = {
     "lorafinetune.io/lorafinetunes/status": {"patch"},
     "lorafinetune.io/lorafinetunes/finalizers": {"update"},
     "batch/jobs": {"create", "get", "delete", "list", "watch"},
-    "core/configmaps": {"create", "delete"},
-    "core/services": {"create", "delete"},
+    "core/configmaps": {"create", "delete", "get", "patch"},
+    "core/services": {"create", "delete", "get"},
     "core/pods": {"list"},
     "core/persistentvolumeclaims": {"get"},
     "core/events": {"create", "list"},
-    "networking.k8s.io/networkpolicies": {"create", "delete"},
+    "networking.k8s.io/networkpolicies": {"create", "delete", "get"},
 }
 
 

@@ -12,7 +12,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.integration.conftest import Cluster, wait_for
+from lorafinetune.api.base import APIModel
+from tests.integration.conftest import SHARED_CLAIM, Cluster, wait_for
+from tests.invalid_manifests import CASES
 
 pytestmark = pytest.mark.integration
 
@@ -20,10 +22,10 @@ pytestmark = pytest.mark.integration
 def manifest(name: str, **spec_override) -> dict:
     spec = {
         "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
-        "dataset": {"train": "file:///data/train.jsonl"},
+        "dataset": {"train": f"pvc://{SHARED_CLAIM}/data/train.jsonl"},
         "training": {"maxSteps": 100},
         "resources": {"nodes": 2, "gpusPerNode": 8},
-        "output": {"uri": "file:///output/run"},
+        "output": {"uri": f"pvc://{SHARED_CLAIM}/out/{name}"},
     }
     for key, value in spec_override.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
@@ -285,37 +287,41 @@ def test_a_missing_credentials_secret_is_reported_and_creates_no_pods(cluster: C
     assert not c.jobs("nosecret")
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ({"training": {"maxSteps": 10, "epochs": 2}}, "set exactly one of training.epochs and training.maxSteps"),
-        ({"deepspeed": {"zeroStage": 2, "offloadParams": True}}, "deepspeed.offloadParams needs zeroStage 3"),
-        ({"deepspeed": {"zeroStage": 5}}, "spec.deepspeed.zeroStage: Invalid value"),
-        ({"lora": {"rank": 8}}, 'unknown field "spec.lora.rank"'),
-        ({"output": {"uri": "s3://bucket/out"}}, "s3:// URIs need spec.s3"),
-        ({"model": {"trustRemoteCode": True}}, "pin model.uri to a commit"),
-        ({"model": {"uri": "pvc://models/m", "tokenSecret": "hf"}}, "tokenSecret is only used for hf:// models"),
-    ],
-)
-def test_invalid_manifests_are_refused_by_the_api_server(cluster: Cluster, override, message):
+@pytest.mark.parametrize("case", [c for c in CASES if c.api_server], ids=[c.id for c in CASES if c.api_server])
+def test_invalid_manifests_are_refused_by_the_api_server(cluster: Cluster, case):
+    # The same table runs against `lorafinetune validate --cluster` (tests/unit/test_api.py).
     with pytest.raises(ApiException) as err:
-        cluster.apply(manifest("invalid", **override))
-    assert err.value.status in (400, 422) and message in json.loads(err.value.body)["message"], err.value.body
+        cluster.apply(case.manifest("invalid"))
+    message = json.loads(err.value.body)["message"]
+    assert err.value.status in (400, 422), err.value.body
+    if case.field != "(top level)":  # the API server names the field as validate does
+        assert case.field in message, message
+    if any(case.message in rule for rule in RULE_MESSAGES):  # a rule's own words (schema limits have the server's)
+        assert case.message in message, message
+
+
+def _rule_messages(model: type[APIModel]) -> set[str]:
+    own = {rule.message for rule in model.__dict__.get("RULES", ())}
+    return own.union(*(_rule_messages(sub) for sub in model.__subclasses__()))
+
+
+RULE_MESSAGES = _rule_messages(APIModel)
 
 
 def test_a_spec_the_api_server_accepts_but_the_operator_cannot_run_fails_loudly(cluster: Cluster, operator):
-    """Whatever the CRD lets through and the models refuse (here a URI scheme the CRD has no pattern for yet): Failed
-    with every problem named, a Warning event and an operator log line, never an empty status."""
+    """What the CRD lets through and the models refuse (a '..' path segment, which RE2 patterns cannot refuse):
+    Failed with every problem named, a Warning event and an operator log line, never an empty status."""
     c = cluster
-    c.apply(manifest("ftp", model={"uri": "ftp://models.example.com/m"}))
-    status = wait_phase(c, "ftp", "Failed", 30)
+    [case] = [c for c in CASES if not c.api_server]
+    c.apply(case.manifest("dotdot"))
+    status = wait_phase(c, "dotdot", "Failed", 30)
     assert status["lastFailure"]["reason"] == "InvalidSpec" and status["lastFailure"]["permanent"]
-    assert "spec.model.uri: unsupported scheme 'ftp://'" in status["lastFailure"]["message"]
+    assert f"{case.field}: " in status["lastFailure"]["message"] and case.message in status["lastFailure"]["message"]
     assert condition(status, "Failed")["reason"] == "InvalidSpec"
-    warning = wait_for(lambda: [e for e in c.events("ftp") if e.reason == "InvalidSpec"], 30, "the event")
-    assert warning[0].type == "Warning" and "unsupported scheme 'ftp://'" in warning[0].message
-    assert f"{c.ns}/ftp: InvalidSpec: invalid spec: spec.model.uri" in operator.log.read_text()
-    assert not c.jobs("ftp")
+    warning = wait_for(lambda: [e for e in c.events("dotdot") if e.reason == "InvalidSpec"], 30, "the event")
+    assert warning[0].type == "Warning" and case.message in warning[0].message
+    assert f"{c.ns}/dotdot: InvalidSpec: invalid spec: {case.field}" in operator.log.read_text()
+    assert not c.jobs("dotdot")
 
 
 def test_training_settings_are_immutable_but_suspend_is_not(cluster: Cluster):
@@ -392,3 +398,68 @@ def test_finished_runs_cost_nothing_and_deleting_one_needs_no_operator(cluster: 
                  15, "the fine-tune to be deleted while no operator runs")  # fmt: skip
     finally:
         operator.start()
+
+
+def _owner_uid(obj) -> str:
+    return next(ref.uid for ref in obj.metadata.owner_references if ref.controller)
+
+
+def test_a_recreated_fine_tune_waits_for_the_old_ones_pods_and_adopts_nothing_of_it(cluster: Cluster):
+    c = cluster
+    old = c.apply(manifest("again"))
+    wait_phase(c, "again", "Running")
+    for pod in c.pods("again", 1):  # the old pods write a last checkpoint for 8 s after SIGTERM
+        c.core.patch_namespaced_pod(pod.metadata.name, c.ns,
+                                    {"metadata": {"annotations": {"test.lorafinetune.io/terminate-after": "8s"}}})
+    old_job_uid = c.jobs("again")[0].metadata.uid
+    c.delete("again")
+    wait_for(lambda: all(p.metadata.deletion_timestamp for p in c.pods("again", 1)) or None, 30, "old pods stopping")
+    new = c.apply(manifest("again"))  # same name, new UID, same output
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+
+    def old_pods():
+        return [p for p in c.pods("again", 1) if _owner_uid(p) == old_job_uid]
+
+    reasons = set()
+
+    def running():
+        status = c.get("again").get("status") or {}
+        reasons.update(x["reason"] for x in status.get("conditions", []) if x["type"] == "Ready")
+        return status.get("phase") == "Running" and status
+
+    wait_for(running, 90, "the new fine-tune to run")
+    assert not old_pods(), "the new attempt started while the old fine-tune's pods could still write the output"
+    assert reasons & {"PreviousAttemptStopping", "NameInUse"}, reasons
+    [job] = c.jobs("again")
+    assert _owner_uid(job) == new["metadata"]["uid"]
+    assert _owner_uid(c.core.read_namespaced_config_map("again-config", c.ns)) == new["metadata"]["uid"]
+
+
+def test_a_child_name_held_by_another_object_is_not_adopted(cluster: Cluster):
+    c = cluster
+    squatter = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="squat-config"), data={"config.json": "{}"})
+    c.core.create_namespaced_config_map(c.ns, squatter)
+    c.apply(manifest("squat"))
+    ready = wait_for(lambda: (r := condition(c.get("squat")["status"], "Ready"))["reason"] == "NameInUse" and r, 30,
+                     "NameInUse")  # fmt: skip
+    assert "ConfigMap squat-config already exists and belongs to nobody" in ready["message"]
+    assert not c.jobs("squat") and c.get("squat")["status"]["attempt"] == 0
+    c.core.delete_namespaced_config_map("squat-config", c.ns)
+    wait_phase(c, "squat", "Running")
+    config = json.loads(c.core.read_namespaced_config_map("squat-config", c.ns).data["config.json"])
+    assert config["name"] == "squat"
+
+
+def test_an_edited_mutable_field_reaches_the_next_attempt(cluster: Cluster):
+    c = cluster
+    secret = client.V1Secret(metadata=client.V1ObjectMeta(name="s3-creds"), string_data={"AWS_ACCESS_KEY_ID": "a",
+                             "AWS_SECRET_ACCESS_KEY": "b"})  # fmt: skip
+    c.core.create_namespaced_secret(c.ns, secret)
+    s3 = {"endpointUrl": "http://old-endpoint:9000", "credentialsSecret": "s3-creds"}
+    c.apply(manifest("moved", output={"uri": "s3://adapters/run1"}, s3=s3, runPolicy={"backoffLimit": 2}))
+    wait_phase(c, "moved", "Running")
+    c.patch_spec("moved", {"s3": {"endpointUrl": "http://new-endpoint:9000"}})
+    c.finish_pods("moved", 1, "Failed", only=0, exit_code="1")  # e.g. the old endpoint went away
+    wait_for(lambda: c.get("moved")["status"]["attempt"] == 2, 60, "attempt 2")
+    config = json.loads(c.core.read_namespaced_config_map("moved-config", c.ns).data["config.json"])
+    assert config["spec"]["s3"]["endpointUrl"] == "http://new-endpoint:9000"

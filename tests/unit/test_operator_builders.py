@@ -8,7 +8,7 @@ from lorafinetune.api import parse_manifest
 from lorafinetune.operator.builders import Owner, build_config_map, build_job, build_service, master_address
 from lorafinetune.operator.settings import OperatorSettings
 from tests.conftest import deep_merge
-from tests.unit.test_api import BASE
+from tests.invalid_manifests import BASE
 
 OWNER = Owner("llama", "team-a", "uid-123")
 SETTINGS = OperatorSettings()

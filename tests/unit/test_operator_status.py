@@ -13,7 +13,7 @@ from lorafinetune.operator.progress import parse_metrics
 from lorafinetune.operator.settings import OperatorSettings
 from lorafinetune.operator.status import AttemptOutcome, observe_attempt, plan
 from tests.conftest import deep_merge
-from tests.unit.test_api import BASE
+from tests.invalid_manifests import BASE
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 SETTINGS = OperatorSettings(backoff_base_seconds=10, backoff_cap_seconds=60)
