@@ -154,6 +154,33 @@ class Dashboard(APIModel):
     )
 
 
+class Admission(APIModel):
+    enabled: bool = Field(
+        True,
+        description="A ValidatingAdmissionPolicy on LoRAFineTunes: whoever may create one may otherwise run pods with "
+        "any image, ServiceAccount, PriorityClass and tolerations in that namespace, through the operator's "
+        "permissions. Fields a fine-tune leaves unset are not checked (the operator's defaults apply).",
+    )
+    allowed_image_prefixes: list[str] = Field(
+        default_factory=list,
+        description="spec.resources.image must start with one of these (e.g. registry.example.com/ml/). Empty: "
+        "only the operator's own image repository and operator.trainerImage.",
+    )
+    allowed_service_accounts: list[str] = Field(
+        default_factory=list,
+        description="ServiceAccounts spec.resources.serviceAccountName may name. Empty: none (pods run as the "
+        "namespace's default one, with no API token mounted).",
+    )
+    allowed_priority_classes: list[str] = Field(
+        default_factory=list, description="PriorityClasses spec.resources.priorityClassName may name. Empty: none."
+    )
+    allowed_toleration_keys: list[str] = Field(
+        default_factory=lambda: ["nvidia.com/gpu"],
+        description="Taint keys spec.resources.tolerations may tolerate (each toleration needs a key: no "
+        "tolerate-everything).",
+    )
+
+
 class ChartValues(APIModel):
     """Top-level values of charts/lorafinetune."""
 
@@ -167,6 +194,7 @@ class ChartValues(APIModel):
     crds: Crds = Field(default_factory=Crds, description="The LoRAFineTune CustomResourceDefinition.")
     metrics: Metrics = Field(default_factory=Metrics, description="Prometheus Operator monitors.")
     dashboard: Dashboard = Field(default_factory=Dashboard, description="Grafana dashboard ConfigMap.")
+    admission: Admission = Field(default_factory=Admission, description="Who may run what through the operator.")
     resources: KubeObject = Field(
         default_factory=lambda: {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
         description="The operator container's resources (measured: ~90 MiB RSS idle, ~160 MiB at 500 fine-tunes).",

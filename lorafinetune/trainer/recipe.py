@@ -234,7 +234,8 @@ class LoRAFineTuneRecipe:
         step_times: list[float] = []
         self.engine.train()
         step = self.start_step
-        while step < self.total_steps:
+        # Resumed from the checkpoint of the step early stopping ended on (publishing failed after it): done.
+        while step < self.total_steps and not (step and self._early_stop()):
             t0 = time.perf_counter()
             units = [[self.train_units[i] for i in sched.micro_batch(step, k, self.rank)] for k in range(accum)]
             micro = [self._to_device(batching.collate(u, pad_id, spec.dataset.packing)) for u in units]
@@ -269,14 +270,16 @@ class LoRAFineTuneRecipe:
             if self.val_units and (step % spec.evaluation.every_steps == 0 or step == self.total_steps):
                 self.evaluate(step)
                 evaluated = True
-            due = step % spec.checkpointing.every_steps == 0 and step < self.total_steps
-            if due or (stop and step < self.total_steps):
+            # The last step is checkpointed too: a failure while verifying or publishing the adapter then resumes
+            # there instead of replaying the tail of training. So is the step early stopping ends on.
+            early_stop = evaluated and self._early_stop()
+            if step % spec.checkpointing.every_steps == 0 or step == self.total_steps or stop or early_stop:
                 self.save_checkpoint(step)
             if fail_at and step == fail_at and self.is_main:
                 os._exit(1)  # fault injection for tests: a crash, not a clean exit
             if stop and step < self.total_steps:
                 raise Interrupted(f"stopped at step {step} on request; checkpoint saved, run again to resume")
-            if evaluated and self._early_stop():
+            if early_stop:
                 if self.is_main:
                     print(f"early stopping at step {step}: eval loss did not improve for "
                           f"{spec.evaluation.early_stopping.patience} evaluations", flush=True)
@@ -426,7 +429,9 @@ class LoRAFineTuneRecipe:
                 shutil.rmtree(staging, ignore_errors=True)
                 self.engine.module.save_pretrained(staging)
                 self.tokenizer.save_pretrained(staging)
-        dist.barrier()
+        # The last collective: the other ranks leave now instead of waiting in a barrier (with its timeout) while
+        # rank 0 reloads the base model to verify the adapter, which can take minutes for a large model.
+        self.cleanup()
         if not self.is_main:
             return None
         count = output.check_tensors(staging, self.adapted_modules, self.spec.lora.use_dora)

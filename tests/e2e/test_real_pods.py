@@ -157,6 +157,8 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
             helm, "install", "lft", str(CHART), "--kubeconfig", str(kubeconfig), "--namespace", "lft-system",
             "--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never",
             "--set", f"operator.trainerImage={image}",
+            # The admission policy allows the chart's image by default; the missing-image test names another.
+            "--set-json", 'admission.allowedImagePrefixes=["localhost/"]',
             "--set", "operator.reconcileIntervalSeconds=2", "--set", "operator.backoffBaseSeconds=2",
             "--set", "operator.backoffCapSeconds=4", "--set", "operator.progressIntervalSeconds=2",
             "--set", f"operator.terminationGraceSeconds={GRACE_SECONDS}",

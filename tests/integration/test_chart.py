@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes.client.exceptions import ApiException
 
 from tests.conftest import REPO
 from tests.integration.conftest import Cluster, Operator, local_cluster, wait_for
@@ -277,16 +278,41 @@ def test_install_run_a_fine_tune_as_the_chart_identity_upgrade_uninstall(
             "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": f"{c.ns}-adapters",
                      "resources": {"requests": {"storage": "1Gi"}}},
         })  # fmt: skip
-        c.apply({
-            "apiVersion": "lorafinetune.io/v1alpha1", "kind": "LoRAFineTune", "metadata": {"name": "rbac"},
-            "spec": {
-                "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
-                "dataset": {"train": "pvc://adapters/data/train.jsonl"},
-                "training": {"maxSteps": 10}, "resources": {"nodes": 2, "gpusPerNode": 8},
-                "output": {"uri": "pvc://adapters/rbac"}, "runPolicy": {"backoffLimit": 1},
-                "s3": {"endpointUrl": "http://127.0.0.1:9000", "credentialsSecret": "absent"},  # preflight is off
-            },
-        })  # fmt: skip
+        def fine_tune(name: str, **resources: Any) -> dict:
+            return {
+                "apiVersion": "lorafinetune.io/v1alpha1", "kind": "LoRAFineTune", "metadata": {"name": name},
+                "spec": {
+                    "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
+                    "dataset": {"train": "pvc://adapters/data/train.jsonl"},
+                    "training": {"maxSteps": 10}, "resources": {"nodes": 2, "gpusPerNode": 8, **resources},
+                    "output": {"uri": f"pvc://adapters/{name}"}, "runPolicy": {"backoffLimit": 1},
+                    "s3": {"endpointUrl": "http://127.0.0.1:9000", "credentialsSecret": "absent"},  # preflight off
+                },
+            }  # fmt: skip
+
+        # Who may run what: the chart's ValidatingAdmissionPolicy, enforced by the API server (defaults: only the
+        # chart's image, no ServiceAccount, no PriorityClass, tolerations of the GPU taint only).
+        forbidden = [
+            ({"image": "docker.io/someone/miner:1"}, "spec.resources.image docker.io/someone/miner:1 is not allowed"),
+            ({"serviceAccountName": "deployer"}, "spec.resources.serviceAccountName deployer is not allowed"),
+            ({"priorityClassName": "system-node-critical"}, "priorityClassName system-node-critical is not allowed"),
+            ({"tolerations": [{"operator": "Exists"}]}, "tolerations may only tolerate the taint keys"),
+        ]
+        for resources, message in forbidden:
+            def refused() -> str | None:
+                try:
+                    c.apply(fine_tune("denied", **resources))
+                except ApiException as err:
+                    return err.body if message in err.body else None
+                c.delete("denied")  # the policy is not active yet (the API server loads it asynchronously)
+                return None
+
+            assert "ValidatingAdmissionPolicy" in wait_for(refused, 30, f"refusal: {message}")
+        gpu_taint = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        c.apply(fine_tune("permitted", image="ghcr.io/lorafinetune/lorafinetune:test", tolerations=gpu_taint))
+        c.delete("permitted")
+
+        c.apply(fine_tune("rbac"))
         def wait_phase(phase: str, attempt: int) -> None:
             try:
                 wait_for(lambda: (s := c.get("rbac").get("status", {})).get("phase") == phase

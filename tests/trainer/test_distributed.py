@@ -307,3 +307,16 @@ def test_a_paused_run_that_wakes_after_a_newer_one_took_over_publishes_nothing(t
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter, "the stale run overwrote it"
     after = sorted((p.name, (p / "COMPLETE.json").read_text()) for p in (out / "checkpoints").iterdir())
     assert after == checkpoints, "the stale run changed the checkpoints"
+
+
+def test_a_failure_after_the_last_step_resumes_there_instead_of_training_again(tmp_path, tiny_model, chat_data):
+    spec = {"training": {"maxSteps": 6}, "checkpointing": {"everySteps": 4}}
+    # Rank 0 dies right after the last step (as when verifying or publishing the adapter fails).
+    proc, out = train(tmp_path, tiny_model, chat_data, "tail", env={"LFT_FAIL_AT_STEP": "6"}, **spec)
+    assert proc.returncode != 0 and not (out / "adapter").exists()
+    assert (out / "checkpoints" / "step-00000006" / "COMPLETE.json").is_file(), "the last step was not checkpointed"
+    proc = run_cli("run", str(tmp_path / "tail.yaml"), "--quiet")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (out / "logs" / "node-0.log").read_text()
+    assert "resuming from step 6" in log
+    assert summary(out)["steps"] == 6
