@@ -48,7 +48,8 @@ def add_cpu_nodes(c: Cluster, count: int) -> None:
     for i in range(count):
         node = {
             "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": f"cpu-node-{i}", "annotations": {"kwok.x-k8s.io/node": "fake"}, "labels": {"type": "kwok"}},
+            "metadata": {"name": f"cpu-node-{i}", "annotations": {"kwok.x-k8s.io/node": "fake"},
+                         "labels": {"type": "kwok"}},
             "status": {"allocatable": {"cpu": "64", "memory": "512Gi", "pods": "110"},
                        "capacity": {"cpu": "64", "memory": "512Gi", "pods": "110"}},
         }  # fmt: skip

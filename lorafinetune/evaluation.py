@@ -133,13 +133,13 @@ def evaluate_manifest(lft: LoRAFineTune, opts: LocalOptions, adapter: Path | Non
 def _measure(m: Any, tok: Any, examples: list, pairs: list[tuple[str, str]], max_new: int) -> dict[str, Any]:
     loss = validation_loss(m, examples, tok.pad_token_id)
     answers = generate(m, tok, [p for p, _ in pairs], max_new)
-    scored = [score_answer(a, ref) for a, (_, ref) in zip(answers, pairs)]
+    scored = [score_answer(a, ref) for a, (_, ref) in zip(answers, pairs, strict=True)]
     return {
         "validationLoss": round(loss, 4),
         "perplexity": round(math.exp(min(loss, 50)), 3),
         "taskScore": round(sum(s for s, _ in scored) / len(scored), 4),
         "exactMatch": round(sum(e for _, e in scored) / len(scored), 4),
-        "samples": [{"answer": a, "reference": r} for a, (_, r) in list(zip(answers, pairs))[:3]],
+        "samples": [{"answer": a, "reference": r} for a, (_, r) in list(zip(answers, pairs, strict=True))[:3]],
     }
 
 

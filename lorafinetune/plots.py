@@ -25,9 +25,9 @@ def plot_loss_curves(history: list[dict[str, Any]], path: Path, title: str) -> P
     evals = [(h["step"], h["evalLoss"]) for h in history if h.get("evalLoss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss", color="#4C72B0", linewidth=1.2)
+        ax.plot(*zip(*train, strict=True), label="train loss", color="#4C72B0", linewidth=1.2)
     if evals:
-        ax.plot(*zip(*evals), label="eval loss", color="#DD8452", marker="o", linewidth=1.8)
+        ax.plot(*zip(*evals, strict=True), label="eval loss", color="#DD8452", marker="o", linewidth=1.8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per trained token")
     ax.set_title(title)

@@ -187,8 +187,10 @@ class S3Store:
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.with_name(dest.name + ".partial")
-        self._retry(f"downloading {uri}",
-                    lambda: self.client.download_file(loc.bucket, loc.prefix, str(partial), Config=self.transfer))  # fmt: skip
+        self._retry(
+            f"downloading {uri}",
+            lambda: self.client.download_file(loc.bucket, loc.prefix, str(partial), Config=self.transfer),
+        )
         os.replace(partial, dest)
         stamp.write_text(fingerprint)
         return dest
@@ -242,7 +244,9 @@ class S3Store:
             relative = path.relative_to(local).as_posix()
             self._retry(
                 f"uploading {relative} to {uri}",
-                lambda p=path, r=relative: self.client.upload_file(str(p), loc.bucket, loc.key(r), Config=self.transfer),
+                lambda p=path, r=relative: self.client.upload_file(
+                    str(p), loc.bucket, loc.key(r), Config=self.transfer
+                ),
             )
             if on_file:
                 on_file(relative)

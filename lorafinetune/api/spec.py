@@ -57,8 +57,8 @@ class ModelSpec(APIModel):
              "model.trustRemoteCode runs the repository's Python code in your pods: pin model.uri to a commit "
              "(hf://org/name@<40-hex commit>) so the code that runs is the code you reviewed"),
         Rule(~F("tokenSecret").has() | F("uri").startswith("hf://"), "model.tokenSecret is only used for hf:// models"),
-        Rule(F("uri").matches("^(hf|pvc|s3)://"), "model.uri must be hf://, pvc:// or s3:// in a cluster" + CLUSTER_ONLY,
-             cluster=True),
+        Rule(F("uri").matches("^(hf|pvc|s3)://"),
+             "model.uri must be hf://, pvc:// or s3:// in a cluster" + CLUSTER_ONLY, cluster=True),
     )  # fmt: skip
 
     uri: str = Field(
@@ -203,7 +203,9 @@ class LoRASpec(APIModel):
 class TrainingSpec(APIModel):
     """Optimisation settings. Exactly one of `epochs` and `maxSteps`."""
 
-    RULES = (Rule(F("epochs").has() != F("maxSteps").has(), "set exactly one of training.epochs and training.maxSteps"),)
+    RULES = (
+        Rule(F("epochs").has() != F("maxSteps").has(), "set exactly one of training.epochs and training.maxSteps"),
+    )
 
     epochs: float | None = Field(default=None, gt=0, le=1000, description="Passes over the training set.")
     max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run (overrides epochs).")
@@ -424,7 +426,9 @@ class LoRAFineTuneSpec(APIModel):
         default_factory=LoRASpec, description="LoRA adapter settings.", json_schema_extra=immutable("lora")
     )
     training: TrainingSpec = Field(
-        default_factory=lambda: TrainingSpec(epochs=1), description="Optimisation.", json_schema_extra=immutable("training")
+        default_factory=lambda: TrainingSpec(epochs=1),
+        description="Optimisation.",
+        json_schema_extra=immutable("training"),
     )
     deepspeed: DeepSpeedSpec = Field(
         default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO settings.", json_schema_extra=immutable("deepspeed")

@@ -49,7 +49,9 @@ class ProgressDisplay:
         if self.tty:
             sys.stdout.write("\r" + self.line(progress).ljust(110))
             sys.stdout.flush()
-        elif progress["step"] != self.last_step and (now - self.last_print >= 5 or progress["step"] == progress.get("totalSteps")):
+        elif progress["step"] != self.last_step and (
+            now - self.last_print >= 5 or progress["step"] == progress.get("totalSteps")
+        ):
             print(self.line(progress), flush=True)
             self.last_step, self.last_print = progress["step"], now
 
@@ -71,8 +73,8 @@ def print_summary(run_dir: Path, output_uri: str) -> None:
     rows = [
         ("steps", f"{summary['steps']} / {summary['totalSteps']} ({summary['epochs']:.2f} epochs)"),
         ("processes", str(summary["worldSize"])),
-        ("tokens", f"{tokens} non-padding, {summary['trainedTokens']} in the loss; {summary.get('tokensPerSecond', 0):.0f} "
-                   f"tokens/s over {secs:.0f} s of optimizer steps"),
+        ("tokens", f"{tokens} non-padding, {summary['trainedTokens']} in the loss; "
+                   f"{summary.get('tokensPerSecond', 0):.0f} tokens/s over {secs:.0f} s of optimizer steps"),
         ("trainable params", f"{summary['trainableParameters']:,} of {summary['totalParameters']:,}"),
         ("eval loss", f"{_num(summary['initialEvalLoss'])} before -> {_num(summary['finalEvalLoss'])} after "
                       f"(best {_num(summary['bestEvalLoss'])})"),

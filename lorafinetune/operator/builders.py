@@ -17,8 +17,8 @@ from lorafinetune.api.manifest import API_VERSION, KIND
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.uris import parse_uri
 from lorafinetune.contract import (
-    ENV_ATTEMPT,
     CONFIG_FILE,
+    ENV_ATTEMPT,
     ENV_CACHE_DIR,
     ENV_CONFIG,
     ENV_METRICS_PORT,

@@ -22,13 +22,13 @@ from lorafinetune.api.manifest import GROUP, PLURAL, VERSION, describe_errors
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import LoRAFineTuneStatus
 from lorafinetune.operator import builders, kube
-from lorafinetune.operator.clock import Clock
 from lorafinetune.operator import progress as progress_reader
+from lorafinetune.operator.clock import Clock
 from lorafinetune.operator.metrics import OPERATOR_METRICS
 from lorafinetune.operator.settings import OperatorSettings
 from lorafinetune.operator.status import (
-    NAME_IN_USE,
     FINISHED,
+    NAME_IN_USE,
     AttemptOutcome,
     Plan,
     as_patch,
@@ -156,7 +156,11 @@ def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFi
     pods = [pod for pod in every_pod if _attempt_of(pod) == current.attempt] if job else []
     active = sum(_may_still_write(pod, now) for pod in every_pod)
     # Fewer pods than the Job wants: ask the Job's events why (only then: it costs a list call)
-    missing = job is not None and len(pods) < job["spec"].get("parallelism", 1) and not (job.get("status") or {}).get("conditions")
+    missing = (
+        job is not None
+        and len(pods) < job["spec"].get("parallelism", 1)
+        and not (job.get("status") or {}).get("conditions")
+    )
     outcome = observe_attempt(job, pods, failed_create=kube.failed_create_message(job) if missing else "")
     warning = _capacity_warning(spec) if first else None
     p = plan(spec, current, outcome, now, SETTINGS, generation, active_pods=active, warning=warning)

@@ -235,8 +235,8 @@ def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOu
         # Give the pods back (GPUs held by the ranks that did start) and count a failed attempt naming the cause.
         p.delete_job = s.attempt
         cause = outcome.reason + (f": {outcome.message}" if outcome.message else "")
-        outcome = AttemptOutcome("failed", "PendingTimeout", f"pods not all running after "
-                                 f"runPolicy.pendingTimeoutSeconds ({rp.pending_timeout_seconds} s): {cause}")  # fmt: skip
+        waited = f"runPolicy.pendingTimeoutSeconds ({rp.pending_timeout_seconds} s)"
+        outcome = AttemptOutcome("failed", "PendingTimeout", f"pods not all running after {waited}: {cause}")
     if outcome.state == "pending":
         before = next((c.reason for c in s.conditions if c.type == "Ready"), None)
         reason = outcome.reason or "Pending"
@@ -315,7 +315,8 @@ def _disrupted(p: Plan, spec: LoRAFineTuneSpec, outcome: AttemptOutcome, now: da
     s, limit = p.status, spec.run_policy.disruption_limit
     s.disruptions += 1
     s.last_disruption = Failure(attempt=s.attempt, reason=outcome.reason, message=outcome.message)
-    detail = f"attempt {s.attempt} was disrupted: {outcome.reason}" + (f": {outcome.message}" if outcome.message else "")
+    detail = f"attempt {s.attempt} was disrupted: {outcome.reason}"
+    detail += f": {outcome.message}" if outcome.message else ""
     if s.disruptions > limit:
         s.completion_time = now
         _phase(p, "Failed", "DisruptionLimitExceeded", f"{detail} (disruptionLimit {limit} reached)", now, generation)

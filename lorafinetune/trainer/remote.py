@@ -23,7 +23,6 @@ from lorafinetune.s3 import S3Error, S3Store
 from lorafinetune.storage import StorageError, local_path
 from lorafinetune.trainer.errors import ConfigError, DataError, ModelError, TrainerError
 
-
 PULLED_MARKER = ".from-s3"  # a local checkpoint downloaded whole from S3 (not one node's own shards)
 
 

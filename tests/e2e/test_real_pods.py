@@ -379,6 +379,39 @@ def test_a_data_error_fails_at_once_with_the_trainers_reason(real: RealCluster):
     assert pod.status.container_statuses[0].state.terminated.exit_code == 1
 
 
+def test_planted_secrets_appear_nowhere_but_in_their_secrets(real: RealCluster):
+    """A Hugging Face token and S3 keys with unique values, passed by reference. The fine-tune fails on the hub (no
+    network here, as with a wrong token); whatever the operator and the trainer wrote is then searched for them."""
+    markers = {"HF_TOKEN": f"hf_planted{uuid.uuid4().hex}", "AWS_ACCESS_KEY_ID": f"AKIAPLANTED{uuid.uuid4().hex[:9]}",
+               "AWS_SECRET_ACCESS_KEY": f"planted/{uuid.uuid4().hex}{uuid.uuid4().hex}"}  # fmt: skip
+    ns, name = real.c.ns, "planted"
+    real.c.core.create_namespaced_secret(ns, {"metadata": {"name": "hf-token"},
+                                              "stringData": {"HF_TOKEN": markers["HF_TOKEN"]}})  # fmt: skip
+    real.c.core.create_namespaced_secret(ns, {"metadata": {"name": "s3-creds"}, "stringData": {
+        k: markers[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})  # fmt: skip
+    real.c.apply(_fine_tune(name, model={"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct", "tokenSecret": "hf-token"},
+                            s3={"endpointUrl": "http://s3.invalid:9000", "credentialsSecret": "s3-creds"}))  # fmt: skip
+    status = real.wait_phase(name, "Failed", timeout=600)
+    assert status["lastFailure"]["reason"] == "ModelError", status
+    pods = real.c.pods(name, 1)
+    env = {e.name: e.value_from.secret_key_ref.name for e in pods[0].spec.containers[0].env if e.value_from}
+    assert env == {"HF_TOKEN": "hf-token", "AWS_ACCESS_KEY_ID": "s3-creds", "AWS_SECRET_ACCESS_KEY": "s3-creds"}
+
+    written = {
+        "the fine-tune (status)": real.k("-n", ns, "get", "lft", name, "-o", "yaml").stdout,
+        "events": real.k("-n", ns, "get", "events", "-o", "yaml").stdout,
+        "ConfigMaps": real.k("-n", ns, "get", "configmaps", "-o", "yaml").stdout,
+        "pods (termination messages)": real.k("-n", ns, "get", "pods", "-o", "yaml").stdout,
+        "operator log": real.k("-n", "lft-system", "logs", "deploy/lft-lorafinetune").stdout,
+        **{f"trainer log {p.metadata.name}": real.k("-n", ns, "logs", p.metadata.name).stdout for p in pods},
+        **{f"run folder {f.relative_to(real.storage)}": f.read_text(errors="replace")
+           for f in (real.storage / "outputs" / name).rglob("*") if f.is_file()},
+    }  # fmt: skip
+    assert any(k.startswith("run folder") for k in written) and written["operator log"], "searched nothing"
+    leaks = [(where, key) for where, text in written.items() for key, value in markers.items() if value in text]
+    assert not leaks, leaks
+
+
 def test_an_image_that_does_not_exist_is_named_in_status(real: RealCluster):
     name = "noimage"
     real.c.apply(_fine_tune(name, resources={"image": "localhost/lorafinetune-absent:0"}))

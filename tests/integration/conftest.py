@@ -157,7 +157,8 @@ class Cluster:
         self.core.create_persistent_volume({
             "metadata": {"name": f"{self.ns}-{claim}"},
             "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
-                     "hostPath": {"path": f"/tmp/lft-{self.ns}-{claim}"}, "claimRef": {"namespace": self.ns, "name": claim}},
+                     "hostPath": {"path": f"/tmp/lft-{self.ns}-{claim}"},
+                     "claimRef": {"namespace": self.ns, "name": claim}},
         })  # fmt: skip
         self.core.create_namespaced_persistent_volume_claim(self.ns, {
             "metadata": {"name": claim},

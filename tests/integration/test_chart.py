@@ -1,9 +1,9 @@
 """The Helm chart with a real helm: lint, values schema, rendering, and an install on a real control plane where the
 operator then runs as the chart's ServiceAccount, so a missing RBAC rule fails a fine-tune here, not in production.
 
-helm is built from its Go module with the cluster's tools (hack/cluster/build.sh); the Prometheus Operator's CRDs come from its Go module
-(hack/monitoring/crds.sh) so the API server validates the chart's ServiceMonitor and PodMonitor against the real
-schemas.
+helm is built from its Go module with the cluster's tools (hack/cluster/build.sh); the Prometheus Operator's CRDs
+come from its Go module (hack/monitoring/crds.sh) so the API server validates the chart's ServiceMonitor and
+PodMonitor against the real schemas.
 """
 
 from __future__ import annotations
@@ -299,7 +299,7 @@ def test_install_run_a_fine_tune_as_the_chart_identity_upgrade_uninstall(
             ({"tolerations": [{"operator": "Exists"}]}, "tolerations may only tolerate the taint keys"),
         ]
         for resources, message in forbidden:
-            def refused() -> str | None:
+            def refused(resources: dict = resources, message: str = message) -> str | None:
                 try:
                     c.apply(fine_tune("denied", **resources))
                 except ApiException as err:

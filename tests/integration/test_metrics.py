@@ -63,7 +63,8 @@ def test_prometheus_scrapes_training_and_operator_and_every_dashboard_query_retu
         assert 0 < prom.value(f"lorafinetune_train_loss{sel}") < 20
         assert 0 < prom.value(f"lorafinetune_eval_loss{sel}") < 20
         assert 0 < prom.value(f"lorafinetune_learning_rate{sel}") <= 0.01
-        tokens, trained = prom.value(f"lorafinetune_tokens_total{sel}"), prom.value(f"lorafinetune_trained_tokens_total{sel}")
+        tokens = prom.value(f"lorafinetune_tokens_total{sel}")
+        trained = prom.value(f"lorafinetune_trained_tokens_total{sel}")
         assert 0 < trained < tokens
         assert prom.value(f"lorafinetune_optimizer_steps_total{sel}") >= 120
         assert prom.value(f"lorafinetune_step_duration_seconds_count{sel}") >= 120
@@ -82,7 +83,8 @@ def test_prometheus_scrapes_training_and_operator_and_every_dashboard_query_retu
         assert prom.query('lorafinetune_operator_finetune_phase{finetune="watched", phase="Running"} == 1')
 
         # 3. Every dashboard query returns data; the optional DCGM ones at least parse and run.
-        empty = [(t, e) for t, e in dashboard_queries(lambda p: "tags" not in p) if not prom.query(substitute(e, labels))]
+        queries = dashboard_queries(lambda p: "tags" not in p)
+        empty = [(t, e) for t, e in queries if not prom.query(substitute(e, labels))]
         assert not empty, f"dashboard queries without data: {empty}"
         for _, expr in dashboard_queries(lambda p: "optional:dcgm" in p.get("tags", [])):
             prom.query(substitute(expr, labels))

@@ -230,14 +230,14 @@ def test_preemptions_restart_the_gang_without_spending_the_backoff_limit(cluster
     c = cluster
     c.apply(manifest("spot", runPolicy={"backoffLimit": 1}))
     for attempt in range(1, 6):
-        wait_for(lambda: (s := c.get("spot")["status"]).get("phase") == "Running" and s["attempt"] == attempt, 60,
-                 f"attempt {attempt} to run")  # fmt: skip
+        wait_for(lambda n=attempt: (s := c.get("spot")["status"]).get("phase") == "Running" and s["attempt"] == n,
+                 60, f"attempt {attempt} to run")  # fmt: skip
         victim = sorted(c.pods("spot", attempt), key=lambda p: p.metadata.name)[1].metadata.name
         # The Eviction API, as a drain or a node-pressure controller calls it: the API server marks the pod with
         # the DisruptionTarget condition and deletes it; the gang's Job fails by its pod failure policy.
         eviction = client.V1Eviction(metadata=client.V1ObjectMeta(name=victim, namespace=c.ns))
         c.core.create_namespaced_pod_eviction(victim, c.ns, eviction)
-        status = wait_for(lambda: (s := c.get("spot")["status"]).get("disruptions") == attempt and s, 60,
+        status = wait_for(lambda n=attempt: (s := c.get("spot")["status"]).get("disruptions") == n and s, 60,
                           f"disruption {attempt} to be counted")  # fmt: skip
         # the pod condition's reason (EvictionByEvictionAPI) if the pod is still there, else the Job's
         assert status["failedAttempts"] == 0

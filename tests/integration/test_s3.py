@@ -1,4 +1,5 @@
-"""The S3 transfer layer against a real S3-compatible server (Versity S3 gateway, built from Go modules) on 127.0.0.1."""
+"""The S3 transfer layer against a real S3-compatible server (Versity S3 gateway, built from Go modules) on
+127.0.0.1."""
 
 from __future__ import annotations
 

@@ -136,7 +136,8 @@ def test_batch_8_accum_1_equals_batch_1_accum_8_on_variable_length_data(tmp_path
     common = {"training": {"maxSteps": 3, "learningRate": 0.02}, "dataset": {"maxSeqLength": 64}}
     runs = {}
     for micro, accum in ((8, 1), (1, 8)):
-        spec = {**common, "training": {**common["training"], "microBatchSize": micro, "gradientAccumulationSteps": accum}}
+        training = {**common["training"], "microBatchSize": micro, "gradientAccumulationSteps": accum}
+        spec = {**common, "training": training}
         proc, out = train(tmp_path, tiny_model, chat_data, f"b{micro}x{accum}", **spec)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         runs[(micro, accum)] = out

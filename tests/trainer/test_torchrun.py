@@ -74,7 +74,7 @@ def test_a_permanent_trainer_error_stays_permanent_although_torchrun_exits_1(tmp
     proc = torchrun(tmp_path, STAND_IN="data-error")
     assert proc.wait(timeout=120) == 1  # the container's exit code in a pod
     terminated = {"exitCode": 1, "reason": "Error", "message": (tmp_path / "termination.json").read_text()}
-    pod = {"metadata": {"name": "t-a1-0"},
-           "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]}}
+    statuses = [{"name": "trainer", "state": {"terminated": terminated}}]
+    pod = {"metadata": {"name": "t-a1-0"}, "status": {"phase": "Failed", "containerStatuses": statuses}}
     outcome = observe_attempt({"spec": {"parallelism": 1}}, [pod])  # fmt: skip
     assert (outcome.reason, outcome.exit_code, outcome.permanent) == ("DataError", 3, True)

@@ -14,7 +14,6 @@ from tests.conftest import REPO, deep_merge, run_cli
 from tests.invalid_manifests import BASE, CASES
 
 
-
 def with_spec(**override) -> dict:
     return deep_merge(BASE, {"spec": override})
 

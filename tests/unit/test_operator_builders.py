@@ -19,7 +19,8 @@ def spec(**override):
 
 
 def env_of(job) -> dict:
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in env}
 
 
 def test_job_is_an_indexed_gang_without_pod_retries():
@@ -87,7 +88,8 @@ def test_scheduling_fields_pass_through_and_cpu_runs_request_no_gpu():
 def test_s3_credentials_are_passed_by_reference_only():
     s = spec(output={"uri": "s3://bucket/out"}, s3={"endpointUrl": "http://s3:9000", "credentialsSecret": "s3-creds"})
     job = build_job(OWNER, s, 1, SETTINGS)
-    assert env_of(job)["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}
+    secret_ref = {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert env_of(job)["AWS_SECRET_ACCESS_KEY"] == secret_ref
     config = json.loads(build_config_map(OWNER, s)["data"]["config.json"])
     assert config["spec"]["s3"] == {"endpointUrl": "http://s3:9000", "credentialsSecret": "s3-creds"}
 

@@ -81,8 +81,8 @@ def test_oom_killed_is_retryable_and_explained():
 def test_complete_job_is_success_and_carries_the_published_adapter():
     adapter = {"uri": "s3://b/run/adapter", "sizeBytes": 123, "sha256": "f" * 64}
     message = json.dumps({"exitCode": 0, "reason": "Completed", "adapter": adapter})
-    out = observe_attempt(job(Complete="Completed"), [pod("a-0", "Succeeded", terminated={"exitCode": 0,
-                                                                                      "message": message})])  # fmt: skip
+    done = pod("a-0", "Succeeded", terminated={"exitCode": 0, "message": message})
+    out = observe_attempt(job(Complete="Completed"), [done])
     assert (out.state, out.adapter) == ("succeeded", adapter)
     p = plan(spec(), LoRAFineTuneStatus(phase="Running", attempt=1), out, NOW, SETTINGS, 1)
     assert p.status.adapter.uri == "s3://b/run/adapter" and p.status.adapter.size_bytes == 123
