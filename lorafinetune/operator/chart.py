@@ -91,6 +91,10 @@ class Operator(APIModel):
     )
 
 
+    lease_seconds: float = Field(
+        _DEFAULTS.lease_seconds, ge=3, description="A standby replica takes over after the leader's Lease went "
+        "unrenewed this long (the leader exits first)."
+    )
     network_policy: bool = Field(
         _DEFAULTS.network_policy,
         description="Give each fine-tune a NetworkPolicy: its pods accept any port from their own gang and only the "
@@ -190,6 +194,9 @@ class ChartValues(APIModel):
     full_name_override: str = Field("", description="Replaces the release-chart full name.", alias="fullnameOverride")
     operator: Operator = Field(default_factory=Operator, description="Operator behaviour (LFT_* settings).")
     service_account: ServiceAccount = Field(default_factory=ServiceAccount, description="The operator's identity.")
+    replicas: int = Field(
+        2, ge=1, le=5, description="Operator replicas: the holder of a Lease acts, the others wait to take over."
+    )
     rbac: Rbac = Field(default_factory=Rbac, description="RBAC objects.")
     crds: Crds = Field(default_factory=Crds, description="The LoRAFineTune CustomResourceDefinition.")
     metrics: Metrics = Field(default_factory=Metrics, description="Prometheus Operator monitors.")

@@ -60,6 +60,17 @@ class OperatorSettings:
     """LFT_LOST_POD_SECONDS: a pod still Terminating this long after its grace period ended is on a lost node (no
     kubelet finishes it) and no longer holds back the next attempt."""
 
+    leader_election: bool = False
+    """LFT_LEADER_ELECTION: run only while holding the Lease LFT_LEADER_LEASE in LFT_OPERATOR_NAMESPACE (several
+    replicas: one acts, the others wait to take over). The chart turns it on."""
+
+    leader_lease: str = "lorafinetune-operator"
+    """LFT_LEADER_LEASE: name of that Lease."""
+
+    lease_seconds: float = 15.0
+    """LFT_LEASE_SECONDS: a standby takes over after the Lease went unrenewed this long; the leader renews every
+    third of it and exits if it cannot renew in time."""
+
     watch_jobs: bool = True
     """LFT_WATCH_JOBS: reconcile a fine-tune as soon as one of its Jobs changes (a pod became ready, failed or
     finished) instead of at the next timer tick. Needs list/watch on Jobs; false leaves only the timer."""
@@ -102,6 +113,9 @@ class OperatorSettings:
                 os.environ.get("LFT_TERMINATION_GRACE_SECONDS", d.termination_grace_seconds)
             ),
             lost_pod_seconds=int(os.environ.get("LFT_LOST_POD_SECONDS", d.lost_pod_seconds)),
+            leader_election=_env_bool("LFT_LEADER_ELECTION", d.leader_election),
+            leader_lease=os.environ.get("LFT_LEADER_LEASE", d.leader_lease),
+            lease_seconds=float(os.environ.get("LFT_LEASE_SECONDS", d.lease_seconds)),
             watch_jobs=_env_bool("LFT_WATCH_JOBS", d.watch_jobs),
             secret_preflight=_env_bool("LFT_SECRET_PREFLIGHT", d.secret_preflight),
             network_policy=_env_bool("LFT_NETWORK_POLICY", d.network_policy),

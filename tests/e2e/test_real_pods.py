@@ -402,12 +402,13 @@ def test_planted_secrets_appear_nowhere_but_in_their_secrets(real: RealCluster):
         "events": real.k("-n", ns, "get", "events", "-o", "yaml").stdout,
         "ConfigMaps": real.k("-n", ns, "get", "configmaps", "-o", "yaml").stdout,
         "pods (termination messages)": real.k("-n", ns, "get", "pods", "-o", "yaml").stdout,
-        "operator log": real.k("-n", "lft-system", "logs", "deploy/lft-lorafinetune").stdout,
+        "operator logs": real.k("-n", "lft-system", "logs", "-l", "app.kubernetes.io/instance=lft", "--tail=-1",
+                                "--prefix").stdout,  # every replica's, the standby's too
         **{f"trainer log {p.metadata.name}": real.k("-n", ns, "logs", p.metadata.name).stdout for p in pods},
         **{f"run folder {f.relative_to(real.storage)}": f.read_text(errors="replace")
            for f in (real.storage / "outputs" / name).rglob("*") if f.is_file()},
     }  # fmt: skip
-    assert any(k.startswith("run folder") for k in written) and written["operator log"], "searched nothing"
+    assert any(k.startswith("run folder") for k in written) and written["operator logs"], "searched nothing"
     leaks = [(where, key) for where, text in written.items() for key, value in markers.items() if value in text]
     assert not leaks, leaks
 

@@ -114,8 +114,12 @@ def test_values_render_as_the_operator_parses_them(helm: str):
 
 
 def _rules(role: dict) -> dict[str, set[str]]:
-    return {f"{g or 'core'}/{r}": set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"]
-            for r in rule["resources"]}  # fmt: skip
+    verbs: dict[str, set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                verbs.setdefault(f"{group or 'core'}/{resource}", set()).update(rule["verbs"])
+    return verbs
 
 
 EXPECTED_RULES = {
@@ -136,7 +140,9 @@ def test_rbac_grants_exactly_what_the_operator_calls(helm: str):
     objects = render(helm)
     roles = {r["metadata"]["name"]: _rules(r) for r in by_kind(objects, "ClusterRole")}
     assert roles == {"lft-lorafinetune": EXPECTED_RULES, "lft-lorafinetune-nodes": {"core/nodes": {"list"}}}
-    assert not by_kind(objects, "Role")
+    leader = {"coordination.k8s.io/leases": {"create", "get", "update"}}  # get/update: only its own Lease, by name
+    roles = [(r["metadata"]["name"], _rules(r)) for r in by_kind(objects, "Role")]
+    assert roles == [("lft-lorafinetune-leader", leader)]
 
     with_secrets = render(helm, "--set", "operator.secretPreflight=true")
     roles = {r["metadata"]["name"]: _rules(r) for r in by_kind(with_secrets, "ClusterRole")}
@@ -153,8 +159,9 @@ def test_rbac_grants_exactly_what_the_operator_calls(helm: str):
 
 def test_watching_namespaces_grants_roles_only_there(helm: str):
     objects = render(helm, "--set", "operator.watchNamespaces={team-a,team-b}", *MONITORS_ON)
-    assert sorted(r["metadata"]["namespace"] for r in by_kind(objects, "Role")) == ["team-a", "team-b"]
-    assert all(_rules(r) == EXPECTED_RULES for r in by_kind(objects, "Role"))
+    workload = [r for r in by_kind(objects, "Role") if not r["metadata"]["name"].endswith("-leader")]
+    assert sorted(r["metadata"]["namespace"] for r in workload) == ["team-a", "team-b"]
+    assert all(_rules(r) == EXPECTED_RULES for r in workload)
     assert [r["metadata"]["name"] for r in by_kind(objects, "ClusterRole")] == ["lft-lorafinetune-nodes"]
     [deployment] = by_kind(objects, "Deployment")
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}

@@ -13,7 +13,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from lorafinetune.api.base import APIModel
-from tests.integration.conftest import SHARED_CLAIM, Cluster, wait_for
+from tests.integration.conftest import SHARED_CLAIM, Cluster, Operator, wait_for
 from tests.invalid_manifests import CASES
 
 pytestmark = pytest.mark.integration
@@ -463,3 +463,40 @@ def test_an_edited_mutable_field_reaches_the_next_attempt(cluster: Cluster):
     wait_for(lambda: c.get("moved")["status"]["attempt"] == 2, 60, "attempt 2")
     config = json.loads(c.core.read_namespaced_config_map("moved-config", c.ns).data["config.json"])
     assert config["spec"]["s3"]["endpointUrl"] == "http://new-endpoint:9000"
+
+
+def test_two_replicas_one_acts_and_the_other_takes_over_when_it_dies(cluster: Cluster, operator, kubeconfig,
+                                                                    tmp_path):  # fmt: skip
+    c = cluster
+    operator.stop()  # the session's operator would act too
+    env = {"LFT_LEADER_ELECTION": "true", "LFT_LEADER_LEASE": "lorafinetune-operator", "LFT_LEASE_SECONDS": "6",
+           "LFT_OPERATOR_NAMESPACE": c.ns}  # fmt: skip
+    replicas = [Operator(kubeconfig, tmp_path / f"replica-{i}.log", **env) for i in range(2)]
+    try:
+        for replica in replicas:
+            replica.start()  # live (/healthz) whether leading or waiting
+        leader = wait_for(lambda: [r for r in replicas if "leading as" in r.log.read_text()], 30, "a leader")
+        assert len(leader) == 1, "two replicas lead"
+        [leader] = leader
+        [standby] = [r for r in replicas if r is not leader]
+        assert "waiting to lead" in standby.log.read_text()
+
+        c.apply(manifest("ha", runPolicy={"backoffLimit": 2}))
+        wait_phase(c, "ha", "Running")
+        c.finish_pods("ha", 1, "Failed", only=0, exit_code="1")
+        wait_phase(c, "ha", "Retrying", timeout=30)
+        assert f"{c.ns}/ha:" not in standby.log.read_text(), "the standby acted"
+        leader.kill()  # mid-retry: the backoff is running, attempt 2 not yet created
+        status = wait_for(lambda: (s := c.get("ha")["status"]).get("phase") == "Running" and s["attempt"] == 2 and s,
+                          60, "the new leader to start attempt 2")  # fmt: skip
+        assert "leading as" in standby.log.read_text()
+        c.finish_pods("ha", 2, "Succeeded")
+        status = wait_phase(c, "ha", "Succeeded")
+        assert status["failedAttempts"] == 1
+        assert sorted(j.metadata.name for j in c.jobs("ha")) == ["ha-a1", "ha-a2"], "a duplicate or missing Job"
+        lease = client.CoordinationV1Api(c.api).read_namespaced_lease("lorafinetune-operator", c.ns)
+        assert lease.spec.lease_transitions == 1 and lease.spec.holder_identity in standby.log.read_text()
+    finally:
+        for replica in replicas:
+            replica.stop()
+        operator.start()
