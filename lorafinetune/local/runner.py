@@ -91,7 +91,7 @@ def _agent_env(run_dir: Path, node: int, threads: int, opts: LocalOptions, on_cp
         ENV_ATTEMPT: attempt,  # one per `run`: an older run still alive on this folder can no longer publish
         ENV_CONFIG: str(run_dir / CONFIG_FILE),
         ENV_RUN_DIR: str(_node_run_dir(run_dir, node, per_node)),
-        ENV_TERMINATION_LOG: str(run_dir / "logs" / f"termination-node{node}.json"),
+        ENV_TERMINATION_LOG: str(_termination_path(run_dir, attempt, node)),
         ENV_METRICS_PORT: str(opts.metrics_port if node == 0 else 0),
         "OMP_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
@@ -116,7 +116,7 @@ def run_local(lft: LoRAFineTune, opts: LocalOptions, show_progress: bool = True)
     ).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / CONFIG_FILE, config)
-    for stale in (run_dir / "logs").glob("termination-node*.json"):
+    for stale in (run_dir / "logs").glob("termination-*.json"):
         stale.unlink()
 
     on_cpu = res.gpus_per_node == 0
@@ -167,7 +167,7 @@ def run_local(lft: LoRAFineTune, opts: LocalOptions, show_progress: bool = True)
     if all(c == 0 for c in codes) and not interrupted:
         print_summary(run_dir, lft.spec.output.uri)
         return ExitCode.OK
-    return _report_failure(run_dir, res.nodes, interrupted)
+    return _report_failure(run_dir, res.nodes, interrupted, attempt)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -200,8 +200,14 @@ def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
         pass
 
 
-def _report_failure(run_dir: Path, nodes: int, interrupted: bool) -> int:
-    records = [read_termination(run_dir / "logs" / f"termination-node{n}.json") for n in range(nodes)]
+def _termination_path(run_dir: Path, attempt: str, node: int) -> Path:
+    """One file per run and node (a pod's /dev/termination-log): a run started later on the same folder, while an
+    older one is still alive, must not mix its record with the older one's."""
+    return run_dir / "logs" / f"termination-{attempt}-node{node}.json"
+
+
+def _report_failure(run_dir: Path, nodes: int, interrupted: bool, attempt: str) -> int:
+    records = [read_termination(_termination_path(run_dir, attempt, n)) for n in range(nodes)]
     records = [r for r in records if r]
     permanent = [r for r in records if ExitCode(r["exitCode"]).permanent]
     record = (permanent or records or [None])[0]

@@ -7,6 +7,7 @@ The exit code tells the launcher whether a retry can help (see lorafinetune.cont
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -74,14 +75,20 @@ def main() -> int:
 
 
 def _write_termination(code: ExitCode, reason: str, message: str, adapter: dict | None = None) -> None:
-    """Kubernetes surfaces this file as the container's termination message; the local runner reads it too."""
+    """Kubernetes surfaces this file as the container's termination message; the local runner reads it too.
+
+    The first record wins: every rank of a node shares the file, and once one rank fails with the cause (a data
+    error, a superseded attempt), its peers fail too, with "connection closed by peer", which must not replace it."""
     path = os.environ.get(ENV_TERMINATION_LOG)
     if path:
         payload = {"exitCode": int(code), "reason": reason, "message": message[-3000:]}
         if adapter:
             payload["adapter"] = {k: adapter[k] for k in ("uri", "sizeBytes", "sha256")}
         try:
-            Path(path).write_text(json.dumps(payload))
+            with open(path, "a+") as f:  # the kubelet creates the file empty; locally it may not exist yet
+                fcntl.flock(f, fcntl.LOCK_EX)
+                if f.seek(0, os.SEEK_END) == 0:
+                    f.write(json.dumps(payload))
         except OSError:
             pass  # never let reporting a failure hide the failure
 
