@@ -256,9 +256,13 @@ if SETTINGS.watch_jobs:
     kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_NAME: kopf.PRESENT})(on_job_event)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def on_delete(meta: kopf.Meta, **_: Any) -> None:
-    # Children go by owner references (garbage collection); only our in-memory bookkeeping needs forgetting.
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def on_deleted(event: kopf.RawEvent, meta: kopf.Meta, **_: Any) -> None:
+    """The watch's DELETED event. Not kopf.on.delete: without a finalizer kopf never sees the object while it is
+    being deleted, so that handler would never run. Children go by owner references (garbage collection); only our
+    in-memory bookkeeping needs forgetting."""
+    if event.get("type") != "DELETED":
+        return
     key = f"{meta['namespace']}/{meta['name']}"
     _last_progress_poll.pop(key, None)
     _locks.pop(key, None)
