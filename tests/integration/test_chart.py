@@ -90,7 +90,8 @@ def test_operator_pod_is_non_root_and_restricted(helm: str):
     assert container["securityContext"] == {
         "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
     }  # fmt: skip
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # Two replicas, one acting at a time (leader election on a Lease): a rolling update is safe too.
+    assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
     assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] > 60, (
         "the startup probe must outlast the operator's wait for its CRD"
     )
@@ -98,6 +99,7 @@ def test_operator_pod_is_non_root_and_restricted(helm: str):
     assert env["LFT_DEFAULT_IMAGE"] == container["image"] == "ghcr.io/lorafinetune/lorafinetune:0.1.0"
     assert env["LFT_SECRET_PREFLIGHT"] == "false" and env["LFT_NAMESPACES"] == ""
     assert env["LFT_NETWORK_POLICY"] == "true" and env["LFT_METRICS_NAMESPACES"] == "monitoring"
+    assert env["LFT_LEADER_ELECTION"] == "true" and env["LFT_LEADER_LEASE"] == "lft-lorafinetune"
     [own_namespace] = [e for e in container["env"] if e["name"] == "LFT_OPERATOR_NAMESPACE"]
     assert own_namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
 
