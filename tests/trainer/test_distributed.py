@@ -179,9 +179,15 @@ def wait_until_training(runner: subprocess.Popen, out: Path, step: int, timeout:
     assert runner.poll() is None and reached >= step, "the run did not start training"
 
 
+# Steps of the runs the tests interrupt: 150 took 6 s at full speed, so a signal sent after step 3 and a metrics read
+# could land after the end (seen in a cold run); 600 leave about 20 s.
+LONG_RUN = 600
+
+
 def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path, tiny_model, chat_data):
     out = tmp_path / "long"
-    spec = {"training": {"maxSteps": 150}, "checkpointing": {"everySteps": 1000}, "evaluation": {"everySteps": 1000}}
+    spec = {"training": {"maxSteps": LONG_RUN}, "checkpointing": {"everySteps": 1000},
+            "evaluation": {"everySteps": 1000}}
     manifest = write_manifest(tmp_path / "long.yaml", tiny_manifest(tiny_model, chat_data, out, **spec))
     port = _free_port()
     runner = subprocess.Popen(
@@ -195,7 +201,7 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path, tiny_model, chat
         values = {
             line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and line[0] != "#"
         }
-        assert values["lorafinetune_global_step"] >= 3 and values["lorafinetune_total_steps"] == 150
+        assert values["lorafinetune_global_step"] >= 3 and values["lorafinetune_total_steps"] == LONG_RUN
         assert values["lorafinetune_train_loss"] > 0 and values["lorafinetune_tokens_total"] > 0
         assert values["lorafinetune_world_size"] == 2
         runner.send_signal(signal.SIGINT)
@@ -206,13 +212,13 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path, tiny_model, chat
     assert runner.returncode == ExitCode.INTERRUPTED, output
     assert "Run the same command to resume" in output
     saved = [p for p in (out / "checkpoints").iterdir() if (p / "COMPLETE.json").is_file()]
-    assert len(saved) == 1 and 3 <= int(saved[0].name.split("-")[1]) < 150
+    assert len(saved) == 1 and 3 <= int(saved[0].name.split("-")[1]) < LONG_RUN
     stopped_at = int(saved[0].name.split("-")[1])
 
     proc = run_cli("run", str(manifest), "--quiet")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"resuming from step {stopped_at}" in (out / "logs" / "node-0.log").read_text()
-    assert summary(out)["steps"] == 150
+    assert summary(out)["steps"] == LONG_RUN
 
 
 def _trainer_pids(run_dir: Path) -> list[int]:
@@ -232,7 +238,8 @@ def test_stopping_the_run_command_stops_its_training_with_a_checkpoint(sig, tmp_
     """What a scheduler, `timeout` or an OOM killer does to `lorafinetune run`: SIGTERM is a Ctrl-C; after SIGKILL
     the agents still get SIGTERM (they die with their parent), so no training outlives the command."""
     out = tmp_path / "long"
-    spec = {"training": {"maxSteps": 150}, "checkpointing": {"everySteps": 1000}, "evaluation": {"everySteps": 1000}}
+    spec = {"training": {"maxSteps": LONG_RUN}, "checkpointing": {"everySteps": 1000},
+            "evaluation": {"everySteps": 1000}}
     manifest = write_manifest(tmp_path / "long.yaml", tiny_manifest(tiny_model, chat_data, out, **spec))
     runner = subprocess.Popen([sys.executable, "-m", "lorafinetune.cli", "run", str(manifest), "--quiet"], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -254,7 +261,7 @@ def test_stopping_the_run_command_stops_its_training_with_a_checkpoint(sig, tmp_
         assert runner.returncode == ExitCode.INTERRUPTED, output
         assert "Run the same command to resume" in output
     saved = [p for p in (out / "checkpoints").iterdir() if (p / "COMPLETE.json").is_file()]
-    assert len(saved) == 1 and 2 <= int(saved[0].name.split("-")[1]) < 150, "no checkpoint on the way out"
+    assert len(saved) == 1 and 2 <= int(saved[0].name.split("-")[1]) < LONG_RUN, "no checkpoint on the way out"
 
 
 def test_early_stopping_ends_the_run_when_eval_loss_stops_improving(tmp_path, tiny_model, chat_data):
