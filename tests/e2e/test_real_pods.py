@@ -394,7 +394,8 @@ def test_planted_secrets_appear_nowhere_but_in_their_secrets(real: RealCluster):
     status = real.wait_phase(name, "Failed", timeout=600)
     assert status["lastFailure"]["reason"] == "ModelError", status
     pods = real.c.pods(name, 1)
-    env = {e.name: e.value_from.secret_key_ref.name for e in pods[0].spec.containers[0].env if e.value_from}
+    env = {e.name: e.value_from.secret_key_ref.name for e in pods[0].spec.containers[0].env
+           if e.value_from and e.value_from.secret_key_ref}  # fmt: skip
     assert env == {"HF_TOKEN": "hf-token", "AWS_ACCESS_KEY_ID": "s3-creds", "AWS_SECRET_ACCESS_KEY": "s3-creds"}
 
     written = {
