@@ -389,8 +389,9 @@ def test_planted_secrets_appear_nowhere_but_in_their_secrets(real: RealCluster):
                                               "stringData": {"HF_TOKEN": markers["HF_TOKEN"]}})  # fmt: skip
     real.c.core.create_namespaced_secret(ns, {"metadata": {"name": "s3-creds"}, "stringData": {
         k: markers[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})  # fmt: skip
-    real.c.apply(_fine_tune(name, model={"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct", "tokenSecret": "hf-token"},
-                            s3={"endpointUrl": "http://s3.invalid:9000", "credentialsSecret": "s3-creds"}))  # fmt: skip
+    manifest = _fine_tune(name, s3={"endpointUrl": "http://s3.invalid:9000", "credentialsSecret": "s3-creds"})
+    manifest["spec"]["model"] = {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct", "tokenSecret": "hf-token"}
+    real.c.apply(manifest)
     status = real.wait_phase(name, "Failed", timeout=600)
     assert status["lastFailure"]["reason"] == "ModelError", status
     pods = real.c.pods(name, 1)
