@@ -78,6 +78,9 @@ CASES = [
     Case("long-uri", spec(model={"uri": "hf://org/" + "m" * 70_000}), "spec.model.uri", "at most 2048 characters"),
     Case("many-targets", spec(lora={"targetModules": [f"m{i}" for i in range(6000)]}), "spec.lora.targetModules",
          "at most 64 items"),
+    Case("queue-name", spec(runPolicy={"queueName": "GPU_queue"}), "spec.runPolicy.queueName", "should match pattern"),
+    Case("priority-without-queue", spec(runPolicy={"queuePriorityClass": "high"}), "spec.runPolicy",
+         "runPolicy.queuePriorityClass needs runPolicy.queueName"),
     # Rules on the whole object: validate says "(top level)", the API server names no field; both give the message.
     Case("dotted-name", {"metadata": {"name": "run.v2"}}, "(top level)", "metadata.name must be a DNS-1035 label"),
     Case("long-name", {"metadata": {"name": "x" * 41}}, "(top level)", "metadata.name must be at most 40 characters"),

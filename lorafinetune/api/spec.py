@@ -37,6 +37,7 @@ def immutable(field: str) -> dict:
 
 
 _SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"  # a Kubernetes object name (DNS-1123 subdomain)
+_LABEL_VALUE = r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$"  # an object name that is also a label value
 _PINNED_HF = r"@[0-9a-f]{40}$"  # hf://org/name@<commit>
 URI_MAX = 2048  # characters in a storage URI
 # Schemes each URI accepts: the field's CRD pattern and its Python check (parse_uri) are both made from these.
@@ -139,8 +140,8 @@ class DatasetSpec(APIModel):
     )
     format: Literal["text", "completion", "chat"] = Field(
         default="chat",
-        description="Row format. text: {\"text\"}; all tokens trained. completion: {\"prompt\", \"completion\"}; "
-        "the prompt is masked out of the loss. chat: {\"messages\": [{\"role\", \"content\"}]} rendered with the "
+        description='Row format. text: {"text"}; all tokens trained. completion: {"prompt", "completion"}; '
+        'the prompt is masked out of the loss. chat: {"messages": [{"role", "content"}]} rendered with the '
         "model's chat template; only assistant turns (with their end-of-turn token) are trained.",
     )
     max_seq_length: int = Field(
@@ -190,7 +191,7 @@ class LoRASpec(APIModel):
         default_factory=lambda: ["all-linear"],
         min_length=1,
         max_length=64,
-        description="Module names to adapt (e.g. q_proj, v_proj) or [\"all-linear\"] for every linear layer except "
+        description='Module names to adapt (e.g. q_proj, v_proj) or ["all-linear"] for every linear layer except '
         "the output head.",
     )
     use_rslora: bool = Field(default=False, description="Rank-stabilised LoRA scaling (alpha/sqrt(r)).")
@@ -294,8 +295,7 @@ class ResourcesSpec(APIModel):
     )
     resources: K8sObject | None = Field(
         default=None,
-        description="Pod container resources (requests/limits of cpu, memory); nvidia.com/gpu is set from "
-        "gpusPerNode.",
+        description="Pod container resources (requests/limits of cpu, memory); nvidia.com/gpu is set from gpusPerNode.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     image: str | None = Field(
@@ -380,7 +380,12 @@ class S3Spec(APIModel):
 
 
 class RunPolicySpec(APIModel):
-    """Retries, deadlines and clean-up of the whole run."""
+    """Retries, deadlines, queueing and clean-up of the whole run."""
+
+    RULES = (
+        Rule(~F("queuePriorityClass").has() | F("queueName").has(),
+             "runPolicy.queuePriorityClass needs runPolicy.queueName (Kueue orders only what it queues)"),
+    )  # fmt: skip
 
     backoff_limit: int = Field(
         default=3, ge=0, le=100, description="Failed attempts retried (whole gang, resuming from the last checkpoint)."
@@ -407,6 +412,22 @@ class RunPolicySpec(APIModel):
     )
     suspend: bool = Field(
         default=False, description="Stop the running attempt after a checkpoint; set back to false to resume."
+    )
+    queue_name: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=_LABEL_VALUE,
+        description="Kueue LocalQueue (in this namespace) that admits the run: each attempt's Job is created suspended "
+        "with the kueue.x-k8s.io/queue-name label, so Kueue starts all of its pods or none (gang admission) when the "
+        "ClusterQueue has quota. Phase Queued while it waits; a Kueue preemption counts as a disruption. Unset: the "
+        "pods are created at once.",
+    )
+    queue_priority_class: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=_LABEL_VALUE,
+        description="Kueue WorkloadPriorityClass of the run (kueue.x-k8s.io/priority-class): orders the queue and "
+        "decides which admitted run Kueue preempts. Needs queueName.",
     )
 
 

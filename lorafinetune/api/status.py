@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 
 from lorafinetune.api.base import APIModel
 
-Phase = Literal["Pending", "Running", "Retrying", "Succeeded", "Failed", "Suspended"]
+# Queued: an attempt waits for Kueue to admit it (runPolicy.queueName); it holds no pods.
+Phase = Literal["Pending", "Queued", "Running", "Retrying", "Succeeded", "Failed", "Suspended"]
+PHASES: tuple[str, ...] = get_args(Phase)
 
 
 class Condition(APIModel):
@@ -61,7 +63,7 @@ class Failure(APIModel):
 class LoRAFineTuneStatus(APIModel):
     """Observed state of a fine-tune."""
 
-    phase: Phase | None = Field(default=None, description="Pending, Running, Retrying, Succeeded, Failed, Suspended.")
+    phase: Phase | None = Field(default=None, description=", ".join(PHASES) + ".")
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")
     attempt: int = Field(default=0, description="Attempts started (1 = first attempt).")
     failed_attempts: int = Field(default=0, description="Attempts that failed; retries stop above backoffLimit.")

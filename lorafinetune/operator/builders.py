@@ -31,6 +31,9 @@ from lorafinetune.storage import POD_PVC_ROOT
 
 LABEL_NAME = "lorafinetune.io/name"
 LABEL_ATTEMPT = "lorafinetune.io/attempt"
+# Kueue's labels on a Job it should admit (https://kueue.sigs.k8s.io/docs/tasks/run/jobs/)
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 CONFIG_MOUNT = "/etc/lorafinetune"
 CACHE_MOUNT = "/var/cache/lorafinetune"
 TERMINATION_LOG = "/dev/termination-log"
@@ -198,9 +201,7 @@ def _env(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: OperatorS
                                                                         "key": "HF_TOKEN"}}})  # fmt: skip
     if spec.s3 and spec.s3.credentials_secret:  # by reference only: the values never enter our objects
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            env.append(
-                {"name": key, "valueFrom": {"secretKeyRef": {"name": spec.s3.credentials_secret, "key": key}}}
-            )
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": spec.s3.credentials_secret, "key": key}}})
     return env
 
 
@@ -255,11 +256,17 @@ def build_job(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: Oper
     if not res.service_account_name:
         pod_spec["automountServiceAccountToken"] = False  # the trainer never talks to the API server
     labels = {LABEL_ATTEMPT: str(attempt)}
+    rp = spec.run_policy
+    queue_labels = {KUEUE_QUEUE_LABEL: rp.queue_name, KUEUE_PRIORITY_LABEL: rp.queue_priority_class}
+    queue_labels = {k: v for k, v in queue_labels.items() if v}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": owner.metadata(job_name(owner.name, attempt), **labels),
+        "metadata": owner.metadata(job_name(owner.name, attempt), **labels, **queue_labels),
         "spec": {
+            # Queued: created suspended, and Kueue alone unsuspends it once the whole gang fits its quota (Kueue's
+            # webhook would suspend it too, but only if it is up; unsuspended, the pods would start unadmitted).
+            **({"suspend": True} if rp.queue_name else {}),
             "completionMode": "Indexed",
             "completions": res.nodes,
             "parallelism": res.nodes,

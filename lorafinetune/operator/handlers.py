@@ -161,7 +161,9 @@ def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFi
         and len(pods) < job["spec"].get("parallelism", 1)
         and not (job.get("status") or {}).get("conditions")
     )
-    outcome = observe_attempt(job, pods, failed_create=kube.failed_create_message(job) if missing else "")
+    queued = job is not None and bool(job["spec"].get("suspend"))  # held by Kueue: its Workload says why
+    outcome = observe_attempt(job, pods, failed_create=kube.failed_create_message(job) if missing else "",
+                              workload=kube.read_workload(job) if queued else None)  # fmt: skip
     warning = _capacity_warning(spec) if first else None
     p = plan(spec, current, outcome, now, SETTINGS, generation, active_pods=active, warning=warning)
     try:

@@ -122,6 +122,26 @@ def failed_create_message(job: dict[str, Any]) -> str:
     return (newest.message or "") if newest is not None else ""
 
 
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
+
+
+def read_workload(job: dict[str, Any]) -> dict[str, Any] | None:
+    """Kueue's Workload for this Job (its admission state: quota reserved or why not, evicted, preempted), found by
+    the Job UID label Kueue puts on it. None if there is none yet, or Kueue is not installed (no such resource)."""
+    meta = job["metadata"]
+    _count("list", "workloads")
+    try:
+        found = client.CustomObjectsApi().list_namespaced_custom_object(
+            KUEUE_GROUP, KUEUE_VERSION, meta["namespace"], "workloads",
+            label_selector=f"kueue.x-k8s.io/job-uid={meta['uid']}",
+        )  # fmt: skip
+    except ApiException as err:
+        if err.status in (403, 404):  # Kueue absent, or the chart installed without its Workload read permission
+            return None
+        raise
+    return next(iter(found.get("items") or []), None)
+
+
 def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> None:
     """A core/v1 Event about `obj` (what `kubectl describe` lists). Posted here rather than with kopf.event, which
     works only inside kopf's handler contexts, not from the operator's clock threads."""

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-PHASES = ("Pending", "Running", "Retrying", "Succeeded", "Failed", "Suspended")
+from lorafinetune.api.status import PHASES
 
 
 class OperatorMetrics:

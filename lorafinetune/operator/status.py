@@ -15,9 +15,11 @@ from typing import Any, Literal
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import AdapterRef, Condition, Failure, LoRAFineTuneStatus
 from lorafinetune.contract import ExitCode
+from lorafinetune.operator.builders import KUEUE_QUEUE_LABEL
 from lorafinetune.operator.settings import OperatorSettings
 
-State = Literal["none", "pending", "running", "succeeded", "failed"]
+# queued: Kueue holds the attempt's Job suspended until the whole gang fits its ClusterQueue (runPolicy.queueName)
+State = Literal["none", "queued", "pending", "running", "succeeded", "failed"]
 # Ready: every pod of the current attempt is scheduled and running; while Pending it carries the reason why not
 # (the scheduler's Unschedulable message, a missing PVC, an image pull error). The others mirror the phase.
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended")
@@ -33,6 +35,7 @@ class AttemptOutcome:
     # Stopped from outside (preemption, eviction, drain, spot reclaim): restarted without counting as a failure.
     disrupted: bool = False
     adapter: dict | None = None  # {uri, sizeBytes, sha256} from rank 0's termination message on success
+    evicted: str = ""  # queued again after Kueue evicted the running attempt: "<reason>: <message>" of the Workload
 
 
 # The Job's pod failure policy fails the whole Job at a pod's first disruption (builders.build_job); the Job's
@@ -96,13 +99,44 @@ def _adapter_of(pods: list[dict]) -> dict | None:
     return None
 
 
-def observe_attempt(job: dict | None, pods: list[dict], failed_create: str = "") -> AttemptOutcome:
+def _is_true(obj: dict, ctype: str) -> bool:
+    return (c := _condition(obj, ctype)) is not None and c.get("status") == "True"
+
+
+def _admission_of(job: dict, workload: dict | None) -> AttemptOutcome:
+    """A Job held suspended by Kueue: the operator suspends a Job only for Kueue (runPolicy.queueName; the user's
+    runPolicy.suspend deletes the Job instead), and Kueue unsuspends it once the whole gang fits the ClusterQueue's
+    quota, or suspends it again to preempt it."""
+    queue = job["metadata"].get("labels", {}).get(KUEUE_QUEUE_LABEL, "")
+    if workload is None:  # Kueue makes one within a second of the Job's creation when it runs and manages Jobs
+        return AttemptOutcome("pending", WAITING_FOR_KUEUE, f"Job {job['metadata']['name']} is suspended for "
+                              f"LocalQueue {queue!r} but Kueue has no Workload for it: is Kueue running, and does it "
+                              "manage batch/job? (runPolicy.pendingTimeoutSeconds bounds the wait)")  # fmt: skip
+    if _is_true(workload, "QuotaReserved"):  # admitted: Kueue unsuspends the Job in a moment
+        return AttemptOutcome("pending", "PodsStarting", f"admitted by Kueue (LocalQueue {queue!r})")
+    reserved = _condition(workload, "QuotaReserved") or {}
+    why = reserved.get("message") or "waiting for quota"
+    evicted = _condition(workload, "Evicted") if _is_true(workload, "Evicted") else None
+    eviction = f"{evicted.get('reason') or 'Evicted'}: {evicted.get('message', '')}" if evicted else ""
+    return AttemptOutcome("queued", QUEUED, f"LocalQueue {queue!r}: {why}"[:1000], evicted=eviction[:1000])
+
+
+def observe_attempt(job: dict | None, pods: list[dict], failed_create: str = "",
+                    workload: dict | None = None) -> AttemptOutcome:  # fmt: skip
     """`failed_create`: the message of the Job controller's latest FailedCreate event for this Job (a ResourceQuota or
-    an admission webhook refused its pods), if it has fewer pods than it wants."""
+    an admission webhook refused its pods), if it has fewer pods than it wants. `workload`: Kueue's Workload of a
+    suspended Job (read only then)."""
     if job is None:
         return AttemptOutcome("none")
+    finished = _is_true(job, "Failed") or _is_true(job, "Complete")
+    if (job.get("spec") or {}).get("suspend") and not finished:
+        return _admission_of(job, workload)
     failed_pods = sorted((p for p in pods if p.get("status", {}).get("phase") == "Failed"),
                          key=lambda p: p["metadata"]["name"])  # fmt: skip
+    if KUEUE_QUEUE_LABEL in (job.get("metadata") or {}).get("labels", {}) and not finished:
+        # Pods the Job controller deleted when Kueue suspended the Job end Failed (SIGTERM) and may linger a moment
+        # after Kueue admits it again; they are not failures (the Job does not count them either).
+        failed_pods = [p for p in failed_pods if not p["metadata"].get("deletionTimestamp") or _disruption_of(p)]
     if failed_pods:
         # A rank's own permanent error wins (retrying cannot help); then a disruption of any rank (its peers fail
         # too once it is gone, with errors that say nothing of why); then the first rank's failure.
@@ -169,7 +203,7 @@ def _phase(plan: Plan, phase: str, reason: str, message: str, now: datetime, gen
     s.phase = phase  # type: ignore[assignment]
     for ctype in CONDITION_TYPES:
         holds = phase == ("Running" if ctype == "Ready" else ctype)
-        if holds or (ctype == "Ready" and phase == "Pending"):
+        if holds or (ctype == "Ready" and phase in ("Pending", "Queued")):
             set_condition(s, ctype, holds, reason, message, now, gen)
         else:  # a condition that does not hold says which phase holds instead
             set_condition(s, ctype, False, phase, "", now, gen)
@@ -229,6 +263,8 @@ def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOu
     if outcome.state == "none":
         return _start_attempt(p, max(s.attempt, 1), now, generation, active_pods, warning)
 
+    if outcome.state == "queued":
+        return _queued(p, spec, outcome, now, generation)
     if outcome.state == "pending" and s.pending_since is None:
         s.pending_since = now  # an attempt created before this field existed: count from now
     if outcome.state == "pending" and _pending_too_long(s, rp.pending_timeout_seconds, now):
@@ -329,6 +365,32 @@ def _disrupted(p: Plan, spec: LoRAFineTuneSpec, outcome: AttemptOutcome, now: da
     return p
 
 
+def _queued(p: Plan, spec: LoRAFineTuneSpec, outcome: AttemptOutcome, now: datetime,
+            generation: int | None) -> Plan:  # fmt: skip
+    """Kueue holds the attempt: no pods, no GPUs held, so the time in the queue is not pending time. A running attempt
+    that Kueue suspends again was preempted (or evicted): its pods got SIGTERM and checkpointed, and the same Job
+    resumes when Kueue admits it again; a disruption, not a failure."""
+    s, limit = p.status, spec.run_policy.disruption_limit
+    s.pending_since = None
+    if s.phase == "Running":
+        s.disruptions += 1
+        cause = outcome.evicted or "Evicted: Kueue suspended the running Job"
+        reason, _, message = cause.partition(": ")
+        s.last_disruption = Failure(attempt=s.attempt, reason=reason, message=message)
+        detail = f"attempt {s.attempt} was stopped by Kueue ({cause})"
+        if s.disruptions > limit:
+            p.delete_job, s.completion_time = s.attempt, now
+            _phase(p, "Failed", "DisruptionLimitExceeded", f"{detail} (disruptionLimit {limit} reached)", now,
+                   generation)  # fmt: skip
+            return p
+        _phase(p, "Queued", QUEUED, outcome.message, now, generation)
+        p.events = [("Warning", reason, f"{detail}; not counted as a failure, it resumes from its last checkpoint "
+                     "when Kueue admits it again")]  # fmt: skip
+        return p
+    _phase(p, "Queued", QUEUED, outcome.message, now, generation)
+    return p
+
+
 def _pending_too_long(s: LoRAFineTuneStatus, timeout: int, now: datetime) -> bool:
     return s.pending_since is not None and now - s.pending_since >= timedelta(seconds=timeout)
 
@@ -348,6 +410,8 @@ def plan_waiting(current: LoRAFineTuneStatus, reason: str, message: str, now: da
 
 
 INVALID_SPEC = "InvalidSpec"
+QUEUED = "Queued"
+WAITING_FOR_KUEUE = "WaitingForKueue"
 NAME_IN_USE = "NameInUse"
 STOPPING = "PreviousAttemptStopping"
 

@@ -131,3 +131,12 @@ def test_builders_are_deterministic():
     s = spec()
     assert build_job(OWNER, s, 3, SETTINGS) == build_job(OWNER, s, 3, SETTINGS)
     assert build_config_map(OWNER, s) == build_config_map(OWNER, s)
+
+
+def test_a_queued_run_gives_kueue_a_suspended_labelled_gang():
+    job = build_job(OWNER, spec(runPolicy={"queueName": "gpu", "queuePriorityClass": "urgent"}), 2, SETTINGS)
+    labels = job["metadata"]["labels"]
+    assert (labels["kueue.x-k8s.io/queue-name"], labels["kueue.x-k8s.io/priority-class"]) == ("gpu", "urgent")
+    assert job["spec"]["suspend"] is True, "created suspended: Kueue alone starts the pods, all of them or none"
+    plain = build_job(OWNER, spec(), 2, SETTINGS)
+    assert "suspend" not in plain["spec"] and not any(k.startswith("kueue.") for k in plain["metadata"]["labels"])

@@ -137,7 +137,90 @@ def test_containers_that_cannot_start_are_named(reason):
     assert (out.state, out.reason, out.message) == ("pending", reason, "why")
 
 
+def queued_job(**conditions):
+    j = job(Suspended="JobSuspended", **conditions)
+    j["spec"]["suspend"] = True
+    j["metadata"] = {"name": "demo-a1", "labels": {"kueue.x-k8s.io/queue-name": "gpu"}}
+    return j
+
+
+def workload(**conditions):
+    """Kueue's Workload with conditions given as type=(status, reason, message)."""
+    return {"status": {"conditions": [{"type": t, "status": s, "reason": r, "message": m}
+                                      for t, (s, r, m) in conditions.items()]}}  # fmt: skip
+
+
+def test_a_job_held_by_kueue_is_queued_with_kueues_reason():
+    quota = "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu, 16 more needed"
+    out = observe_attempt(queued_job(), [], workload=workload(QuotaReserved=("False", "Pending", quota)))
+    assert (out.state, out.reason, out.evicted) == ("queued", "Queued", "")
+    assert out.message == f"LocalQueue 'gpu': {quota}"
+
+
+def test_pods_stopped_by_kueues_suspension_are_not_a_failure():
+    # Preempted: Kueue suspended the Job; its pods end Failed (SIGTERM) while being deleted.
+    stopped = pod("a-0", "Failed", terminated={"exitCode": 143, "reason": "Error"})
+    stopped["metadata"]["deletionTimestamp"] = "2026-11-26T12:00:00Z"
+    evicted = workload(QuotaReserved=("False", "Pending", "waiting"),
+                       Evicted=("True", "Preempted", "Preempted to accommodate a workload (UID: x) due to "
+                                "prioritization in the ClusterQueue"))  # fmt: skip
+    out = observe_attempt(queued_job(), [stopped], workload=evicted)
+    assert (out.state, out.evicted.split(":")[0]) == ("queued", "Preempted")
+    # Admitted again, the Job runs new pods while the stopped one is still being removed.
+    resumed = job()
+    resumed["metadata"] = {"labels": {"kueue.x-k8s.io/queue-name": "gpu"}}
+    assert observe_attempt(resumed, [stopped, pod("a-0x", "Running")]).state == "pending"
+    # Without Kueue, a failed pod is a failure however it ended.
+    assert observe_attempt(job(), [stopped]).state == "failed"
+
+
+def test_a_suspended_job_without_a_workload_says_kueue_is_missing():
+    out = observe_attempt(queued_job(), [], workload=None)
+    assert (out.state, out.reason) == ("pending", "WaitingForKueue") and "is Kueue running" in out.message
+    admitted = observe_attempt(queued_job(), [], workload=workload(QuotaReserved=("True", "QuotaReserved", "")))
+    assert (admitted.state, admitted.reason) == ("pending", "PodsStarting")
+
+
 # ---------------------------------------------------------------- deciding
+
+
+def test_time_in_the_queue_is_not_pending_time():
+    s = spec(queueName="gpu", pendingTimeoutSeconds=60)
+    status = LoRAFineTuneStatus(phase="Pending", attempt=1, start_time=NOW, pending_since=NOW)
+    queued = AttemptOutcome("queued", "Queued", "LocalQueue 'gpu': insufficient quota")
+    p = plan(s, status, queued, NOW + timedelta(hours=5), SETTINGS, 1)
+    assert (p.status.phase, p.delete_job, p.status.pending_since) == ("Queued", None, None)
+    ready = next(c for c in p.status.conditions if c.type == "Ready")
+    assert (ready.status, ready.reason, ready.message) == ("False", "Queued", queued.message)
+    assert [e[:2] for e in p.events] == [("Normal", "Queued")]
+    again = plan(s, p.status, queued, NOW + timedelta(hours=6), SETTINGS, 1)
+    assert (again.events, again.status.disruptions) == ([], 0), "queued for long: still one event, no disruption"
+
+
+def test_nobody_admitting_a_queued_job_is_bounded_by_the_pending_timeout():
+    s = spec(queueName="gpu", pendingTimeoutSeconds=60)
+    status = LoRAFineTuneStatus(phase="Pending", attempt=1, start_time=NOW, pending_since=NOW)
+    waiting = AttemptOutcome("pending", "WaitingForKueue", "no Workload")
+    p = plan(s, status, waiting, NOW + timedelta(seconds=61), SETTINGS, 1)
+    assert (p.status.phase, p.delete_job, p.status.last_failure.reason) == ("Retrying", 1, "PendingTimeout")
+
+
+def test_kueue_preempting_a_running_attempt_is_a_disruption_once():
+    s = spec(queueName="gpu", backoffLimit=0, disruptionLimit=1)
+    running = LoRAFineTuneStatus(phase="Running", attempt=1, start_time=NOW)
+    preempted = AttemptOutcome("queued", "Queued", "LocalQueue 'gpu': waiting", evicted="Preempted: by urgent")
+    p = plan(s, running, preempted, NOW, SETTINGS, 1)
+    assert (p.status.phase, p.status.disruptions, p.status.failed_attempts) == ("Queued", 1, 0)
+    assert (p.delete_job, p.create_attempt) == (None, None), "the same Job resumes when Kueue admits it again"
+    assert (p.status.last_disruption.reason, p.status.last_disruption.message) == ("Preempted", "by urgent")
+    assert p.events[0][:2] == ("Warning", "Preempted")
+    assert plan(s, p.status, preempted, NOW, SETTINGS, 1).status.disruptions == 1, "counted once"
+    # Admitted and running again, then preempted a second time: over disruptionLimit 1.
+    back = plan(s, p.status, AttemptOutcome("running"), NOW, SETTINGS, 1)
+    final = plan(s, back.status, preempted, NOW, SETTINGS, 1)
+    assert (final.status.phase, final.delete_job) == ("Failed", 1)
+    failed = next(c for c in final.status.conditions if c.type == "Failed")
+    assert (failed.status, failed.reason) == ("True", "DisruptionLimitExceeded")
 
 
 def test_a_new_resource_starts_attempt_one():
