@@ -9,18 +9,14 @@ import os
 import kopf
 
 from lorafinetune.api.manifest import GROUP, PLURAL, VERSION
-from lorafinetune.operator import handlers, kube  # noqa: F401  (handlers registers the handlers)
+from lorafinetune.operator import handlers, kube, logs  # noqa: F401  (handlers registers the handlers)
 from lorafinetune.operator.leader import LeaderElection, identity
 from lorafinetune.operator.settings import OperatorSettings
 
 
 def main() -> None:
     settings = OperatorSettings.from_env()
-    # One line per transition and per error (handlers.log), with namespace/name. kopf's own INFO lines ("handler
-    # succeeded" for every resource on every timer tick) would bury them, so kopf logs warnings and errors only.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kopf").setLevel(logging.WARNING)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # a line per liveness probe otherwise
+    logs.configure(settings.log_format)
     where = ", ".join(settings.namespaces) if settings.namespaces else "all namespaces"
     logging.getLogger("lorafinetune.operator").info(
         "watching %s.%s/%s in %s; trainer image %s; Job events %s", PLURAL, GROUP, VERSION, where,

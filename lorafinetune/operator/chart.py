@@ -95,6 +95,10 @@ class Operator(APIModel):
         _DEFAULTS.lease_seconds, ge=3, description="A standby replica takes over after the leader's Lease went "
         "unrenewed this long (the leader exits first)."
     )
+    log_format: Literal["text", "json"] = Field(
+        _DEFAULTS.log_format, description="Operator log lines: text, or json (one object a line with namespace, "
+        "finetune and reason fields, for a log pipeline)."
+    )
     network_policy: bool = Field(
         _DEFAULTS.network_policy,
         description="Give each fine-tune a NetworkPolicy: its pods accept any port from their own gang and only the "

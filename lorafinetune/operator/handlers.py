@@ -221,7 +221,8 @@ def reconcile(namespace: str, name: str, handler: str) -> None:
         CLOCK.schedule(key, _next_tick(p, ttl, now))
         for kind, reason, message in p.events:
             kube.post_event(body, kind, reason, message[:1000])
-            log.log(logging.WARNING if kind == "Warning" else logging.INFO, "%s: %s: %s", key, reason, message)
+            log.log(logging.WARNING if kind == "Warning" else logging.INFO, "%s: %s: %s", key, reason, message,
+                    extra={"namespace": namespace, "finetune": name, "reason": reason})  # fmt: skip
         OPERATOR_METRICS.set_phase(f"{namespace}/{name}", p.status.phase)
 
 

@@ -1,4 +1,5 @@
-"""What the real-node tests need built: the Go tools (control plane, node, helm) and the two images.
+"""What the real-node tests need built: the Go tools (control plane, node, helm) and the two images; and Kueue, which
+the integration tests after them need.
 
 Each build is cached by version and locks its cache, so it can run twice at once: the second caller waits, then finds
 it done. `start_in_background` runs them as soon as pytest knows real-node tests are selected, niced, beside the
@@ -18,13 +19,14 @@ from pathlib import Path
 from tests.conftest import REPO
 
 TOOLS = [str(REPO / "hack/cluster/build.sh")]  # control plane, node and helm; prints the binaries' folder, last
+KUEUE = [str(REPO / "hack/kueue/build.sh")]  # its own Go module (tests/integration/test_kueue.py)
 IMAGES = [str(REPO / "hack/image/build.sh")]  # prints the operator's and the trainer's image references, last
 # FROM a base made here from Debian packages (no registry on these machines)
 IMAGES_ENV = {"BASE": "localhost/lorafinetune-base:bookworm", "IMAGE": "localhost/lorafinetune:e2e"}
 
 # chain -> its builds, run one after the other: (command, extra environment)
 CHAINS: dict[str, list[tuple[list[str], dict[str, str]]]] = {
-    "binaries": [(TOOLS, {})],
+    "binaries": [(TOOLS, {}), (KUEUE, {})],
     "images": [(IMAGES, IMAGES_ENV)],
 }
 

@@ -199,6 +199,33 @@ def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "conditi
     pytest.fail(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
 
 
+def manifest(name: str, **spec_override: Any) -> dict:
+    """A cluster-valid fine-tune of 2 nodes x 8 GPUs on the namespace's shared claim; top-level spec keys merged."""
+    spec = {
+        "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
+        "dataset": {"train": f"pvc://{SHARED_CLAIM}/data/train.jsonl"},
+        "training": {"maxSteps": 100},
+        "resources": {"nodes": 2, "gpusPerNode": 8},
+        "output": {"uri": f"pvc://{SHARED_CLAIM}/out/{name}"},
+    }
+    for key, value in spec_override.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return {"apiVersion": "lorafinetune.io/v1alpha1", "kind": "LoRAFineTune", "metadata": {"name": name}, "spec": spec}
+
+
+def phase(c: Cluster, name: str) -> str | None:
+    return c.get(name).get("status", {}).get("phase")
+
+
+def wait_phase(c: Cluster, name: str, expected: str, timeout: float = 60) -> dict:
+    return wait_for(lambda: (s := c.get(name).get("status", {})).get("phase") == expected and s, timeout,
+                    f"{name} to be {expected}")  # fmt: skip
+
+
+def condition(status: dict, ctype: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == ctype)
+
+
 @pytest.fixture
 def cluster(kubeconfig: Path, operator: Operator) -> Iterator[Cluster]:
     from kubernetes import client

@@ -134,6 +134,7 @@ EXPECTED_RULES = {
     "core/pods": {"list"},
     "core/persistentvolumeclaims": {"get"},
     "core/events": {"create", "list"},
+    "kueue.x-k8s.io/workloads": {"list"},
     "networking.k8s.io/networkpolicies": {"create", "delete", "get"},
 }
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO, tiny_manifest, write_manifest
 from tests.integration.conftest import Cluster, _free_port, wait_for
-from tests.integration.test_operator import manifest as lft_manifest
+from tests.integration.conftest import manifest as lft_manifest
 from tests.prometheus import DASHBOARD, Prometheus, dashboard_queries, substitute
 
 pytestmark = pytest.mark.integration

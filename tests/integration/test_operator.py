@@ -13,36 +13,10 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from lorafinetune.api.base import APIModel
-from tests.integration.conftest import SHARED_CLAIM, Cluster, Operator, wait_for
+from tests.integration.conftest import Cluster, Operator, condition, manifest, phase, wait_for, wait_phase
 from tests.invalid_manifests import CASES
 
 pytestmark = pytest.mark.integration
-
-
-def manifest(name: str, **spec_override) -> dict:
-    spec = {
-        "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
-        "dataset": {"train": f"pvc://{SHARED_CLAIM}/data/train.jsonl"},
-        "training": {"maxSteps": 100},
-        "resources": {"nodes": 2, "gpusPerNode": 8},
-        "output": {"uri": f"pvc://{SHARED_CLAIM}/out/{name}"},
-    }
-    for key, value in spec_override.items():
-        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
-    return {"apiVersion": "lorafinetune.io/v1alpha1", "kind": "LoRAFineTune", "metadata": {"name": name}, "spec": spec}
-
-
-def phase(c: Cluster, name: str) -> str | None:
-    return c.get(name).get("status", {}).get("phase")
-
-
-def wait_phase(c: Cluster, name: str, expected: str, timeout: float = 60) -> dict:
-    return wait_for(lambda: (s := c.get(name).get("status", {})).get("phase") == expected and s, timeout,
-                    f"{name} to be {expected}")  # fmt: skip
-
-
-def condition(status: dict, ctype: str) -> dict:
-    return next(c for c in status["conditions"] if c["type"] == ctype)
 
 
 def test_create_runs_the_gang_and_success_is_reported(cluster: Cluster):
@@ -470,7 +444,7 @@ def test_two_replicas_one_acts_and_the_other_takes_over_when_it_dies(cluster: Cl
     c = cluster
     operator.stop()  # the session's operator would act too
     env = {"LFT_LEADER_ELECTION": "true", "LFT_LEADER_LEASE": "lorafinetune-operator", "LFT_LEASE_SECONDS": "6",
-           "LFT_OPERATOR_NAMESPACE": c.ns}  # fmt: skip
+           "LFT_OPERATOR_NAMESPACE": c.ns, "LFT_LOG_FORMAT": "json"}  # fmt: skip
     replicas = [Operator(kubeconfig, tmp_path / f"replica-{i}.log", **env) for i in range(2)]
     try:
         for replica in replicas:
@@ -496,6 +470,12 @@ def test_two_replicas_one_acts_and_the_other_takes_over_when_it_dies(cluster: Cl
         assert sorted(j.metadata.name for j in c.jobs("ha")) == ["ha-a1", "ha-a2"], "a duplicate or missing Job"
         lease = client.CoordinationV1Api(c.api).read_namespaced_lease("lorafinetune-operator", c.ns)
         assert lease.spec.lease_transitions == 1 and lease.spec.holder_identity in standby.log.read_text()
+        # LFT_LOG_FORMAT=json: every line an object; transitions carry the fine-tune as fields of their own
+        lines = [json.loads(line) for line in standby.log.read_text().splitlines()]
+        transitions = [e for e in lines if e.get("finetune") == "ha"]
+        assert {(e["namespace"], e["reason"]) for e in transitions} >= {(c.ns, "AllPodsRunning"),
+                                                                        (c.ns, "TrainingComplete")}  # fmt: skip
+        assert all(e["message"].startswith(f"{c.ns}/ha: {e['reason']}: ") for e in transitions)
     finally:
         for replica in replicas:
             replica.stop()
