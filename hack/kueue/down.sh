@@ -3,7 +3,7 @@
 # behind them, they make every Job create in the cluster fail. Kueue's CRDs and objects stay (their finalizers need
 # the manager). Safe to run twice.
 set -euo pipefail
-: "${KUBECONFIG:?set KUBECONFIG to the cluster's kubeconfig}"
+: "${KUBECONFIG:?set KUBECONFIG to the kubeconfig of the cluster}"
 WORK=${LFT_KUEUE_WORK:?set LFT_KUEUE_WORK to the folder up.sh used}
 export KUBECONFIG
 kubectl delete mutatingwebhookconfiguration kueue-mutating-webhook-configuration --ignore-not-found >&2 || true

@@ -10,21 +10,22 @@
 # folder if nothing is there, and down.sh removes that link (and nothing else).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-: "${KUBECONFIG:?set KUBECONFIG to the cluster's kubeconfig}"
+: "${KUBECONFIG:?set KUBECONFIG to the kubeconfig of the cluster}"
 WORK=${LFT_KUEUE_WORK:?set LFT_KUEUE_WORK to a work folder}
 PYTHON=${PYTHON:-python3}
 export KUBECONFIG
 { read -r KUEUE_BIN; read -r KUEUE_SRC; } < <("$here/build.sh")
+certificates() {  # a CA, and a serving certificate for 127.0.0.1 signed by it
+  local d=$1
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=lorafinetune-test-kueue-ca -keyout "$d/ca.key" \
+    -out "$d/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout "$d/tls.key" -out "$d/tls.csr" 2>/dev/null
+  printf "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n" > "$d/ext.cnf"
+  openssl x509 -req -in "$d/tls.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 30 \
+    -extfile "$d/ext.cnf" -out "$d/tls.crt" 2>/dev/null
+}
 mkdir -p "$WORK/certs"
-if [ ! -f "$WORK/certs/tls.crt" ]; then  # a CA, and a serving certificate for 127.0.0.1 signed by it
-  (cd "$WORK/certs"
-   openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=lorafinetune-test-kueue-ca -keyout ca.key \
-     -out ca.crt 2>/dev/null
-   openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout tls.key -out tls.csr 2>/dev/null
-   printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > ext.cnf
-   openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 -extfile ext.cnf \
-     -out tls.crt 2>/dev/null)
-fi
+[ -f "$WORK/certs/tls.crt" ] || certificates "$WORK/certs"
 "$PYTHON" "$here/webhooks.py" "$KUEUE_SRC" "$WORK/certs/ca.crt" https://127.0.0.1:9443 "$WORK"
 kubectl apply --server-side --force-conflicts -f "$KUEUE_SRC/config/components/crd/bases/" >&2
 for patch in "$WORK"/conversion/*.yaml; do

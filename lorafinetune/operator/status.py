@@ -112,12 +112,13 @@ def _admission_of(job: dict, workload: dict | None) -> AttemptOutcome:
         return AttemptOutcome("pending", WAITING_FOR_KUEUE, f"Job {job['metadata']['name']} is suspended for "
                               f"LocalQueue {queue!r} but Kueue has no Workload for it: is Kueue running, and does it "
                               "manage batch/job? (runPolicy.pendingTimeoutSeconds bounds the wait)")  # fmt: skip
-    if _is_true(workload, "QuotaReserved"):  # admitted: Kueue unsuspends the Job in a moment
-        return AttemptOutcome("pending", "PodsStarting", f"admitted by Kueue (LocalQueue {queue!r})")
-    reserved = _condition(workload, "QuotaReserved") or {}
-    why = reserved.get("message") or "waiting for quota"
+    # Evicted first: a preempted Workload still holds its quota until its pods are gone.
     evicted = _condition(workload, "Evicted") if _is_true(workload, "Evicted") else None
+    if evicted is None and _is_true(workload, "QuotaReserved"):  # admitted: Kueue unsuspends the Job in a moment
+        return AttemptOutcome("pending", "PodsStarting", f"admitted by Kueue (LocalQueue {queue!r})")
     eviction = f"{evicted.get('reason') or 'Evicted'}: {evicted.get('message', '')}" if evicted else ""
+    reserved = _condition(workload, "QuotaReserved") or {}
+    why = (reserved.get("message") if reserved.get("status") == "False" else "") or eviction or "waiting for quota"
     return AttemptOutcome("queued", QUEUED, f"LocalQueue {queue!r}: {why}"[:1000], evicted=eviction[:1000])
 
 

@@ -50,8 +50,11 @@ def _queues(c: Cluster, gpus: int) -> str:
         ("workloadpriorityclasses", {"metadata": {"name": f"routine-{c.ns}"}, "value": 100}),
         ("workloadpriorityclasses", {"metadata": {"name": f"urgent-{c.ns}"}, "value": 1000}),
     ]  # fmt: skip
+    kinds = {"resourceflavors": "ResourceFlavor", "clusterqueues": "ClusterQueue",
+             "workloadpriorityclasses": "WorkloadPriorityClass"}  # fmt: skip
     for plural, body in cluster_scoped:
-        api.create_cluster_custom_object(group, version, plural, {"apiVersion": f"{group}/{version}", **body})
+        api.create_cluster_custom_object(group, version, plural,
+                                         {"apiVersion": f"{group}/{version}", "kind": kinds[plural], **body})
     api.create_namespaced_custom_object(group, version, c.ns, "localqueues", {
         "apiVersion": f"{group}/{version}", "kind": "LocalQueue", "metadata": {"name": "gpu"},
         "spec": {"clusterQueue": cq}})  # fmt: skip

@@ -161,7 +161,7 @@ def test_pods_stopped_by_kueues_suspension_are_not_a_failure():
     # Preempted: Kueue suspended the Job; its pods end Failed (SIGTERM) while being deleted.
     stopped = pod("a-0", "Failed", terminated={"exitCode": 143, "reason": "Error"})
     stopped["metadata"]["deletionTimestamp"] = "2026-11-26T12:00:00Z"
-    evicted = workload(QuotaReserved=("False", "Pending", "waiting"),
+    evicted = workload(QuotaReserved=("True", "QuotaReserved", "still held until the pods are gone"),
                        Evicted=("True", "Preempted", "Preempted to accommodate a workload (UID: x) due to "
                                 "prioritization in the ClusterQueue"))  # fmt: skip
     out = observe_attempt(queued_job(), [stopped], workload=evicted)
