@@ -19,8 +19,8 @@ def main() -> None:
     logs.configure(settings.log_format)
     where = ", ".join(settings.namespaces) if settings.namespaces else "all namespaces"
     logging.getLogger("lorafinetune.operator").info(
-        "watching %s.%s/%s in %s; trainer image %s; Job events %s", PLURAL, GROUP, VERSION, where,
-        settings.default_image, "watched" if settings.watch_jobs else "not watched (timer only)")  # fmt: skip
+        "watching %s.%s/%s in %s; trainer image %s; %d workers", PLURAL, GROUP, VERSION, where,
+        settings.default_image, settings.workers)  # fmt: skip
     if settings.leader_election:
         _lead(settings)
     asyncio.run(

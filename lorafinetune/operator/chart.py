@@ -78,10 +78,8 @@ class Operator(APIModel):
         _DEFAULTS.metrics_port, ge=1, le=65535, description="The operator's own Prometheus metrics port."
     )
     health_port: int = Field(_DEFAULTS.liveness_port, ge=1, le=65535, description="Liveness endpoint (/healthz).")
-    watch_jobs: bool = Field(
-        _DEFAULTS.watch_jobs,
-        description="React to changes of the operator's Jobs at once (list/watch on Jobs) rather than only at the "
-        "next reconcile interval.",
+    workers: int = Field(
+        _DEFAULTS.workers, ge=1, le=64, description="Reconciles run at once (one per fine-tune at a time)."
     )
     secret_preflight: bool = Field(
         _DEFAULTS.secret_preflight,

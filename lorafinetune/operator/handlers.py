@@ -1,16 +1,21 @@
-"""kopf handlers: thin. Each reads what exists, asks the pure planner what to do, does it, and writes status.
+"""kopf handlers: thin. Each reconcile reads what exists, asks the pure planner what to do, does it, and writes status.
 
     python -m lorafinetune.operator          # or: kopf run -m lorafinetune.operator.handlers --all-namespaces
 
+kopf watches the LoRAFineTunes; the operator's own informers (informer.py) watch its Jobs and pods (by label) and the
+nodes. Every change, and the clock, puts the fine-tune's key on one work queue (workqueue.py), whose workers
+reconcile it from those caches: a reconcile makes no read request, only the writes its plan needs.
+
 Every path is safe to run again: child names are deterministic, "already exists" is success, status is recomputed
-from what is observed. So an operator restart at any point neither duplicates nor loses children.
+from what is observed and patched only if this reconcile saw its newest version (resourceVersion). So an operator
+restart at any point neither duplicates nor loses children.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,7 +28,7 @@ from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import LoRAFineTuneStatus
 from lorafinetune.operator import builders, kube
 from lorafinetune.operator import progress as progress_reader
-from lorafinetune.operator.clock import Clock
+from lorafinetune.operator.informer import Informer, PerNamespace, wait_synced
 from lorafinetune.operator.metrics import OPERATOR_METRICS
 from lorafinetune.operator.settings import OperatorSettings
 from lorafinetune.operator.status import (
@@ -38,31 +43,54 @@ from lorafinetune.operator.status import (
     plan_waiting,
     ttl_due,
 )
+from lorafinetune.operator.workqueue import WorkQueue
 
 SETTINGS = OperatorSettings.from_env()
-CLOCK = Clock()
+QUEUE = WorkQueue(on_wait=OPERATOR_METRICS.queue_wait.observe)
 log = logging.getLogger("lorafinetune.operator")
 CRD_WAIT_SECONDS = 60  # a chart installs the CRD and the operator together; the CRD may take a moment to be served
+SYNC_WAIT_SECONDS = 120  # the informers' first lists; no reconcile before (a half-filled cache would mislead it)
+QUEUED_REFRESH_SECONDS = 60.0  # a run Kueue holds: admission comes as a Job event; this only refreshes the reason
 _last_progress_poll: dict[str, float] = {}
-_locks: dict[str, threading.Lock] = {}
-_queued: set[str] = set()  # fine-tunes with a Job-event reconcile waiting for their lock
-_queued_guard = threading.Lock()
+
+
+def _enqueue_owner(source: str) -> Callable[[dict], None]:
+    """An informer callback: a Job or pod of ours changed, so reconcile its fine-tune (named by our label)."""
+
+    def enqueue(obj: dict) -> None:
+        meta = obj.get("metadata") or {}
+        if name := (meta.get("labels") or {}).get(builders.LABEL_NAME):
+            QUEUE.add(f"{meta.get('namespace')}/{name}", source)
+
+    return enqueue
+
+
+# The caches. LoRAFineTunes come from kopf's watch (on_fine_tune); the others from the operator's own informers,
+# Jobs and pods by the operator's label (server-side: not every pod of the cluster).
+FINE_TUNES = Informer("lorafinetunes", kube.no_lister)  # fed by kopf's events, never started
+JOBS = PerNamespace(lambda ns: Informer(f"jobs in {ns or 'all namespaces'}", kube.job_lister(ns),
+                                        label_selector=builders.LABEL_NAME, index_label=builders.LABEL_NAME,
+                                        on_change=_enqueue_owner("job-event"),
+                                        count=lambda verb: kube.count(verb, "jobs")), SETTINGS.namespaces)  # fmt: skip
+PODS = PerNamespace(lambda ns: Informer(f"pods in {ns or 'all namespaces'}", kube.pod_lister(ns),
+                                        label_selector=builders.LABEL_NAME, index_label=builders.LABEL_NAME,
+                                        on_change=_enqueue_owner("pod-event"),
+                                        count=lambda verb: kube.count(verb, "pods")), SETTINGS.namespaces)  # fmt: skip
+NODES = Informer("nodes", kube.node_lister(), count=lambda verb: kube.count(verb, "nodes"))
+INFORMERS = [*JOBS.parts, *PODS.parts, NODES]
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # Keep kopf's bookkeeping in annotations: our status schema is structural and owned by us.
+    # Were kopf ever to keep state on the object, annotations: our status schema is structural and owned by us.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="lorafinetune.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="lorafinetune.io")
-    # Only our own events (kopf.event) and warnings reach Kubernetes: "timer succeeded" every few seconds would
-    # bury the transitions users look for in `kubectl describe`.
+    # Only our own events and warnings reach Kubernetes: kopf's own would bury the transitions users look for.
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 60
     # No runtime watch on every CRD and namespace of the cluster: we serve one resource, known at start, and the
     # chart's RBAC grants no access to CRDs. In exchange the CRD must exist before we start, checked here.
     settings.scanning.disabled = True
-    # Watch only our Jobs (a server-side label selector), not every Job in the cluster.
-    settings.watching.label_selectors["batch", "jobs"] = builders.LABEL_NAME
     kube.load_config()
     deadline = time.monotonic() + CRD_WAIT_SECONDS
     while not kube.resource_served():
@@ -72,13 +100,21 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
                 "CRD (helm chart with crds.install=true, or kubectl apply -f crds/) and restart the operator"
             )
         time.sleep(2)
-    OPERATOR_METRICS.serve(SETTINGS.metrics_port)
-    CLOCK.start(lambda key: reconcile(*key.split("/", 1), "timer"))
+    OPERATOR_METRICS.serve(SETTINGS.metrics_port, QUEUE.depth)
+    for informer in INFORMERS:
+        informer.start()
+    # Before kopf delivers the first LoRAFineTune: planned from half-filled caches, a running attempt would look as
+    # if its Job were gone.
+    if not wait_synced(INFORMERS, SYNC_WAIT_SECONDS):
+        raise kopf.PermanentError(f"the Job, pod and node caches were not filled in {SYNC_WAIT_SECONDS} s")
+    QUEUE.start(SETTINGS.workers, reconcile)
 
 
 @kopf.on.cleanup()
-def stop_clock(**_: Any) -> None:
-    CLOCK.stop()
+def stop_workers(**_: Any) -> None:
+    QUEUE.stop()
+    for informer in INFORMERS:
+        informer.stop()
 
 
 def _preflight(owner: builders.Owner, spec: LoRAFineTuneSpec) -> tuple[str, str] | None:
@@ -99,13 +135,18 @@ def _capacity_warning(spec: LoRAFineTuneSpec) -> tuple[str, str] | None:
     """No node has the GPUs a pod asks for right now. Only a warning: the Job is still created, because a cluster
     autoscaler adds a GPU node only for pods that need one; runPolicy.pendingTimeoutSeconds bounds the wait."""
     gpus = spec.resources.gpus_per_node
-    if gpus and gpus > (most := kube.max_node_gpus()):
+    if gpus and gpus > (most := _max_node_gpus()):
         return "InsufficientGPUs", (
             f"resources.gpusPerNode is {gpus} but no node has more than {most} allocatable nvidia.com/gpu now; "
             f"the pods wait for one (a cluster autoscaler may add it) for up to runPolicy.pendingTimeoutSeconds "
             f"({spec.run_policy.pending_timeout_seconds} s)"
         )
     return None
+
+
+def _max_node_gpus() -> int:
+    return max((int((n.get("status", {}).get("allocatable") or {}).get("nvidia.com/gpu", "0")) for n in NODES.all()),
+               default=0)  # fmt: skip
 
 
 def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
@@ -122,7 +163,8 @@ def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
         kube.create(builders.build_service(owner, SETTINGS))
         if SETTINGS.network_policy:  # before the pods: no moment without it
             kube.create(builders.build_network_policy(owner, SETTINGS))
-        if kube.create(builders.build_job(owner, spec, p.create_attempt, SETTINGS)):
+        if (job := kube.create(builders.build_job(owner, spec, p.create_attempt, SETTINGS))) is not None:
+            JOBS.put(job)  # the next reconcile may run before the watch brings it
             OPERATOR_METRICS.attempts.inc()
 
 
@@ -149,10 +191,10 @@ def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFi
     problem = _preflight(owner, spec) if first else None
     if problem is not None:  # no pods until it is fixed; the timer checks again
         return plan(spec, current, AttemptOutcome("pending", *problem), now, SETTINGS, generation)
-    job = kube.read_job(namespace, builders.job_name(name, current.attempt)) if current.attempt else None
-    # Listed before the first attempt too: pods of a deleted fine-tune of the same name may still be writing the
+    job = JOBS.get(namespace, builders.job_name(name, current.attempt)) if current.attempt else None
+    # Read before the first attempt too: pods of a deleted fine-tune of the same name may still be writing the
     # same output in their termination grace, and the first attempt waits for them as for a previous attempt's.
-    every_pod = kube.list_pods(namespace, name)
+    every_pod = PODS.indexed(namespace, name)
     pods = [pod for pod in every_pod if _attempt_of(pod) == current.attempt] if job else []
     active = sum(_may_still_write(pod, now) for pod in every_pod)
     # Fewer pods than the Job wants: ask the Job's events why (only then: it costs a list call)
@@ -188,17 +230,13 @@ def _attempt_of(pod: dict[str, Any]) -> int:
     return int(pod["metadata"].get("labels", {}).get(builders.LABEL_ATTEMPT, "0"))
 
 
-def reconcile(namespace: str, name: str, handler: str) -> None:
-    """Converge one fine-tune. Serialised per object and run on a fresh read, because change events and the
-    clock fire independently and a stale copy would plan the same transition twice."""
-    key = f"{namespace}/{name}"
-    with _locks.setdefault(key, threading.Lock()), OPERATOR_METRICS.observe(handler):
-        with _queued_guard:
-            _queued.discard(key)  # from here on, a new Job event needs a new reconcile: this one may read too early
-        CLOCK.schedule(key, SETTINGS.reconcile_interval_seconds)  # until this one says otherwise (also if it raises)
-        body = kube.read_fine_tune(namespace, name)
+def reconcile(key: str, source: str = "") -> None:
+    """Converge one fine-tune from the caches. The work queue runs one reconcile per key at a time."""
+    namespace, name = key.split("/", 1)
+    with OPERATOR_METRICS.observe(source or "other"):
+        body = FINE_TUNES.get(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
-            CLOCK.schedule(key, None)
+            QUEUE.forget(key)
             return
         meta = body["metadata"]
         owner = builders.Owner(meta["name"], meta["namespace"], meta["uid"])
@@ -215,59 +253,46 @@ def reconcile(namespace: str, name: str, handler: str) -> None:
         old = body.get("status") or {}
         if new != old:
             patch = {key: new.get(key) for key in set(old) | set(new) if old.get(key) != new.get(key)}
-            if not kube.patch_status(namespace, name, meta["resourceVersion"], patch):
-                CLOCK.schedule(key, 1.0)  # changed meanwhile: reconcile again from the new state
+            patched = kube.patch_status(namespace, name, meta["resourceVersion"], patch)
+            if patched is None:  # changed since the cached copy: again once the watch brings the new one
+                QUEUE.schedule(key, 1.0)
                 return
-        CLOCK.schedule(key, _next_tick(p, ttl, now))
+            FINE_TUNES.put(patched)
+        QUEUE.schedule(key, _next_tick(p, ttl, now))
         for kind, reason, message in p.events:
             kube.post_event(body, kind, reason, message[:1000])
             log.log(logging.WARNING if kind == "Warning" else logging.INFO, "%s: %s: %s", key, reason, message,
                     extra={"namespace": namespace, "finetune": name, "reason": reason})  # fmt: skip
-        OPERATOR_METRICS.set_phase(f"{namespace}/{name}", p.status.phase)
+        OPERATOR_METRICS.set_phase(key, p.status.phase)
 
 
 def _next_tick(p: Plan, ttl: int | None, now: datetime) -> float | None:
-    """Live runs: every reconcile interval, sooner if the plan asks. Finished runs: only when the TTL is due."""
+    """When to look again without an event. Live runs: every reconcile interval (it reads only the caches), sooner
+    if the plan asks (a backoff expiring); a suspended run waits for its spec to change and a queued one for Kueue
+    (refreshing the reason now and then). Finished runs: only when the TTL is due, then never again."""
     s = p.status
     if s.phase in FINISHED:
         due = ttl_due(ttl, s.completion_time, s.children_deleted_time is not None)
         return None if due is None else (due - now).total_seconds()
-    if p.requeue_after is not None:
-        return min(p.requeue_after, SETTINGS.reconcile_interval_seconds)
-    return SETTINGS.reconcile_interval_seconds
-
-
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def on_change(namespace: str, name: str, **_: Any) -> None:
-    reconcile(namespace, name, "change")
-
-
-def on_job_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
-    """One of our Jobs changed: reconcile its fine-tune now rather than at the next tick. A burst of events (every
-    pod of a gang starting) coalesces into one waiting reconcile, which reads the newest state when it runs."""
-    key = f"{namespace}/{labels[builders.LABEL_NAME]}"
-    with _queued_guard:
-        if key in _queued:
-            return
-        _queued.add(key)
-    reconcile(namespace, labels[builders.LABEL_NAME], "job-event")
-
-
-if SETTINGS.watch_jobs:
-    kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_NAME: kopf.PRESENT})(on_job_event)
+    if s.phase == "Suspended":
+        return None
+    interval = QUEUED_REFRESH_SECONDS if s.phase == "Queued" else SETTINGS.reconcile_interval_seconds
+    return interval if p.requeue_after is None else min(p.requeue_after, interval)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def on_deleted(event: kopf.RawEvent, meta: kopf.Meta, **_: Any) -> None:
-    """The watch's DELETED event. Not kopf.on.delete: without a finalizer kopf never sees the object while it is
-    being deleted, so that handler would never run. Children go by owner references (garbage collection); only our
-    in-memory bookkeeping needs forgetting."""
-    if event.get("type") != "DELETED":
+async def on_fine_tune(event: kopf.RawEvent, **_: Any) -> None:
+    """Every LoRAFineTune event (kopf's initial listing included) refreshes the cache and queues a reconcile. Not
+    kopf.on.create/update/resume: those store kopf's progress in an annotation, a write per change per resource.
+    Not kopf.on.delete either: without a finalizer kopf never sees the object while it is being deleted; children
+    go by owner references, and only the in-memory bookkeeping needs forgetting."""
+    body = event["object"]
+    key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+    if event["type"] == "DELETED":
+        FINE_TUNES.forget(body)
+        QUEUE.forget(key)
+        _last_progress_poll.pop(key, None)
+        OPERATOR_METRICS.set_phase(key, None)
         return
-    key = f"{meta['namespace']}/{meta['name']}"
-    _last_progress_poll.pop(key, None)
-    _locks.pop(key, None)
-    CLOCK.schedule(key, None)
-    OPERATOR_METRICS.set_phase(key, None)
+    FINE_TUNES.put(body)
+    QUEUE.add(key, "change")

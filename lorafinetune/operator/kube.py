@@ -1,7 +1,9 @@
-"""The few Kubernetes API calls the operator makes, each idempotent: create-or-accept, delete-or-accept, read."""
+"""The Kubernetes API calls the operator makes, each idempotent (create-or-accept, delete-or-accept), and the list
+calls its informers follow. Every request is counted (lorafinetune_operator_api_requests_total{verb,resource})."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,14 +11,37 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from lorafinetune.api.manifest import GROUP, PLURAL, VERSION
-from lorafinetune.operator.builders import LABEL_NAME
 from lorafinetune.operator.metrics import OPERATOR_METRICS
 
 RESOURCES = {"ConfigMap": "configmaps", "Service": "services", "NetworkPolicy": "networkpolicies", "Job": "jobs"}
 
 
-def _count(verb: str, resource: str) -> None:
+def count(verb: str, resource: str) -> None:
     OPERATOR_METRICS.api_requests.labels(verb=verb, resource=resource).inc()
+
+
+_count = count
+
+
+def job_lister(namespace: str | None) -> Callable[..., Any]:
+    """The list call of an Informer: one namespace, or (None) the whole cluster."""
+    if namespace is None:
+        return lambda **kwargs: client.BatchV1Api().list_job_for_all_namespaces(**kwargs)
+    return lambda **kwargs: client.BatchV1Api().list_namespaced_job(namespace, **kwargs)
+
+
+def pod_lister(namespace: str | None) -> Callable[..., Any]:
+    if namespace is None:
+        return lambda **kwargs: client.CoreV1Api().list_pod_for_all_namespaces(**kwargs)
+    return lambda **kwargs: client.CoreV1Api().list_namespaced_pod(namespace, **kwargs)
+
+
+def node_lister() -> Callable[..., Any]:
+    return lambda **kwargs: client.CoreV1Api().list_node(**kwargs)
+
+
+def no_lister(**_: Any) -> Any:
+    raise RuntimeError("this cache is fed by kopf's watch, not listed")
 
 
 def load_config() -> None:
@@ -52,10 +77,11 @@ def _controller_uid(obj: dict[str, Any]) -> str | None:
     return next((ref.get("uid") for ref in refs if ref.get("controller")), None)
 
 
-def create(obj: dict[str, Any], refresh_data: bool = False) -> bool:
+def create(obj: dict[str, Any], refresh_data: bool = False) -> dict[str, Any] | None:
     """Create a namespaced child; one of that name that this owner controls counts as success (deterministic names
-    make a repeated create harmless). True if newly created. `refresh_data`: a ConfigMap that exists gets this
-    object's data (the next attempt reads the spec as it is now). Raises OwnedByAnother for a foreign one."""
+    make a repeated create harmless). Returns the new object as the API server stored it, or None if it existed.
+    `refresh_data`: a ConfigMap that exists gets this object's data (the next attempt reads the spec as it is now).
+    Raises OwnedByAnother for a foreign one."""
     ns, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
     core, batch, net = client.CoreV1Api(), client.BatchV1Api(), client.NetworkingV1Api()
     create_call, read_call = {
@@ -66,11 +92,10 @@ def create(obj: dict[str, Any], refresh_data: bool = False) -> bool:
     }[kind]
     _count("create", RESOURCES[kind])
     try:
-        create_call(ns, obj)
-        return True
+        return client.ApiClient().sanitize_for_serialization(create_call(ns, obj))
     except ApiException as err:
         if err.status == 403 and "NamespaceTerminating" in (err.body or ""):
-            return False  # the namespace is being deleted, and the fine-tune with it
+            return None  # the namespace is being deleted, and the fine-tune with it
         if err.status != 409:
             raise
     _count("get", RESOURCES[kind])
@@ -82,7 +107,7 @@ def create(obj: dict[str, Any], refresh_data: bool = False) -> bool:
     if refresh_data and existing.get("data") != obj.get("data"):
         _count("patch", RESOURCES[kind])
         core.patch_namespaced_config_map(name, ns, {"data": obj["data"]})
-    return False
+    return None
 
 
 def delete(kind: str, namespace: str, name: str) -> None:
@@ -96,19 +121,6 @@ def delete(kind: str, namespace: str, name: str) -> None:
         "Job": client.BatchV1Api().delete_namespaced_job,
     }[kind]
     _ignore(404, call, name, namespace, body=body)
-
-
-def read_job(namespace: str, name: str) -> dict[str, Any] | None:
-    _count("get", "jobs")
-    job = _ignore(404, client.BatchV1Api().read_namespaced_job, name, namespace)
-    return client.ApiClient().sanitize_for_serialization(job) if job is not None else None
-
-
-def list_pods(namespace: str, name: str) -> list[dict[str, Any]]:
-    """Every pod of the fine-tune, of all attempts (each carries its attempt label)."""
-    _count("list", "pods")
-    pods = client.CoreV1Api().list_namespaced_pod(namespace, label_selector=f"{LABEL_NAME}={name}")
-    return client.ApiClient().sanitize_for_serialization(pods)["items"]
 
 
 def failed_create_message(job: dict[str, Any]) -> str:
@@ -173,26 +185,15 @@ def secret_exists(namespace: str, name: str) -> bool:
     return _ignore(404, client.CoreV1Api().read_namespaced_secret, name, namespace) is not None
 
 
-def max_node_gpus() -> int:
-    _count("list", "nodes")
-    nodes = client.CoreV1Api().list_node().items
-    return max((int((n.status.allocatable or {}).get("nvidia.com/gpu", "0")) for n in nodes), default=0)
-
-
-def read_fine_tune(namespace: str, name: str) -> dict[str, Any] | None:
-    """The LoRAFineTune as stored now (not as a possibly stale watch event delivered it)."""
-    _count("get", PLURAL)
-    return _ignore(404, client.CustomObjectsApi().get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
-
-
-def patch_status(namespace: str, name: str, resource_version: str, status: dict[str, Any]) -> bool:
-    """Merge-patch status if nobody changed the object since we read it (409 -> False: reconcile again)."""
+def patch_status(namespace: str, name: str, resource_version: str, status: dict[str, Any]) -> dict[str, Any] | None:
+    """Merge-patch status if nobody changed the object since we read it. Returns the object as stored now, or None
+    (409: changed meanwhile, reconcile again; 404: gone)."""
     _count("patch", f"{PLURAL}/status")
     body = {"metadata": {"resourceVersion": resource_version}, "status": status}
     try:
-        client.CustomObjectsApi().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body)
-        return True
+        return client.CustomObjectsApi().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL,
+                                                                               name, body)  # fmt: skip
     except ApiException as err:
         if err.status in (404, 409):
-            return False
+            return None
         raise

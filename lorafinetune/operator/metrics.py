@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -15,10 +15,13 @@ class OperatorMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.reconciles = Counter(
-            "lorafinetune_operator_reconciles", "Reconciles run, by handler", ["handler"], registry=r
+            "lorafinetune_operator_reconciles",
+            "Reconciles run, by what queued them (change, job-event, pod-event, clock, retry, requeue)",
+            ["handler"], registry=r,
         )
         self.errors = Counter(
-            "lorafinetune_operator_reconcile_errors", "Reconciles that raised, by handler", ["handler"], registry=r
+            "lorafinetune_operator_reconcile_errors", "Reconciles that raised, by what queued them", ["handler"],
+            registry=r,
         )
         self.duration = Histogram(
             "lorafinetune_operator_reconcile_duration_seconds", "Wall time of one reconcile", ["handler"],
@@ -33,6 +36,13 @@ class OperatorMetrics:
             "lorafinetune_operator_api_requests", "Kubernetes API requests made by reconciles, by verb and resource",
             ["verb", "resource"], registry=r,
         )  # fmt: skip
+        self.queue_depth = Gauge(
+            "lorafinetune_operator_queue_depth", "Fine-tunes waiting for a worker in the work queue", registry=r
+        )
+        self.queue_wait = Histogram(
+            "lorafinetune_operator_queue_wait_seconds", "Time from queued to taken by a worker",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,
+        )  # fmt: skip
         # One series per fine-tune (like kube-state-metrics' *_info): bounded by the resources that exist.
         self.phase_info = Gauge(
             "lorafinetune_operator_finetune_phase", "1 for the current phase of each fine-tune",
@@ -42,7 +52,9 @@ class OperatorMetrics:
         for phase in PHASES:
             self.resources.labels(phase=phase).set(0)
 
-    def serve(self, port: int) -> None:
+    def serve(self, port: int, queue_depth: Callable[[], int] | None = None) -> None:
+        if queue_depth is not None:
+            self.queue_depth.set_function(queue_depth)
         if port:
             start_http_server(port, registry=self.registry)
 
@@ -61,13 +73,17 @@ class OperatorMetrics:
     def set_phase(self, key: str, phase: str | None) -> None:
         namespace, _, name = key.partition("/")
         old = self._phases.pop(key, None)
+        if old == phase:  # the common case: a reconcile that changed nothing
+            if phase is not None:
+                self._phases[key] = phase
+            return
         if old is not None:
             self.phase_info.remove(namespace, name, old)
+            self.resources.labels(phase=old).dec()
         if phase is not None:
             self._phases[key] = phase
             self.phase_info.labels(namespace=namespace, finetune=name, phase=phase).set(1)
-        for p in PHASES:
-            self.resources.labels(phase=p).set(sum(1 for v in self._phases.values() if v == p))
+            self.resources.labels(phase=phase).inc()
 
 
 OPERATOR_METRICS = OperatorMetrics()

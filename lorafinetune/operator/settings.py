@@ -38,7 +38,8 @@ class OperatorSettings:
     """LFT_BACKOFF_CAP_SECONDS: longest wait between attempts, so a late retry does not wait hours."""
 
     reconcile_interval_seconds: float = 10.0
-    """LFT_RECONCILE_INTERVAL_SECONDS: how often each fine-tune is re-checked (children, deadlines, backoff)."""
+    """LFT_RECONCILE_INTERVAL_SECONDS: how often a live fine-tune is re-checked without an event (deadlines, pods
+    lost with their node, progress); from the caches, so without API requests. Finished ones never are."""
 
     metrics_port: int = 8080
     """LFT_OPERATOR_METRICS_PORT: the operator's own Prometheus metrics; 0 disables."""
@@ -73,9 +74,9 @@ class OperatorSettings:
     """LFT_LEASE_SECONDS: a standby takes over after the Lease went unrenewed this long; the leader renews every
     third of it and exits if it cannot renew in time."""
 
-    watch_jobs: bool = True
-    """LFT_WATCH_JOBS: reconcile a fine-tune as soon as one of its Jobs changes (a pod became ready, failed or
-    finished) instead of at the next timer tick. Needs list/watch on Jobs; false leaves only the timer."""
+    workers: int = 8
+    """LFT_WORKERS: reconciles run at once (threads taking fine-tunes off the work queue; one per fine-tune at a
+    time). They mostly wait for the API server's answers to writes."""
 
     secret_preflight: bool = False
     """LFT_SECRET_PREFLIGHT: check that spec.s3.credentialsSecret exists before the first attempt. Off by default
@@ -97,6 +98,8 @@ class OperatorSettings:
     """LFT_LOG_FORMAT: text (for people) or json (one object a line, with namespace, finetune and reason fields)."""
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"LFT_WORKERS must be at least 1, got {self.workers}")
         if self.log_format not in FORMATS:
             raise ValueError(f"LFT_LOG_FORMAT must be one of {', '.join(FORMATS)}, got {self.log_format!r}")
 
@@ -126,7 +129,7 @@ class OperatorSettings:
             leader_election=_env_bool("LFT_LEADER_ELECTION", d.leader_election),
             leader_lease=os.environ.get("LFT_LEADER_LEASE", d.leader_lease),
             lease_seconds=float(os.environ.get("LFT_LEASE_SECONDS", d.lease_seconds)),
-            watch_jobs=_env_bool("LFT_WATCH_JOBS", d.watch_jobs),
+            workers=int(os.environ.get("LFT_WORKERS", d.workers)),
             secret_preflight=_env_bool("LFT_SECRET_PREFLIGHT", d.secret_preflight),
             network_policy=_env_bool("LFT_NETWORK_POLICY", d.network_policy),
             metrics_namespaces=_env_list("LFT_METRICS_NAMESPACES")

@@ -125,13 +125,13 @@ def _rules(role: dict) -> dict[str, set[str]]:
 
 
 EXPECTED_RULES = {
-    "lorafinetune.io/lorafinetunes": {"get", "list", "watch", "patch"},
+    "lorafinetune.io/lorafinetunes": {"list", "watch"},
     "lorafinetune.io/lorafinetunes/status": {"patch"},
     "lorafinetune.io/lorafinetunes/finalizers": {"update"},
     "batch/jobs": {"create", "get", "delete", "list", "watch"},
     "core/configmaps": {"create", "delete", "get", "patch"},
     "core/services": {"create", "delete", "get"},
-    "core/pods": {"list"},
+    "core/pods": {"list", "watch"},
     "core/persistentvolumeclaims": {"get"},
     "core/events": {"create", "list"},
     "kueue.x-k8s.io/workloads": {"list"},
@@ -142,7 +142,7 @@ EXPECTED_RULES = {
 def test_rbac_grants_exactly_what_the_operator_calls(helm: str):
     objects = render(helm)
     roles = {r["metadata"]["name"]: _rules(r) for r in by_kind(objects, "ClusterRole")}
-    assert roles == {"lft-lorafinetune": EXPECTED_RULES, "lft-lorafinetune-nodes": {"core/nodes": {"list"}}}
+    assert roles == {"lft-lorafinetune": EXPECTED_RULES, "lft-lorafinetune-nodes": {"core/nodes": {"list", "watch"}}}
     leader = {"coordination.k8s.io/leases": {"create", "get", "update"}}  # get/update: only its own Lease, by name
     roles = [(r["metadata"]["name"], _rules(r)) for r in by_kind(objects, "Role")]
     assert roles == [("lft-lorafinetune-leader", leader)]
@@ -155,9 +155,6 @@ def test_rbac_grants_exactly_what_the_operator_calls(helm: str):
     roles = {r["metadata"]["name"]: _rules(r) for r in by_kind(no_policy, "ClusterRole")}
     assert "networking.k8s.io/networkpolicies" not in roles["lft-lorafinetune"]
 
-    polling_only = render(helm, "--set", "operator.watchJobs=false")
-    roles = {r["metadata"]["name"]: _rules(r) for r in by_kind(polling_only, "ClusterRole")}
-    assert roles["lft-lorafinetune"]["batch/jobs"] == {"create", "get", "delete"}
 
 
 def test_watching_namespaces_grants_roles_only_there(helm: str):
@@ -255,11 +252,12 @@ def test_install_run_a_fine_tune_as_the_chart_identity_upgrade_uninstall(
 
     # What the ServiceAccount may and may not do, as the API server's authorizer answers it.
     sa = "system:serviceaccount:lft-system:lft-lorafinetune"
-    allowed = ["create jobs.batch -n ns1", "patch lorafinetunes.lorafinetune.io/status -n ns1", "list nodes",
-               "create events -n ns1", "list pods -n ns1", "get persistentvolumeclaims -n ns1",
-               "create networkpolicies.networking.k8s.io -n ns1"]
+    allowed = ["create jobs.batch -n ns1", "patch lorafinetunes.lorafinetune.io --subresource=status -n ns1",
+               "list nodes", "watch nodes", "create events -n ns1", "list pods -n ns1", "watch pods -n ns1",
+               "get persistentvolumeclaims -n ns1", "create networkpolicies.networking.k8s.io -n ns1"]
     denied = ["get secrets -n ns1", "list secrets -n ns1", "delete pods -n ns1", "create pods -n ns1",
               "create pods/exec -n ns1", "update lorafinetunes.lorafinetune.io -n ns1",
+              "patch lorafinetunes.lorafinetune.io -n ns1", "get lorafinetunes.lorafinetune.io -n ns1",
               "delete lorafinetunes.lorafinetune.io -n ns1", "create clusterrolebindings", "patch nodes"]
     for check in allowed + denied:
         answer = kubectl(kc, "auth", "can-i", *check.split(), f"--as={sa}", check=False).stdout.strip()

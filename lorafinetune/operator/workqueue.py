@@ -1,0 +1,141 @@
+"""The operator's work queue: every reconcile, whether an event or the clock asked for it, goes through here.
+
+- A key ("namespace/name") is queued at most once, and never processed by two workers at once: a key added while it
+  is being processed runs once more afterwards (the change may have come too late for the running pass).
+- First in, first out: a burst of new fine-tunes queues behind the work that was already waiting, and a resource
+  that changes often cannot overtake the others, because it is queued once however many events it gets.
+- Delayed adds are the operator's clock: live runs come back when their plan says (a backoff expiring, a pending
+  bound, a progress poll, a TTL due); a key with nothing to wait for is not scheduled at all, so finished runs cost
+  nothing at rest. (A kopf timer would tick instead, but puts a finalizer on every fine-tune, which makes deleting
+  one hang while the operator is not running.)
+- A reconcile that raises is retried after an exponential backoff per key (1 s doubling to 60 s), so a resource
+  that keeps failing cannot monopolise the workers or the API server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+log = logging.getLogger("lorafinetune.operator")
+RETRY_BASE_SECONDS, RETRY_CAP_SECONDS = 1.0, 60.0
+
+
+class WorkQueue:
+    def __init__(self, resolution: float = 0.1,
+                 on_wait: Callable[[float], None] | None = None) -> None:  # fmt: skip
+        self._ready: deque[str] = deque()
+        self._queued_at: dict[str, tuple[float, str]] = {}  # keys in _ready: when queued, and by what
+        self._processing: set[str] = set()
+        self._dirty: set[str] = set()  # added while processing: run again after
+        self._due: dict[str, tuple[float, str]] = {}  # delayed keys: when they become ready, and why
+        self._failures: dict[str, int] = {}
+        self._cond = threading.Condition()
+        self._resolution = resolution
+        self._on_wait = on_wait or (lambda seconds: None)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ adding
+
+    def add(self, key: str, source: str = "") -> None:
+        """Reconcile `key` as soon as a worker is free. `source` (what asked) is passed to the run, for metrics."""
+        with self._cond:
+            self._add_locked(key, source)
+
+    def _add_locked(self, key: str, source: str) -> None:
+        self._due.pop(key, None)  # running now covers a later tick; the run schedules the next one
+        if key in self._processing:
+            self._dirty.add(key)
+        elif key not in self._queued_at:
+            self._queued_at[key] = (time.monotonic(), source)
+            self._ready.append(key)
+            self._cond.notify()
+
+    def schedule(self, key: str, after: float | None, source: str = "clock") -> None:
+        """Reconcile `key` in `after` seconds (replacing an earlier schedule); None: only when an event asks."""
+        with self._cond:
+            if after is None:
+                self._due.pop(key, None)
+            else:
+                self._due[key] = (time.monotonic() + max(0.0, after), source)
+
+    def forget(self, key: str) -> None:
+        """The resource is gone: drop its schedule and its failure count (a queued run finds it gone and stops)."""
+        with self._cond:
+            self._due.pop(key, None)
+            self._failures.pop(key, None)
+
+    def due(self, key: str) -> float | None:
+        """Seconds until `key` is due (None: not scheduled)."""
+        with self._cond:
+            due = self._due.get(key)
+        return None if due is None else due[0] - time.monotonic()
+
+    def depth(self) -> int:
+        """Keys waiting for a worker."""
+        with self._cond:
+            return len(self._ready)
+
+    # ------------------------------------------------------------------ running
+
+    def start(self, workers: int, run: Callable[[str, str], None]) -> None:
+        self._stop.clear()
+        self._threads = [threading.Thread(target=self._work, args=(run,), name=f"lft-worker-{i}", daemon=True)
+                         for i in range(workers)]  # fmt: skip
+        self._threads.append(threading.Thread(target=self._tick, name="lft-clock", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self._resolution):
+            now = time.monotonic()
+            with self._cond:
+                for key, (_, source) in [(k, d) for k, d in self._due.items() if d[0] <= now]:
+                    self._add_locked(key, source)
+
+    def _next(self) -> tuple[str, str] | None:
+        with self._cond:
+            while not self._ready:
+                if self._stop.is_set():
+                    return None
+                self._cond.wait(0.5)
+            key = self._ready.popleft()
+            queued_at, source = self._queued_at.pop(key)
+            self._on_wait(time.monotonic() - queued_at)
+            self._processing.add(key)
+            return key, source
+
+    def _work(self, run: Callable[[str, str], None]) -> None:
+        while (item := self._next()) is not None:
+            key, source = item
+            failed = False
+            try:
+                run(key, source)
+            except Exception:  # noqa: BLE001 - one fine-tune's error must not stop the others
+                failed = True
+                with self._cond:
+                    failures = self._failures[key] = self._failures.get(key, 0) + 1
+                delay = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2 ** (failures - 1))
+                log.exception("%s: reconcile failed (%d in a row); trying again in %.0f s", key, failures, delay)
+                self.schedule(key, delay, "retry")
+            else:
+                with self._cond:
+                    self._failures.pop(key, None)
+            finally:
+                with self._cond:
+                    self._processing.discard(key)
+                    if key in self._dirty:
+                        self._dirty.discard(key)
+                        if not failed:  # a failed run waits for its retry: events must not skip the backoff
+                            self._add_locked(key, "requeue")

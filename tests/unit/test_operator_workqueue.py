@@ -1,0 +1,97 @@
+"""The operator's work queue: one run per key at a time, coalesced adds, FIFO, delayed adds, retries with backoff."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from lorafinetune.operator.workqueue import WorkQueue
+
+
+def _wait(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_adds_coalesce_and_run_in_arrival_order():
+    q, ran = WorkQueue(resolution=0.01), []
+    for key in ("ns/a", "ns/b", "ns/a", "ns/c", "ns/b"):
+        q.add(key, "change")
+    assert q.depth() == 3, "a key is queued once however many events it gets"
+    q.start(1, lambda key, source: ran.append((key, source)))
+    try:
+        assert _wait(lambda: len(ran) == 3)
+        assert ran == [("ns/a", "change"), ("ns/b", "change"), ("ns/c", "change")]
+    finally:
+        q.stop()
+
+
+def test_a_key_never_runs_twice_at_once_and_a_change_during_a_run_runs_it_again():
+    q, running, overlaps, runs = WorkQueue(resolution=0.01), set(), [], []
+    release = threading.Event()
+
+    def run(key, source):
+        if key in running:
+            overlaps.append(key)
+        running.add(key)
+        runs.append(source)
+        if len(runs) == 1:
+            release.wait(5)  # the first run is slow: events arrive meanwhile
+        running.discard(key)
+
+    q.start(4, run)
+    try:
+        q.add("ns/a", "change")
+        assert _wait(lambda: runs)
+        for _ in range(5):
+            q.add("ns/a", "pod-event")
+        release.set()
+        assert _wait(lambda: len(runs) == 2)
+        time.sleep(0.1)
+        assert (overlaps, runs) == ([], ["change", "requeue"]), "five events during a run: one run after it"
+    finally:
+        q.stop()
+
+
+def test_scheduled_keys_come_back_when_due_and_can_be_cancelled():
+    q, ran = WorkQueue(resolution=0.01), []
+    q.schedule("ns/soon", 0.05)
+    q.schedule("ns/later", 60)
+    q.schedule("ns/cancelled", 0.05)
+    q.schedule("ns/cancelled", None)
+    assert 59 < q.due("ns/later") <= 60 and q.due("ns/cancelled") is None
+    q.start(2, lambda key, source: ran.append((key, source)))
+    try:
+        assert _wait(lambda: ran)
+        time.sleep(0.2)
+        assert ran == [("ns/soon", "clock")]
+        q.add("ns/later", "change")  # an event makes the tick due now
+        assert _wait(lambda: len(ran) == 2) and q.due("ns/later") is None
+    finally:
+        q.stop()
+
+
+def test_a_failing_key_backs_off_and_does_not_stop_the_others():
+    q, ran = WorkQueue(resolution=0.01), []
+
+    def run(key, source):
+        ran.append((key, source))
+        if key == "ns/bad":
+            raise RuntimeError("API server said 500")
+
+    q.start(1, run)
+    try:
+        q.add("ns/bad", "change")
+        q.add("ns/good", "change")
+        assert _wait(lambda: ("ns/good", "change") in ran)
+        assert 0 < q.due("ns/bad") <= 1.0, "retried after the first backoff step (1 s)"
+        assert _wait(lambda: ("ns/bad", "retry") in ran, timeout=3)
+        assert 1.0 < q.due("ns/bad") <= 2.0, "the second failure waits twice as long"
+        q.forget("ns/bad")
+        assert q.due("ns/bad") is None
+    finally:
+        q.stop()
