@@ -58,8 +58,9 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 class Operator:
     """The operator as its own process, restartable (to test convergence after a crash)."""
 
-    def __init__(self, kubeconfig: Path, log: Path, **env: str):
-        self.kubeconfig, self.log, self.env = kubeconfig, log, env
+    def __init__(self, kubeconfig: Path, log: Path, repo: Path = REPO, **env: str):
+        """`repo`: the checkout whose operator runs (benchmarks compare an older one)."""
+        self.kubeconfig, self.log, self.env, self.repo = kubeconfig, log, env, repo
         self.metrics_port = _free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -82,7 +83,7 @@ class Operator:
             **self.env,
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lorafinetune.operator"], cwd=REPO, env=env,
+            [sys.executable, "-m", "lorafinetune.operator"], cwd=self.repo, env={**env, "PYTHONPATH": str(self.repo)},
             stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.time() + 60
