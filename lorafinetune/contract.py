@@ -24,6 +24,11 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, Field, ValidationError
+
+from lorafinetune.api.base import APIModel
+from lorafinetune.api.status import AdapterRef
+
 # Environment variables read by the trainer.
 ENV_CONFIG = "LFT_CONFIG"  # path of the rendered trainer config (JSON: the spec plus the run name)
 ENV_RUN_DIR = "LFT_RUN_DIR"  # local folder for checkpoints, progress and the adapter before publishing
@@ -76,11 +81,40 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_termination(path: Path) -> dict[str, Any] | None:
-    """What a failed trainer wrote to its termination log (Kubernetes shows it as the termination message)."""
+class TerminationRecord(APIModel):
+    """What the trainer writes to its termination log when it exits (ENV_TERMINATION_LOG; in a pod
+    /dev/termination-log, which Kubernetes shows as the container's termination message): its own exit code, since
+    torchrun's is always 1, why, and on success the adapter it published. Written by the trainer, read by the
+    operator (status.lastFailure, status.adapter) and the local runner."""
+
+    model_config = ConfigDict(extra="ignore")  # a newer trainer's extra fields must not hide the record from us
+
+    exit_code: int = Field(description="The trainer's exit code (ExitCode).")
+    reason: str = Field(description="One CamelCase word: DataError, ModelError, Superseded, Completed, ...")
+    message: str = Field(default="", description="What happened, for people (no secrets).")
+    adapter: AdapterRef | None = Field(default=None, description="On success: the published adapter.")
+
+    @property
+    def permanent(self) -> bool:
+        return self.exit_code in {c.value for c in ExitCode if c.permanent}
+
+    def dumps(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+    @classmethod
+    def loads(cls, text: str) -> TerminationRecord | None:
+        """The record in `text`, or None if it is not one (the kubelet's fallback to the log tail, say)."""
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError:
+            return None
+
+
+def read_termination(path: Path) -> TerminationRecord | None:
+    """What a trainer wrote to its termination log, if anything."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return TerminationRecord.loads(path.read_text())
+    except FileNotFoundError:
         return None
 
 

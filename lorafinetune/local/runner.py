@@ -209,14 +209,14 @@ def _termination_path(run_dir: Path, attempt: str, node: int) -> Path:
 def _report_failure(run_dir: Path, nodes: int, interrupted: bool, attempt: str) -> int:
     records = [read_termination(_termination_path(run_dir, attempt, n)) for n in range(nodes)]
     records = [r for r in records if r]
-    permanent = [r for r in records if ExitCode(r["exitCode"]).permanent]
+    permanent = [r for r in records if r.permanent]
     record = (permanent or records or [None])[0]
-    if record and record["exitCode"] == ExitCode.INTERRUPTED or (interrupted and not permanent):
+    if record and record.exit_code == ExitCode.INTERRUPTED or (interrupted and not permanent):
         print(f"stopped; the last complete checkpoint is in {run_dir}/checkpoints. Run the same command to resume.")
         return ExitCode.INTERRUPTED
     if record:
-        print(f"training failed: {record['reason']}: {record['message']}", file=sys.stderr)
-        code = ExitCode(record["exitCode"])
+        print(f"training failed: {record.reason}: {record.message}", file=sys.stderr)
+        code = ExitCode(record.exit_code) if record.exit_code in iter(ExitCode) else ExitCode.FAILED
     else:
         code = ExitCode.FAILED
     tail = (run_dir / "logs" / "node-0.log").read_text(errors="replace").splitlines()[-25:]

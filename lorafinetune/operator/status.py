@@ -7,14 +7,13 @@ so every transition is a table-driven unit test; the kopf handler only executes 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import AdapterRef, Condition, Failure, LoRAFineTuneStatus
-from lorafinetune.contract import ExitCode
+from lorafinetune.contract import ExitCode, TerminationRecord
 from lorafinetune.operator.builders import KUEUE_QUEUE_LABEL
 from lorafinetune.operator.settings import OperatorSettings
 
@@ -34,7 +33,7 @@ class AttemptOutcome:
     permanent: bool = False
     # Stopped from outside (preemption, eviction, drain, spot reclaim): restarted without counting as a failure.
     disrupted: bool = False
-    adapter: dict | None = None  # {uri, sizeBytes, sha256} from rank 0's termination message on success
+    adapter: AdapterRef | None = None  # from rank 0's termination message on success
     evicted: str = ""  # queued again after Kueue evicted the running attempt: "<reason>: <message>" of the Workload
 
 
@@ -70,13 +69,9 @@ def _failure_of(pod: dict) -> AttemptOutcome:
         if not term or term.get("exitCode", 0) == 0:
             continue
         code, reason, message = term.get("exitCode"), term.get("reason") or "Error", term.get("message") or ""
-        try:  # the trainer writes {exitCode, reason, message} to its termination log
-            record = json.loads(message)
-            reason, message = record.get("reason", reason), record.get("message", "")
-            if isinstance(record.get("exitCode"), int) and record["exitCode"] != 0:
-                code = record["exitCode"]
-        except (json.JSONDecodeError, AttributeError):
-            pass
+        if record := TerminationRecord.loads(message):  # else the kubelet's fallback: the log's tail
+            reason, message = record.reason, record.message
+            code = record.exit_code or code
         permanent = code in {c.value for c in ExitCode if c.permanent}
         if reason == "OOMKilled":
             message = message or "the container ran out of memory; lower microBatchSize or use a higher zeroStage"
@@ -85,17 +80,13 @@ def _failure_of(pod: dict) -> AttemptOutcome:
     return AttemptOutcome("failed", status.get("reason") or "PodFailed", status.get("message", "")[:1000])
 
 
-def _adapter_of(pods: list[dict]) -> dict | None:
+def _adapter_of(pods: list[dict]) -> AdapterRef | None:
     """The published adapter, as rank 0's trainer reported it in its termination message."""
     for pod in pods:
         for cs in pod.get("status", {}).get("containerStatuses") or []:
             message = ((cs.get("state") or {}).get("terminated") or {}).get("message") or ""
-            try:
-                adapter = json.loads(message).get("adapter")
-            except (json.JSONDecodeError, AttributeError):
-                continue
-            if isinstance(adapter, dict) and {"uri", "sizeBytes", "sha256"} <= set(adapter):
-                return adapter
+            if (record := TerminationRecord.loads(message)) and record.adapter:
+                return record.adapter
     return None
 
 
@@ -290,7 +281,7 @@ def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOu
     if outcome.state == "succeeded":
         s.completion_time = s.completion_time or now
         if outcome.adapter:
-            s.adapter = AdapterRef.model_validate(outcome.adapter)
+            s.adapter = outcome.adapter
         _phase(p, "Succeeded", "TrainingComplete", "the adapter is published", now, generation)
         return p
 

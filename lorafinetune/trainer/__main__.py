@@ -15,7 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
-from lorafinetune.contract import ENV_CONFIG, ENV_RUN_DIR, ENV_TERMINATION_LOG, ExitCode
+from lorafinetune.api.status import AdapterRef
+from lorafinetune.contract import ENV_CONFIG, ENV_RUN_DIR, ENV_TERMINATION_LOG, ExitCode, TerminationRecord
 
 
 def main() -> int:
@@ -81,14 +82,13 @@ def _write_termination(code: ExitCode, reason: str, message: str, adapter: dict 
     error, a superseded attempt), its peers fail too, with "connection closed by peer", which must not replace it."""
     path = os.environ.get(ENV_TERMINATION_LOG)
     if path:
-        payload = {"exitCode": int(code), "reason": reason, "message": message[-3000:]}
-        if adapter:
-            payload["adapter"] = {k: adapter[k] for k in ("uri", "sizeBytes", "sha256")}
+        ref = AdapterRef.model_validate({k: adapter[k] for k in ("uri", "sizeBytes", "sha256")}) if adapter else None
+        record = TerminationRecord(exit_code=int(code), reason=reason, message=message[-3000:], adapter=ref)
         try:
             with open(path, "a+") as f:  # the kubelet creates the file empty; locally it may not exist yet
                 fcntl.flock(f, fcntl.LOCK_EX)
                 if f.seek(0, os.SEEK_END) == 0:
-                    f.write(json.dumps(payload))
+                    f.write(record.dumps())
         except OSError:
             pass  # never let reporting a failure hide the failure
 

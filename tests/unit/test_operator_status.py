@@ -9,6 +9,7 @@ import pytest
 
 from lorafinetune.api import parse_manifest
 from lorafinetune.api.status import LoRAFineTuneStatus, Progress
+from lorafinetune.contract import ExitCode
 from lorafinetune.operator.progress import parse_metrics
 from lorafinetune.operator.settings import OperatorSettings
 from lorafinetune.operator.status import AttemptOutcome, observe_attempt, plan
@@ -78,12 +79,18 @@ def test_oom_killed_is_retryable_and_explained():
     assert "out of memory" in out.message
 
 
-def test_complete_job_is_success_and_carries_the_published_adapter():
-    adapter = {"uri": "s3://b/run/adapter", "sizeBytes": 123, "sha256": "f" * 64}
-    message = json.dumps({"exitCode": 0, "reason": "Completed", "adapter": adapter})
+def test_complete_job_is_success_and_carries_the_published_adapter(tmp_path, monkeypatch):
+    # The termination message exactly as the trainer writes it
+    from lorafinetune.trainer.__main__ import _write_termination
+
+    monkeypatch.setenv("LFT_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    adapter = {"uri": "s3://b/run/adapter", "sizeBytes": 123, "sha256": "f" * 64, "files": 3}
+    _write_termination(ExitCode.OK, "Completed", "the adapter is published", adapter=adapter)
+    message = (tmp_path / "termination-log").read_text()
     done = pod("a-0", "Succeeded", terminated={"exitCode": 0, "message": message})
     out = observe_attempt(job(Complete="Completed"), [done])
-    assert (out.state, out.adapter) == ("succeeded", adapter)
+    assert out.state == "succeeded" and out.adapter.to_manifest() == {k: adapter[k] for k in ("uri", "sizeBytes",
+                                                                                               "sha256")}  # fmt: skip
     p = plan(spec(), LoRAFineTuneStatus(phase="Running", attempt=1), out, NOW, SETTINGS, 1)
     assert p.status.adapter.uri == "s3://b/run/adapter" and p.status.adapter.size_bytes == 123
 

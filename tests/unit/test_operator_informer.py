@@ -1,0 +1,60 @@
+"""The informer's store (pure logic; the list/watch itself runs against the real API server in the integration tests,
+where every reconcile reads from it)."""
+
+from __future__ import annotations
+
+from lorafinetune.operator.informer import Informer, PerNamespace
+
+
+def obj(name, version, owner=None, namespace="ns"):
+    labels = {"lorafinetune.io/name": owner} if owner else {}
+    return {"metadata": {"name": name, "namespace": namespace, "resourceVersion": str(version), "labels": labels}}
+
+
+def informer():
+    return Informer("pods", lambda **_: None, index_label="lorafinetune.io/name")
+
+
+def test_objects_are_found_by_name_and_by_their_owner_label():
+    i = informer()
+    i.put(obj("a-0", 1, owner="a"))
+    i.put(obj("a-1", 2, owner="a"))
+    i.put(obj("b-0", 3, owner="b"))
+    assert i.get("ns", "a-1")["metadata"]["resourceVersion"] == "2"
+    assert sorted(o["metadata"]["name"] for o in i.indexed("ns", "a")) == ["a-0", "a-1"]
+    assert i.indexed("other", "a") == [] and i.get("other", "a-0") is None
+    i.forget(obj("a-0", 4, owner="a"))
+    assert [o["metadata"]["name"] for o in i.indexed("ns", "a")] == ["a-1"] and i.get("ns", "a-0") is None
+
+
+def test_a_relabelled_object_moves_between_owners():
+    i = informer()
+    i.put(obj("x", 1, owner="a"))
+    i.put(obj("x", 2, owner="b"))
+    assert i.indexed("ns", "a") == [] and [o["metadata"]["name"] for o in i.indexed("ns", "b")] == ["x"]
+
+
+def test_an_older_copy_never_replaces_a_newer_one():
+    # The answer to our own write is stored first; the watch then delivers events from before it.
+    i = informer()
+    i.put(obj("a-0", 10, owner="a"))
+    i.put(obj("a-0", 9, owner="a"))
+    assert i.get("ns", "a-0")["metadata"]["resourceVersion"] == "10"
+    i.forget(obj("a-0", 9, owner="a"))  # a deletion always wins
+    assert i.get("ns", "a-0") is None
+
+
+def test_per_namespace_informers_read_as_one():
+    made = {}
+
+    def make(ns):
+        made[ns] = Informer(f"jobs in {ns}", lambda **_: None, index_label="lorafinetune.io/name")
+        return made[ns]
+
+    both = PerNamespace(make, ["team-a", "team-b"])
+    both.put(obj("a-a1", 1, owner="a", namespace="team-a"))
+    both.put(obj("b-a1", 1, owner="b", namespace="team-b"))
+    both.put(obj("c-a1", 1, owner="c", namespace="elsewhere"))  # not watched: dropped
+    assert [o["metadata"]["name"] for o in both.indexed("team-b", "b")] == ["b-a1"]
+    assert sorted(o["metadata"]["name"] for o in both.all()) == ["a-a1", "b-a1"]
+    assert len(both.parts) == 2 and made["team-a"].get("team-a", "a-a1") is not None
