@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ConfigDict, Field, ValidationError
 
 from lorafinetune.api.base import APIModel
-from lorafinetune.api.status import AdapterRef
+from lorafinetune.api.status import AdapterRef, Progress
 
 # Environment variables read by the trainer.
 ENV_CONFIG = "LFT_CONFIG"  # path of the rendered trainer config (JSON: the spec plus the run name)
@@ -118,9 +118,10 @@ def read_termination(path: Path) -> TerminationRecord | None:
         return None
 
 
-def read_progress(run_dir: Path) -> dict[str, Any] | None:
-    """The last progress rank 0 published, or None before the first one."""
+def read_progress(run_dir: Path) -> Progress | None:
+    """The last progress rank 0 published (the same record the operator puts in status.progress), or None before
+    the first one."""
     try:
-        return json.loads((run_dir / PROGRESS_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return Progress.model_validate_json((run_dir / PROGRESS_FILE).read_text())
+    except (FileNotFoundError, ValidationError):
         return None

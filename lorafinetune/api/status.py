@@ -46,6 +46,11 @@ class AdapterRef(APIModel):
     uri: str = Field(description="Folder holding adapter_model.safetensors and adapter_config.json.")
     size_bytes: int = Field(description="Size of adapter_model.safetensors in bytes.")
     sha256: str = Field(description="SHA-256 of adapter_model.safetensors.")
+    base_model_revision: str | None = Field(
+        default=None,
+        description="For an hf:// base model: the commit it was trained on (resolved once, at the first attempt; "
+        "load the adapter onto exactly this revision).",
+    )
 
 
 class Failure(APIModel):

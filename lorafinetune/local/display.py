@@ -6,8 +6,8 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from lorafinetune.api.status import Progress
 from lorafinetune.contract import ADAPTER_DIR, LOSS_PLOT_FILE, SUMMARY_FILE
 
 
@@ -32,28 +32,25 @@ class ProgressDisplay:
         self.last_print = 0.0
         self.started = time.time()
 
-    def line(self, p: dict[str, Any]) -> str:
-        total = p.get("totalSteps") or 1
-        done = int(self.width * p["step"] / total)
+    def line(self, p: Progress) -> str:
+        total = p.total_steps or 1
+        done = int(self.width * p.step / total)
         bar = "#" * done + "." * (self.width - done)
-        tps = p.get("tokensPerSecond")
         return (
-            f"{self.name} [{bar}] step {p['step']}/{total}  loss {_num(p.get('trainLoss'))}  "
-            f"eval {_num(p.get('evalLoss'))}  {_num(tps, '.0f')} tok/s  ETA {_fmt_seconds(p.get('etaSeconds'))}"
+            f"{self.name} [{bar}] step {p.step}/{total}  loss {_num(p.train_loss)}  eval {_num(p.eval_loss)}  "
+            f"{_num(p.tokens_per_second, '.0f')} tok/s  ETA {_fmt_seconds(p.eta_seconds)}"
         )
 
-    def update(self, progress: dict[str, Any] | None) -> None:
+    def update(self, progress: Progress | None) -> None:
         if not self.enabled or progress is None:
             return
         now = time.time()
         if self.tty:
             sys.stdout.write("\r" + self.line(progress).ljust(110))
             sys.stdout.flush()
-        elif progress["step"] != self.last_step and (
-            now - self.last_print >= 5 or progress["step"] == progress.get("totalSteps")
-        ):
+        elif progress.step != self.last_step and (now - self.last_print >= 5 or progress.step == progress.total_steps):
             print(self.line(progress), flush=True)
-            self.last_step, self.last_print = progress["step"], now
+            self.last_step, self.last_print = progress.step, now
 
     def note(self, text: str) -> None:
         print(("\n" if self.tty else "") + text, flush=True)

@@ -50,6 +50,7 @@ QUEUE = WorkQueue(on_wait=OPERATOR_METRICS.queue_wait.observe)
 log = logging.getLogger("lorafinetune.operator")
 CRD_WAIT_SECONDS = 60  # a chart installs the CRD and the operator together; the CRD may take a moment to be served
 SYNC_WAIT_SECONDS = 120  # the informers' first lists; no reconcile before (a half-filled cache would mislead it)
+FAILED_CREATE_AFTER = timedelta(seconds=3)
 QUEUED_REFRESH_SECONDS = 60.0  # a run Kueue holds: admission comes as a Job event; this only refreshes the reason
 _last_progress_poll: dict[str, float] = {}
 
@@ -197,11 +198,13 @@ def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFi
     every_pod = PODS.indexed(namespace, name)
     pods = [pod for pod in every_pod if _attempt_of(pod) == current.attempt] if job else []
     active = sum(_may_still_write(pod, now) for pod in every_pod)
-    # Fewer pods than the Job wants: ask the Job's events why (only then: it costs a list call)
+    # Fewer pods than the Job wants, a few seconds after its creation (the Job controller creates them within a
+    # second; a burst of new fine-tunes would otherwise list events for each): ask the Job's events why.
     missing = (
         job is not None
         and len(pods) < job["spec"].get("parallelism", 1)
         and not (job.get("status") or {}).get("conditions")
+        and now - datetime.fromisoformat(job["metadata"]["creationTimestamp"]) > FAILED_CREATE_AFTER
     )
     queued = job is not None and bool(job["spec"].get("suspend"))  # held by Kueue: its Workload says why
     outcome = observe_attempt(job, pods, failed_create=kube.failed_create_message(job) if missing else "",

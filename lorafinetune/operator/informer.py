@@ -68,8 +68,10 @@ class Informer:
 
     def _store(self, obj: dict, deleted: bool) -> None:
         """An older copy never replaces a newer one: the watch may deliver an event from before a write whose
-        answer put() stored already."""
+        answer put() stored already. managedFields are dropped: nothing reads them, and they are a good part of
+        every object's size (memory with thousands of pods)."""
         meta = obj.get("metadata") or {}
+        meta.pop("managedFields", None)
         key = (meta.get("namespace", ""), meta["name"])
         label = (meta.get("labels") or {}).get(self._index_label) if self._index_label else None
         with self._guard:

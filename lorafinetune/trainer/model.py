@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,34 @@ def resolve_model_dir(spec: ModelSpec, downloaded: Path | None = None) -> Path |
     if spec.gguf_file:
         return _converted_gguf(source, spec, revision=uri.revision)
     return source
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_commit(repo: str, revision: str | None) -> str:
+    """The commit that `revision` (a branch, tag or commit; default main) of a Hub repository names now.
+
+    Resolved once per run and then loaded by commit, by every rank and every later attempt (the checkpoints record
+    it): a push to the branch during a run must not give two ranks, or a retry, another model. Offline
+    (HF_HUB_OFFLINE=1), the Hugging Face cache's refs say which commit the branch names."""
+    if revision and _COMMIT.fullmatch(revision):
+        return revision
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        cached = try_to_load_from_cache(repo, "config.json", revision=revision or "main")
+        if isinstance(cached, str):
+            return Path(cached).parent.name  # .../snapshots/<commit>/config.json
+        raise ModelError(
+            f"could not load {repo!r} from the Hugging Face Hub (offline, HF_HUB_OFFLINE=1, and revision "
+            f"{revision or 'main'!r} is not in the Hugging Face cache). If this machine is offline, copy the model "
+            f"to a PVC or folder and use pvc:// or file:// instead"
+        )
+    try:
+        return HfApi().model_info(repo, revision=revision).sha
+    except Exception as err:  # noqa: BLE001 - network, auth, missing repo or revision: all mean "cannot load it"
+        raise _hub_error(repo, err) from None
 
 
 def _hub_error(source: Path | str, err: Exception) -> ModelError:

@@ -59,10 +59,12 @@ def check_tensors(adapter_dir: Path, adapted_modules: int, use_dora: bool) -> in
     return len(names)
 
 
-def verify_in_fresh_process(adapter_dir: Path, base_model_dir: Path | str) -> None:
-    """Reload base + adapter in a new interpreter and compare every LoRA tensor with the file."""
+def verify_in_fresh_process(adapter_dir: Path, base_model_dir: Path | str, revision: str | None = None) -> None:
+    """Reload base (at the commit trained on) + adapter in a new interpreter and compare every LoRA tensor with the
+    file."""
     proc = subprocess.run(
-        [sys.executable, "-m", "lorafinetune.trainer.verify", str(adapter_dir), str(base_model_dir)],
+        [sys.executable, "-m", "lorafinetune.trainer.verify", str(adapter_dir), str(base_model_dir),
+         *([revision] if revision else [])],  # fmt: skip
         capture_output=True,
         text=True,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
@@ -76,7 +78,9 @@ def model_card(summary: dict[str, Any]) -> str:
     lines = [
         f"# LoRA adapter: {s['name']}",
         "",
-        f"Fine-tuned from `{s['baseModel']['uri']}` with LoRAFineTune (PEFT LoRA, DeepSpeed ZeRO-"
+        f"Fine-tuned from `{s['baseModel']['uri']}`"
+        + (f" (commit `{s['baseModel']['revision']}`)" if s["baseModel"].get("revision") else "")
+        + " with LoRAFineTune (PEFT LoRA, DeepSpeed ZeRO-"
         f"{s['spec']['deepspeed']['zeroStage']}, {s['worldSize']} processes).",
         "",
         "| | |",

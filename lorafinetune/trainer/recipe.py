@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lorafinetune.api.spec import LoRAFineTuneSpec
+from lorafinetune.api.status import Progress
 from lorafinetune.api.uris import parse_uri
 from lorafinetune.contract import (
     ADAPTER_DIR,
@@ -108,14 +109,16 @@ class LoRAFineTuneRecipe:
             signal.signal(sig, self._request_stop)
 
         # 1. Tokenizer and data first: every rank tokenises on its own, before the next collective.
-        revision = parse_uri(spec.model.uri, ("hf", "pvc", "s3", "file", "package")).revision
-        self.tokenizer = model.load_tokenizer(self.model_dir, spec.model, None if spec.model.gguf_file else revision)
+        uri = parse_uri(spec.model.uri, ("hf", "pvc", "s3", "file", "package"))
+        self.model_revision = self._pinned_hub_commit(uri) if uri.scheme == "hf" and not spec.model.gguf_file else None
+        revision = self.model_revision
+        self.tokenizer = model.load_tokenizer(self.model_dir, spec.model, revision)
         self._load_data()
 
         # 2. Model + LoRA, seeded identically on every rank (DeepSpeed also broadcasts rank 0's weights).
         torch.manual_seed(spec.training.seed)
         dtype = model.load_dtype(spec.model, spec.training.precision)
-        base = model.load_base_model(self.model_dir, spec.model, dtype, None if spec.model.gguf_file else revision)
+        base = model.load_base_model(self.model_dir, spec.model, dtype, revision)
         self.peft_model = model.wrap_with_lora(base, spec.lora, spec.training.gradient_checkpointing)
         self.adapted_modules = sum(1 for n, _ in self.peft_model.named_modules() if n.endswith("lora_A.default"))
         self.trainable = sum(p.numel() for p in self.peft_model.parameters() if p.requires_grad)
@@ -304,21 +307,19 @@ class LoRAFineTuneRecipe:
         self._publish_progress(step, train_loss, eta=eta)
 
     def _publish_progress(self, step: int, train_loss: float | None, eta: float) -> None:
-        write_json_atomic(
-            self.run_dir / PROGRESS_FILE,
-            {
-                "step": step,
-                "totalSteps": self.total_steps,
-                "summary": f"{step}/{self.total_steps}",
-                "epoch": round(self.schedule.epoch_of(step), 4),
-                "trainLoss": train_loss,
-                "evalLoss": self.last_eval,
-                "bestEvalLoss": self.best_eval,
-                "tokensPerSecond": getattr(self, "tokens_per_second", None),
-                "etaSeconds": round(eta, 1),
-                "updatedAt": datetime.now(UTC).isoformat(),
-            },
+        progress = Progress(
+            step=step,
+            total_steps=self.total_steps,
+            summary=f"{step}/{self.total_steps}",
+            epoch=round(self.schedule.epoch_of(step), 4),
+            train_loss=train_loss,
+            eval_loss=self.last_eval,
+            best_eval_loss=self.best_eval,
+            tokens_per_second=getattr(self, "tokens_per_second", None),
+            eta_seconds=round(eta, 1),
+            updated_at=datetime.now(UTC),
         )
+        write_json_atomic(self.run_dir / PROGRESS_FILE, progress.to_manifest())
 
     # ---------------------------------------------------------------- evaluate
     @torch.no_grad()
@@ -364,11 +365,29 @@ class LoRAFineTuneRecipe:
         es = self.spec.evaluation.early_stopping
         return es is not None and self.evals_without_gain >= es.patience
 
+    def _pinned_hub_commit(self, uri: Any) -> str:
+        """The commit of an hf:// model that every rank loads: a commit in the URI; else the one the newest
+        checkpoint was trained on (a retry must not load what the branch names now); else what the branch names now.
+        Rank 0 decides and tells the others (each asking the Hub could straddle a push)."""
+        decided: list[Any] = [None]
+        if self.is_main:
+            try:
+                done = checkpoint.complete_checkpoints(self.run_dir)
+                pinned = done[-1].meta.get("modelRevision") if done and not uri.revision else None
+                decided[0] = pinned or model.hub_commit(uri.location, uri.revision)
+            except TrainerError as err:  # passed on, so that no rank waits for a commit that never comes
+                decided[0] = err
+        dist.broadcast_object_list(decided, src=0)
+        if isinstance(decided[0], Exception):
+            raise decided[0]
+        return decided[0]
+
     # ---------------------------------------------------------------- checkpoint and output
     def _meta(self) -> dict[str, Any]:
         return {
             "worldSize": self.world,
             "fingerprint": self.fingerprint,
+            "modelRevision": self.model_revision,
             "history": self.history,
             "bestEvalLoss": self.best_eval,
             "initialEvalLoss": self.initial_eval,
@@ -435,14 +454,15 @@ class LoRAFineTuneRecipe:
         if not self.is_main:
             return None
         count = output.check_tensors(staging, self.adapted_modules, self.spec.lora.use_dora)
-        output.verify_in_fresh_process(staging, self.model_dir)
+        output.verify_in_fresh_process(staging, self.model_dir, self.model_revision)
         plot_loss_curves(self.history, staging / LOSS_PLOT_FILE, f"{self.name}: loss per trained token")
         evals = [h["evalLoss"] for h in self.history if "evalLoss" in h]
         trains = [h["trainLoss"] for h in self.history if "trainLoss" in h]
         summary = {
             "name": self.name,
             "spec": self.spec.to_manifest(),
-            "baseModel": {"uri": self.spec.model.uri, "resolvedPath": str(self.model_dir)},
+            "baseModel": {"uri": self.spec.model.uri, "revision": self.model_revision,
+                          "resolvedPath": str(self.model_dir)},  # fmt: skip
             "dataset": {
                 "train": self.spec.dataset.train,
                 "trainSha256": _file_sha256(self.train_path),
@@ -471,6 +491,8 @@ class LoRAFineTuneRecipe:
             "completedAt": datetime.now(UTC).isoformat(),
         }
         ref = output.publish(self.run_dir, summary, self.fingerprint, self.attempt)
+        if self.model_revision:
+            ref = {**ref, "baseModelRevision": self.model_revision}
         if self.mirror.remote:
             self.mirror.push(self.run_dir / ADAPTER_DIR, ADAPTER_DIR)  # COMPLETE.json last: never seen half-written
             ref = {**ref, "uri": f"{self.mirror.remote}/{ADAPTER_DIR}"}

@@ -1,4 +1,4 @@
-"""Reload check run in a fresh interpreter: python -m lorafinetune.trainer.verify ADAPTER_DIR BASE_MODEL_DIR
+"""Reload check run in a fresh interpreter: python -m lorafinetune.trainer.verify ADAPTER_DIR BASE_MODEL [REVISION]
 
 Loads the base model and the adapter with PEFT, then checks every LoRA tensor in the loaded model equals the file.
 Exits non-zero with the reason on any mismatch.
@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 
-def main(adapter_dir: str, base_dir: str) -> int:
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+def main(adapter_dir: str, base_dir: str, revision: str | None = None) -> int:
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, revision=revision)
     model = PeftModel.from_pretrained(base, adapter_dir)
     saved = load_file(f"{adapter_dir}/adapter_model.safetensors")
     loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
@@ -36,4 +36,4 @@ def main(adapter_dir: str, base_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(*sys.argv[1:4]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -333,3 +334,39 @@ def test_a_failure_after_the_last_step_resumes_there_instead_of_training_again(t
     log = (out / "logs" / "node-0.log").read_text()
     assert "resuming from step 6" in log
     assert summary(out)["steps"] == 6
+
+
+def _hub_cache(root: Path, repo: str, model_dir: Path, commits: list[str], main: str) -> Path:
+    """A Hugging Face cache as huggingface_hub lays it out (models--org--name/{refs,snapshots}), holding the tiny
+    model at each commit, with the branch `main` naming one of them: what an earlier download leaves offline."""
+    cache = root / "hub"
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    for commit in commits:
+        shutil.copytree(model_dir, repo_dir / "snapshots" / commit, dirs_exist_ok=True)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(main)
+    return cache
+
+
+def test_a_hub_model_is_pinned_to_one_commit_for_the_whole_run_and_recorded(tmp_path, tiny_model, chat_data):
+    first, pushed = "1" * 40, "2" * 40
+    cache = _hub_cache(tmp_path, "test-org/tiny", tiny_model, [first, pushed], main=first)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    spec = {"model": {"uri": "hf://test-org/tiny"}, "training": {"maxSteps": 4}, "checkpointing": {"everySteps": 2}}
+    proc, out = train(tmp_path, tiny_model, chat_data, "pinned", env={**env, "LFT_FAIL_AT_STEP": "3"}, **spec)
+    assert proc.returncode == ExitCode.FAILED, proc.stdout + proc.stderr
+    # Someone pushes to main while the run waits for its retry: the retry must still train on what it started on.
+    (cache / "models--test-org--tiny" / "refs" / "main").write_text(pushed)
+    proc, _ = train(tmp_path, tiny_model, chat_data, "pinned", env=env, **spec)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resuming from step 2" in (out / "logs" / "node-0.log").read_text()
+    assert summary(out)["baseModel"]["revision"] == first
+    assert f"(commit `{first}`)" in (out / "adapter" / "README.md").read_text()
+    (record,) = [json.loads(p.read_text()) for p in (out / "logs").glob("termination-*-node0.json")
+                 if json.loads(p.read_text())["exitCode"] == 0]  # fmt: skip
+    assert record["adapter"]["baseModelRevision"] == first, "what the operator puts in status.adapter"
+
+    # A fresh run on the same URI takes what main names now.
+    proc, fresh = train(tmp_path, tiny_model, chat_data, "fresh", env=env, **spec)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert summary(fresh)["baseModel"]["revision"] == pushed
