@@ -197,7 +197,8 @@ def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFi
     # same output in their termination grace, and the first attempt waits for them as for a previous attempt's.
     every_pod = PODS.indexed(namespace, name)
     pods = [pod for pod in every_pod if _attempt_of(pod) == current.attempt] if job else []
-    active = sum(_may_still_write(pod, now) for pod in every_pod)
+    active = sum(_may_still_write(pod, now) and not _of_unrecorded_attempt(pod, owner, current.attempt)
+                 for pod in every_pod)  # fmt: skip
     # Fewer pods than the Job wants, a few seconds after its creation (the Job controller creates them within a
     # second; a burst of new fine-tunes would otherwise list events for each): ask the Job's events why.
     missing = (
@@ -227,6 +228,18 @@ def _may_still_write(pod: dict[str, Any], now: datetime) -> bool:
         return False
     deleted = pod["metadata"].get("deletionTimestamp")  # when deleted, plus the grace period
     return not deleted or now - datetime.fromisoformat(deleted) < timedelta(seconds=SETTINGS.lost_pod_seconds)
+
+
+def _of_unrecorded_attempt(pod: dict[str, Any], owner: builders.Owner, recorded: int) -> bool:
+    """A pod of an attempt this fine-tune created after the attempt in its status: the operator stopped between
+    creating that Job and recording it. That attempt is the one about to start, so these are its own pods, not a
+    previous attempt's to wait for (which would wait forever). Only if its Job is controlled by this fine-tune's UID:
+    a deleted fine-tune of the same name had Jobs of the same names."""
+    if _attempt_of(pod) <= recorded:
+        return False
+    job_ref = next((r for r in pod["metadata"].get("ownerReferences") or [] if r.get("kind") == "Job"), None)
+    job = JOBS.get(owner.namespace, job_ref["name"]) if job_ref else None
+    return job is not None and kube.controller_uid(job) == owner.uid
 
 
 def _attempt_of(pod: dict[str, Any]) -> int:

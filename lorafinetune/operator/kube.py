@@ -73,7 +73,7 @@ class OwnedByAnother(Exception):
     same name that garbage collection has not removed yet, or somebody else's object."""
 
 
-def _controller_uid(obj: dict[str, Any]) -> str | None:
+def controller_uid(obj: dict[str, Any]) -> str | None:
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
     return next((ref.get("uid") for ref in refs if ref.get("controller")), None)
 
@@ -101,7 +101,7 @@ def create(obj: dict[str, Any], refresh_data: bool = False) -> dict[str, Any] | 
             raise
     _count("get", RESOURCES[kind])
     existing = client.ApiClient().sanitize_for_serialization(read_call(name, ns))
-    if _controller_uid(existing) != _controller_uid(obj):
+    if controller_uid(existing) != controller_uid(obj):
         refs = existing["metadata"].get("ownerReferences") or [{"kind": "nobody"}]
         holder = f"{refs[0].get('kind')} {refs[0].get('name', '')} (uid {refs[0].get('uid', '-')})".strip()
         raise OwnedByAnother(f"{kind} {name} already exists and belongs to {holder}")
