@@ -163,6 +163,12 @@ class S3Store:
             raise failure from None
         return json.loads(body)
 
+    def write_json(self, uri: str, data: dict) -> None:
+        """A small JSON object (an attempt's claim), replaced whole."""
+        loc = S3Location.parse(uri)
+        body = json.dumps(data).encode()
+        self._retry(f"writing {uri}", lambda: self.client.put_object(Bucket=loc.bucket, Key=loc.prefix, Body=body))
+
     def complete_children(self, uri: str) -> list[str]:
         """Names of the sub-folders of `uri` that hold a COMPLETE.json (e.g. checkpoints)."""
         loc = S3Location.parse(uri)

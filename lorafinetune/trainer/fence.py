@@ -28,7 +28,11 @@ def token() -> str | None:
 def claim(run_dir: Path, own: str | None) -> None:
     """Make `own` the folder's attempt (the newest one to start wins)."""
     if own:
-        write_json_atomic(run_dir / ATTEMPT_FILE, {"token": own, "claimedAt": datetime.now(UTC).isoformat()})
+        write_json_atomic(run_dir / ATTEMPT_FILE, claim_record(own))
+
+
+def claim_record(own: str) -> dict:
+    return {"token": own, "claimedAt": datetime.now(UTC).isoformat()}
 
 
 def check(run_dir: Path, own: str | None, what: str) -> None:
@@ -39,7 +43,12 @@ def check(run_dir: Path, own: str | None, what: str) -> None:
         holder = json.loads((run_dir / ATTEMPT_FILE).read_text()).get("token")
     except (FileNotFoundError, json.JSONDecodeError):
         holder = None
-    if holder != own:
+    check_holder(holder, own, what, str(run_dir))
+
+
+def check_holder(holder: str | None, own: str | None, what: str, where: str) -> None:
+    """The same check for a claim read from elsewhere (an s3:// output: trainer/remote.py)."""
+    if own and holder != own:
         raise Superseded(
-            f"not {what}: attempt {holder or '(unknown)'} has taken over {run_dir} since this attempt ({own}) started"
+            f"not {what}: attempt {holder or '(unknown)'} has taken over {where} since this attempt ({own}) started"
         )

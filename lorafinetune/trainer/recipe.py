@@ -93,6 +93,8 @@ class LoRAFineTuneRecipe:
             fence.claim(self.run_dir, self.attempt)  # from now on, older attempts write nothing here
         # Before any collective: fetch inputs and, in a new pod, the newest checkpoint from S3 (file-locked).
         self.mirror = remote.OutputMirror(spec, self.run_dir)
+        if self.is_main:
+            self.mirror.claim(self.attempt)  # an s3:// output too: older attempts write nothing there from now on
         pulled = self.mirror.pull_latest_checkpoint()
         if pulled:  # whichever local rank took the lock first
             print(f"fetched checkpoint {pulled} from {spec.output.uri}", flush=True)
@@ -405,8 +407,10 @@ class LoRAFineTuneRecipe:
         if self.mirror.remote and self.spec.resources.nodes > 1:
             self._mirror_multi_node(path, relative)
         elif self.is_main:
+            self.mirror.check(self.attempt, f"mirroring {relative}")
             self.mirror.push(path, relative)  # single node: rank 0's folder has every shard
         if self.is_main:
+            self.mirror.check(self.attempt, "pruning checkpoints")
             pruned = self.mirror.prune_checkpoints(keep_last)
             self.metrics.checkpoint_time.set_to_current_time()
             print(f"step {step}: checkpoint {path}" + (f" (pruned {', '.join(pruned)} in S3)" if pruned else ""),
@@ -429,6 +433,7 @@ class LoRAFineTuneRecipe:
         if failed.item():
             raise TrainerError(f"another node could not upload its part of {relative} (its log says why)")
         if self.is_main:
+            self.mirror.check(self.attempt, f"completing {relative}")
             self.mirror.mark_complete(path, relative)
 
     def save_adapter(self, started: float) -> dict[str, Any] | None:
@@ -494,6 +499,7 @@ class LoRAFineTuneRecipe:
         if self.model_revision:
             ref = {**ref, "baseModelRevision": self.model_revision}
         if self.mirror.remote:
+            self.mirror.check(self.attempt, "publishing the adapter")
             self.mirror.push(self.run_dir / ADAPTER_DIR, ADAPTER_DIR)  # COMPLETE.json last: never seen half-written
             ref = {**ref, "uri": f"{self.mirror.remote}/{ADAPTER_DIR}"}
         self._publish_progress(self.steps_done, trains[-1] if trains else None, eta=0.0)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.uris import parse_uri
-from lorafinetune.contract import ADAPTER_DIR, CHECKPOINTS_DIR, COMPLETE_MARKER
+from lorafinetune.contract import ADAPTER_DIR, ATTEMPT_FILE, CHECKPOINTS_DIR, COMPLETE_MARKER
 from lorafinetune.s3 import S3Error, S3Store
 from lorafinetune.storage import StorageError, local_path
+from lorafinetune.trainer import fence
 from lorafinetune.trainer.errors import ConfigError, DataError, ModelError, TrainerError
 
 PULLED_MARKER = ".from-s3"  # a local checkpoint downloaded whole from S3 (not one node's own shards)
@@ -65,6 +66,24 @@ class OutputMirror:
         # Several nodes, each with its own scratch folder: a local checkpoint holds one node's shards only, so S3 is
         # the only place a checkpoint is whole, and every node resumes from the same S3 checkpoint.
         self.s3_is_truth = bool(self.remote) and spec.resources.nodes > 1
+
+    # Fencing (fence.py) where the output is: each node's scratch folder holds only its own claim, so the attempt
+    # also claims the S3 prefix, and checks that claim before each irreversible write there.
+    def claim(self, own: str | None) -> None:
+        if self.remote and own:
+            try:
+                self.store.write_json(f"{self.remote}/{ATTEMPT_FILE}", fence.claim_record(own))
+            except S3Error as err:
+                raise _error(err, ConfigError) from None
+
+    def check(self, own: str | None, what: str) -> None:
+        if not (self.remote and own):
+            return
+        try:
+            holder = (self.store.read_json(f"{self.remote}/{ATTEMPT_FILE}") or {}).get("token")
+        except S3Error as err:
+            raise _error(err, ConfigError) from None
+        fence.check_holder(holder, own, what, self.remote)
 
     def published_marker(self) -> dict | None:
         if not self.remote:

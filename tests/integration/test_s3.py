@@ -179,6 +179,39 @@ def test_pruning_deletes_old_and_abandoned_checkpoints_marker_first(store: S3Sto
     assert mirror.prune_checkpoints(keep_last=2) == []
 
 
+def test_an_attempt_superseded_in_s3_writes_nothing_there(store: S3Store, tmp_path: Path, monkeypatch):
+    """The fence on an s3:// output: each node's scratch folder holds only its own claim, so the newest attempt
+    also claims the S3 prefix, and an older one (a paused rank, a partitioned node) checks it before writing."""
+    from lorafinetune.api.spec import LoRAFineTuneSpec
+    from lorafinetune.trainer.fence import Superseded
+    from lorafinetune.trainer.remote import OutputMirror
+
+    root = f"s3://{store.bucket}/fenced"
+    spec = LoRAFineTuneSpec.model_validate({
+        "model": {"uri": "hf://a/b"}, "dataset": {"train": "file:///d.jsonl"}, "training": {"maxSteps": 1},
+        "output": {"uri": root}, "s3": {"endpointUrl": store.client.meta.endpoint_url},
+    })  # fmt: skip
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    old, new = OutputMirror(spec, tmp_path / "old-node"), OutputMirror(spec, tmp_path / "new-node")
+    old.claim("uid-1/attempt-1")
+    old.check("uid-1/attempt-1", "mirroring a checkpoint")  # its own claim: fine
+    new.claim("uid-1/attempt-2")  # the next attempt starts while the old rank is paused
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+
+    def publish(mirror: OutputMirror, own: str) -> None:  # as the recipe does: check the claim, then push
+        mirror.check(own, "publishing the adapter")
+        mirror.push(adapter, "adapter")
+
+    with pytest.raises(Superseded, match="attempt uid-1/attempt-2 has taken over s3://"):
+        publish(old, "uid-1/attempt-1")
+    assert store.child_folders(root) == [], "nothing of the old attempt reached the output"
+    publish(new, "uid-1/attempt-2")
+    assert store.is_complete(f"{root}/adapter")
+
+
 def test_training_reads_inputs_from_s3_mirrors_outputs_and_a_new_pod_resumes_from_s3(
     s3_server: S3Server, store: S3Store, tmp_path: Path, tiny_model: Path, chat_data: Path
 ):
