@@ -274,12 +274,12 @@ def reconcile(key: str, source: str = "") -> None:
                 QUEUE.schedule(key, 1.0)
                 return
             FINE_TUNES.put(patched)
+        OPERATOR_METRICS.set_phase(key, p.status.phase)
         QUEUE.schedule(key, _next_tick(p, ttl, now))
         for kind, reason, message in p.events:
             kube.post_event(body, kind, reason, message[:1000])
             log.log(logging.WARNING if kind == "Warning" else logging.INFO, "%s: %s: %s", key, reason, message,
                     extra={"namespace": namespace, "finetune": name, "reason": reason})  # fmt: skip
-        OPERATOR_METRICS.set_phase(key, p.status.phase)
 
 
 def _next_tick(p: Plan, ttl: int | None, now: datetime) -> float | None:

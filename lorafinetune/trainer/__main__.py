@@ -82,7 +82,8 @@ def _write_termination(code: ExitCode, reason: str, message: str, adapter: dict 
     error, a superseded attempt), its peers fail too, with "connection closed by peer", which must not replace it."""
     path = os.environ.get(ENV_TERMINATION_LOG)
     if path:
-        ref = AdapterRef.model_validate(adapter) if adapter else None
+        fields = {f.alias or name for name, f in AdapterRef.model_fields.items()}  # the ref's fields, nothing else
+        ref = AdapterRef.model_validate({k: v for k, v in adapter.items() if k in fields}) if adapter else None
         record = TerminationRecord(exit_code=int(code), reason=reason, message=message[-3000:], adapter=ref)
         try:
             with open(path, "a+") as f:  # the kubelet creates the file empty; locally it may not exist yet
