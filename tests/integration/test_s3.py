@@ -153,8 +153,19 @@ def local_s3_run(tmp_path: Path, tiny_model: Path, chat_data: Path, spec: dict) 
     return env, ("run", str(manifest), "--quiet", "--pvc-root", str(scratch)), scratch
 
 
-def test_pruning_deletes_old_and_abandoned_checkpoints_marker_first(store: S3Store, tmp_path: Path, monkeypatch):
+def _output_spec(store: S3Store, root: str, monkeypatch):
+    """A spec whose output is `root` on the test server, with the credentials in the environment (as in a pod)."""
     from lorafinetune.api.spec import LoRAFineTuneSpec
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    return LoRAFineTuneSpec.model_validate({
+        "model": {"uri": "hf://a/b"}, "dataset": {"train": "file:///d.jsonl"}, "training": {"maxSteps": 1},
+        "output": {"uri": root}, "s3": {"endpointUrl": store.client.meta.endpoint_url},
+    })  # fmt: skip
+
+
+def test_pruning_deletes_old_and_abandoned_checkpoints_marker_first(store: S3Store, tmp_path: Path, monkeypatch):
     from lorafinetune.trainer.remote import OutputMirror
 
     root = f"s3://{store.bucket}/run"
@@ -166,12 +177,7 @@ def test_pruning_deletes_old_and_abandoned_checkpoints_marker_first(store: S3Sto
         store.publish_dir(folder, f"{root}/checkpoints/step-{step:08d}")
     store.upload_files(folder, f"{root}/checkpoints/step-00000001")  # abandoned by a crash mid-upload
     store.upload_files(folder, f"{root}/checkpoints/step-00000008")  # being uploaded right now by another node
-    spec = LoRAFineTuneSpec.model_validate({
-        "model": {"uri": "hf://a/b"}, "dataset": {"train": "file:///d.jsonl"}, "training": {"maxSteps": 1},
-        "output": {"uri": root}, "s3": {"endpointUrl": store.client.meta.endpoint_url},
-    })  # fmt: skip
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    spec = _output_spec(store, root, monkeypatch)
     mirror = OutputMirror(spec, tmp_path / "run")
     assert mirror.prune_checkpoints(keep_last=2) == ["step-00000001", "step-00000002"]
     assert store.child_folders(f"{root}/checkpoints") == ["step-00000004", "step-00000006", "step-00000008"]
@@ -182,17 +188,11 @@ def test_pruning_deletes_old_and_abandoned_checkpoints_marker_first(store: S3Sto
 def test_an_attempt_superseded_in_s3_writes_nothing_there(store: S3Store, tmp_path: Path, monkeypatch):
     """The fence on an s3:// output: each node's scratch folder holds only its own claim, so the newest attempt
     also claims the S3 prefix, and an older one (a paused rank, a partitioned node) checks it before writing."""
-    from lorafinetune.api.spec import LoRAFineTuneSpec
     from lorafinetune.trainer.fence import Superseded
     from lorafinetune.trainer.remote import OutputMirror
 
     root = f"s3://{store.bucket}/fenced"
-    spec = LoRAFineTuneSpec.model_validate({
-        "model": {"uri": "hf://a/b"}, "dataset": {"train": "file:///d.jsonl"}, "training": {"maxSteps": 1},
-        "output": {"uri": root}, "s3": {"endpointUrl": store.client.meta.endpoint_url},
-    })  # fmt: skip
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    spec = _output_spec(store, root, monkeypatch)
     old, new = OutputMirror(spec, tmp_path / "old-node"), OutputMirror(spec, tmp_path / "new-node")
     old.claim("uid-1/attempt-1")
     old.check("uid-1/attempt-1", "mirroring a checkpoint")  # its own claim: fine
