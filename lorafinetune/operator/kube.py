@@ -21,9 +21,6 @@ def count(verb: str, resource: str) -> None:
     OPERATOR_METRICS.api_requests.labels(verb=verb, resource=resource).inc()
 
 
-_count = count
-
-
 def job_lister(namespace: str | None) -> Callable[..., Any]:
     """The list call of an Informer: one namespace, or (None) the whole cluster."""
     if namespace is None:
@@ -54,7 +51,7 @@ def load_config() -> None:
 
 def resource_served() -> bool:
     """Whether the API server serves LoRAFineTunes (a discovery read, which RBAC allows every client)."""
-    _count("get", "discovery")
+    count("get", "discovery")
     found = _ignore(404, client.CustomObjectsApi().get_api_resources, GROUP, VERSION)
     return found is not None and any(r.name == PLURAL for r in found.resources)
 
@@ -91,7 +88,7 @@ def create(obj: dict[str, Any], refresh_data: bool = False) -> dict[str, Any] | 
         "NetworkPolicy": (net.create_namespaced_network_policy, net.read_namespaced_network_policy),
         "Job": (batch.create_namespaced_job, batch.read_namespaced_job),
     }[kind]
-    _count("create", RESOURCES[kind])
+    count("create", RESOURCES[kind])
     try:  # raw JSON back: the client's model classes cost more CPU than the rest of a reconcile
         return json.loads(create_call(ns, obj, _preload_content=False).data)
     except ApiException as err:
@@ -99,21 +96,21 @@ def create(obj: dict[str, Any], refresh_data: bool = False) -> dict[str, Any] | 
             return None  # the namespace is being deleted, and the fine-tune with it
         if err.status != 409:
             raise
-    _count("get", RESOURCES[kind])
+    count("get", RESOURCES[kind])
     existing = client.ApiClient().sanitize_for_serialization(read_call(name, ns))
     if controller_uid(existing) != controller_uid(obj):
         refs = existing["metadata"].get("ownerReferences") or [{"kind": "nobody"}]
         holder = f"{refs[0].get('kind')} {refs[0].get('name', '')} (uid {refs[0].get('uid', '-')})".strip()
         raise OwnedByAnother(f"{kind} {name} already exists and belongs to {holder}")
     if refresh_data and existing.get("data") != obj.get("data"):
-        _count("patch", RESOURCES[kind])
+        count("patch", RESOURCES[kind])
         core.patch_namespaced_config_map(name, ns, {"data": obj["data"]})
     return None
 
 
 def delete(kind: str, namespace: str, name: str) -> None:
     """Delete if present; pods of a Job go with it (background propagation, SIGTERM first)."""
-    _count("delete", RESOURCES[kind])
+    count("delete", RESOURCES[kind])
     body = client.V1DeleteOptions(propagation_policy="Background")
     call = {
         "ConfigMap": client.CoreV1Api().delete_namespaced_config_map,
@@ -129,7 +126,7 @@ def failed_create_message(job: dict[str, Any]) -> str:
     webhook), else "". Matched by the Job's UID: a Job of the same name deleted earlier has its own events."""
     meta = job["metadata"]
     selector = f"involvedObject.uid={meta['uid']},reason=FailedCreate"
-    _count("list", "events")
+    count("list", "events")
     events = client.CoreV1Api().list_namespaced_event(meta["namespace"], field_selector=selector).items
     newest = max(events, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp, default=None)
     return (newest.message or "") if newest is not None else ""
@@ -142,7 +139,7 @@ def read_workload(job: dict[str, Any]) -> dict[str, Any] | None:
     """Kueue's Workload for this Job (its admission state: quota reserved or why not, evicted, preempted), found by
     the Job UID label Kueue puts on it. None if there is none yet, or Kueue is not installed (no such resource)."""
     meta = job["metadata"]
-    _count("list", "workloads")
+    count("list", "workloads")
     try:
         found = client.CustomObjectsApi().list_namespaced_custom_object(
             KUEUE_GROUP, KUEUE_VERSION, meta["namespace"], "workloads",
@@ -167,7 +164,7 @@ def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> Non
         "type": kind, "reason": reason, "message": message, "count": 1, "firstTimestamp": now, "lastTimestamp": now,
         "source": {"component": "lorafinetune-operator"}, "reportingComponent": "lorafinetune-operator",
     }  # fmt: skip
-    _count("create", "events")
+    count("create", "events")
     try:
         client.CoreV1Api().create_namespaced_event(meta["namespace"], event, _preload_content=False)
     except ApiException as err:  # an event is best effort: the status already says it
@@ -176,20 +173,20 @@ def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> Non
 
 
 def pvc_exists(namespace: str, claim: str) -> bool:
-    _count("get", "persistentvolumeclaims")
+    count("get", "persistentvolumeclaims")
     return _ignore(404, client.CoreV1Api().read_namespaced_persistent_volume_claim, claim, namespace) is not None
 
 
 def secret_exists(namespace: str, name: str) -> bool:
     # Only existence is used, but `get` returns the values: hence settings.secret_preflight (off in the chart).
-    _count("get", "secrets")
+    count("get", "secrets")
     return _ignore(404, client.CoreV1Api().read_namespaced_secret, name, namespace) is not None
 
 
 def patch_status(namespace: str, name: str, resource_version: str, status: dict[str, Any]) -> dict[str, Any] | None:
     """Merge-patch status if nobody changed the object since we read it. Returns the object as stored now, or None
     (409: changed meanwhile, reconcile again; 404: gone)."""
-    _count("patch", f"{PLURAL}/status")
+    count("patch", f"{PLURAL}/status")
     body = {"metadata": {"resourceVersion": resource_version}, "status": status}
     try:
         return client.CustomObjectsApi().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL,
