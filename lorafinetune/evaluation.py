@@ -70,21 +70,21 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
 
 def validation_loss(model: Any, examples: list, pad_id: int, batch: int = 8) -> float:
     import torch
-    import torch.nn.functional as F
 
     from lorafinetune.trainer import batching
-    from lorafinetune.trainer.data import IGNORE
+    from lorafinetune.trainer.loss import TokenLoss
 
     total, count = 0.0, 0
     units = batching.make_units(examples, 0, packing=False)
-    for i in range(0, len(units), batch):
-        b = batching.collate(units[i : i + batch], pad_id, packing=False)
-        with torch.no_grad():
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        total += F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-        ).item()
-        count += batching.trained_token_count(b)
+    token_loss = TokenLoss(model)
+    try:
+        for i in range(0, len(units), batch):
+            b = batching.collate(units[i : i + batch], pad_id, packing=False)
+            with torch.no_grad():
+                total += token_loss(model, b).item()
+            count += batching.trained_token_count(b)
+    finally:
+        token_loss.remove()
     return total / count
 
 

@@ -10,10 +10,13 @@ import torch
 from lorafinetune.api.spec import LoRAFineTuneSpec
 
 
-def deepspeed_config(spec: LoRAFineTuneSpec, world_size: int, on_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed's JSON config for this spec and world size."""
+def deepspeed_config(spec: LoRAFineTuneSpec, world_size: int, on_gpu: bool, trainable: int) -> dict[str, Any]:
+    """DeepSpeed's JSON config for this spec, world size and number of trainable parameters."""
     t, ds = spec.training, spec.deepspeed
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    # ZeRO allocates its gradient buckets at full size (500 M elements by default: 1 GB in bf16, per bucket) however
+    # few parameters train; LoRA trains a few million, so size them to fit all of those in one bucket.
+    bucket = max(trainable, 1 << 20)
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if ds.offload_params:

@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import random
+import resource
 import shutil
 import signal
 import time
@@ -20,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import Progress
@@ -29,6 +29,7 @@ from lorafinetune.contract import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
     ENV_FAIL_AT_STEP,
+    ENV_LOSS_CHUNK,
     ENV_METRICS_PORT,
     LOSS_PLOT_FILE,
     PROGRESS_FILE,
@@ -39,6 +40,7 @@ from lorafinetune.plots import plot_loss_curves
 from lorafinetune.trainer import batching, checkpoint, data, engine, fence, model, output, remote
 from lorafinetune.trainer.errors import ConfigError, DataError, TrainerError
 from lorafinetune.trainer.fingerprint import spec_fingerprint
+from lorafinetune.trainer.loss import CHUNK_ELEMENTS, TokenLoss
 from lorafinetune.trainer.metrics import TrainerMetrics
 
 
@@ -122,6 +124,9 @@ class LoRAFineTuneRecipe:
         dtype = model.load_dtype(spec.model, spec.training.precision)
         base = model.load_base_model(self.model_dir, spec.model, dtype, revision)
         self.peft_model = model.wrap_with_lora(base, spec.lora, spec.training.gradient_checkpointing)
+        # Under ZeRO-3 all targets are scored in one chunk (see trainer/loss.py).
+        chunk = int(os.environ.get(ENV_LOSS_CHUNK) or CHUNK_ELEMENTS) if spec.deepspeed.zero_stage < 3 else 1 << 62
+        self.token_loss = TokenLoss(self.peft_model, chunk)
         self.adapted_modules = sum(1 for n, _ in self.peft_model.named_modules() if n.endswith("lora_A.default"))
         self.trainable = sum(p.numel() for p in self.peft_model.parameters() if p.requires_grad)
         self.total_params = sum(p.numel() for p in self.peft_model.parameters())
@@ -134,7 +139,7 @@ class LoRAFineTuneRecipe:
             model=self.peft_model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=engine.deepspeed_config(spec, self.world, self.on_gpu),
+            config=engine.deepspeed_config(spec, self.world, self.on_gpu, self.trainable),
         )
         self.device = self.engine.device
         self.compute_dtype = next(p.dtype for p in self.engine.module.parameters() if not p.requires_grad)
@@ -222,12 +227,7 @@ class LoRAFineTuneRecipe:
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed token loss of a batch (normalised later by the global token count)."""
-        labels = batch["labels"]
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = self.engine(**inputs).logits
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=data.IGNORE, reduction="sum"
-        )
+        return self.token_loss(self.engine, batch)
 
     def train(self) -> None:
         spec, sched = self.spec, self.schedule
@@ -484,6 +484,9 @@ class LoRAFineTuneRecipe:
             "inputTokens": self.input_tokens,
             "trainSeconds": round(self.train_seconds, 2),
             "tokensPerSecond": round(self.input_tokens / max(self.train_seconds, 1e-9), 1),
+            # Rank 0's peaks (all ranks hold about the same): what `lorafinetune plan` estimates, measured.
+            "peakGpuMemoryBytes": torch.cuda.max_memory_allocated(self.device) if self.on_gpu else None,
+            "peakRssBytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "trainableParameters": self.trainable,
             "totalParameters": self.total_params,
             "adapterTensors": count,
