@@ -3,6 +3,7 @@
     lorafinetune validate examples/quickstart.yaml
     lorafinetune run examples/quickstart.yaml --pvc quickstart-data=examples/data
     lorafinetune evaluate examples/quickstart.yaml --pvc quickstart-data=examples/data
+    lorafinetune plan examples/quickstart.yaml --pvc quickstart-data=examples/data --gpu-memory 24Gi
     lorafinetune crd --write            # regenerate crds/ from the API models
 """
 
@@ -64,6 +65,60 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return evaluate_manifest(load_manifest(args.manifest), _options(args), args.adapter, args.limit)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from lorafinetune.plan import GIB, PlanError, estimate, parse_memory
+
+    lft = load_manifest(args.manifest)
+    spec, res = lft.spec, lft.spec.resources
+    try:
+        if args.model_config:
+            config = json.loads(args.model_config.read_text())
+        else:
+            from lorafinetune.api.spec import LoRAFineTuneSpec
+            from lorafinetune.local.runner import render_local_config
+            from lorafinetune.trainer import model
+            from lorafinetune.trainer.errors import ModelError
+
+            try:
+                local = LoRAFineTuneSpec.model_validate(render_local_config(lft, _options(args))["spec"])
+                config = model.load_config(local.model)
+            except ModelError as err:
+                print(err, file=sys.stderr)
+                return 2
+        size = args.gpu_memory or res.gpu_memory
+        capacity, where = (parse_memory(size, "--gpu-memory"), "per GPU") if size else _local_capacity(res)
+        plan = estimate(spec, config, capacity)
+    except (PlanError, OSError, json.JSONDecodeError) as err:
+        print(f"cannot plan {args.manifest}: {err}", file=sys.stderr)
+        return 2
+    device = f"{res.gpus_per_node} GPU(s)" if res.gpus_per_node else "CPU"
+    print(f"{lft.metadata.name}: {plan.base_parameters / 1e9:.2f} B parameters, LoRA r={spec.lora.r} "
+          f"({plan.trainable_parameters / 1e6:.1f} M trainable), {res.nodes} node(s) x {res.procs_per_node} "
+          f"process(es) on {device}, ZeRO-{spec.deepspeed.zero_stage}, {spec.training.precision}")  # fmt: skip
+    print(f"peak memory per {'GPU' if res.gpus_per_node else 'process'} (estimate):")
+    print(plan.table())
+    if plan.fits is None:
+        print("no verdict: pass --gpu-memory (e.g. 80Gi) or set resources.gpuMemory")
+        return 0
+    print(f"{'fits' if plan.fits else 'DOES NOT FIT'}: {plan.total / GIB:.1f} GiB of {capacity / GIB:.1f} GiB {where}")
+    for s in plan.suggestions:
+        print(f"  would fit: {s}")
+    if plan.fits is False and not plan.suggestions:
+        print("  nothing this planner tries makes it fit: a larger GPU, a smaller model or shorter sequences")
+    return 0 if plan.fits else 1
+
+
+def _local_capacity(res) -> tuple[int | None, str]:
+    """On CPU: this machine's available memory shared by the processes of one node. On GPUs: unknown."""
+    if res.gpus_per_node:
+        return None, ""
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return available // res.procs_per_node, f"per process (this machine's available memory / {res.procs_per_node})"
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from lorafinetune import plots
 
@@ -114,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", type=Path, help="adapter folder (default: <output>/adapter)")
     p.add_argument("--limit", type=int, default=None, help="score at most this many held-out prompts")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("plan", help="per-process peak memory of a manifest, whether it fits, and what would")
+    _add_local_flags(p)
+    p.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU, e.g. 80Gi (default: resources.gpuMemory)")
+    p.add_argument("--model-config", type=Path, metavar="FILE",
+                   help="the model's config.json, instead of reading it from model.uri")  # fmt: skip
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("plot", help="PNG of a run's loss curves, from its summary or from Prometheus")
     src = p.add_mutually_exclusive_group(required=True)

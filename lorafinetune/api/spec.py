@@ -293,6 +293,13 @@ class ResourcesSpec(APIModel):
         description="Training processes per node. Default: gpusPerNode, or 1 on CPU. Must equal gpusPerNode "
         "when GPUs are used (one process per GPU).",
     )
+    gpu_memory: str | None = Field(
+        default=None,
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)$",
+        max_length=32,
+        description="Memory of one GPU, e.g. 80Gi, for the operator's check that the run fits before any pod holds "
+        "a GPU. Default: the nodes' nvidia.com/gpu.memory label (GPU feature discovery); without either, no check.",
+    )
     resources: K8sObject | None = Field(
         default=None,
         description="Pod container resources (requests/limits of cpu, memory); nvidia.com/gpu is set from gpusPerNode.",

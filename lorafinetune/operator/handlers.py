@@ -26,7 +26,7 @@ from lorafinetune.api.base import CLUSTER
 from lorafinetune.api.manifest import GROUP, PLURAL, VERSION, describe_errors
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import LoRAFineTuneStatus
-from lorafinetune.operator import builders, kube
+from lorafinetune.operator import builders, fit, kube
 from lorafinetune.operator import progress as progress_reader
 from lorafinetune.operator.informer import Informer, PerNamespace, wait_synced
 from lorafinetune.operator.metrics import OPERATOR_METRICS
@@ -129,7 +129,7 @@ def _preflight(owner: builders.Owner, spec: LoRAFineTuneSpec) -> tuple[str, str]
     for field, secret in secrets.items() if SETTINGS.secret_preflight else ():
         if secret and not kube.secret_exists(owner.namespace, secret):
             return "SecretNotFound", f"Secret {secret!r} ({field}) does not exist"
-    return None
+    return fit.wont_fit(spec, NODES.all())
 
 
 def _capacity_warning(spec: LoRAFineTuneSpec) -> tuple[str, str] | None:

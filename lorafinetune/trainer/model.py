@@ -157,6 +157,24 @@ def load_base_model(source: Path | str, spec: ModelSpec, dtype: torch.dtype, rev
         raise _hub_error(source, err) from None
 
 
+def load_config(spec: ModelSpec, downloaded: Path | None = None) -> dict[str, Any]:
+    """The model's config.json as a dict, without its weights: from a folder, a GGUF file's header or the Hub."""
+    from transformers import AutoConfig
+
+    uri = parse_uri(spec.uri, ("hf", "pvc", "s3", "file", "package"))
+    if uri.scheme == "s3" and downloaded is None:
+        raise ModelError(f"model.uri {spec.uri}: reading an s3:// model's config needs the model fetched; pass the "
+                         f"config.json itself instead (lorafinetune plan --model-config FILE)")  # fmt: skip
+    source: Path | str = uri.location if uri.scheme == "hf" else (downloaded or local_path(uri))
+    kw: dict[str, Any] = {"revision": uri.revision, "trust_remote_code": spec.trust_remote_code}
+    if spec.gguf_file:
+        kw["gguf_file"] = spec.gguf_file
+    try:
+        return AutoConfig.from_pretrained(source, **kw).to_dict()
+    except (OSError, ValueError) as err:
+        raise _hub_error(source, err) from None
+
+
 def lora_config(spec: LoRASpec) -> Any:
     from peft import LoraConfig
 

@@ -33,6 +33,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# config.json of the models the operator tests name, as a stand-in Hugging Face Hub serves them (HF_ENDPOINT): the
+# operator reads them to check that a run fits in the nodes' GPU memory (lorafinetune/operator/fit.py).
+HUB_CONFIGS = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": {  # the published config's shape
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+        "tie_word_embeddings": True,
+    },
+    "meta-llama/Llama-3.1-70B": {  # the published shape of a model no 80 GB GPU holds unsharded
+        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    },
+}  # fmt: skip
+_hub: list[str] = []
+
+
+def hub_endpoint() -> str:
+    """Start (once) a local HTTP server answering /<repo>/resolve/<revision>/config.json as the Hub does."""
+    if _hub:
+        return _hub[0]
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            repo, sep, _ = self.path.lstrip("/").partition("/resolve/")
+            body = json.dumps(HUB_CONFIGS[repo]).encode() if sep and repo in HUB_CONFIGS else None
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write(body or b"not found")
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _hub.append(f"http://127.0.0.1:{server.server_port}")
+    return _hub[0]
+
+
 @contextlib.contextmanager
 def local_cluster(work: Path, apply_crd: bool = True, real_node: bool = False) -> Iterator[Path]:
     """Start a control plane with hack/cluster/up.sh (and a real node beside the kwok ones); yield its kubeconfig;
@@ -80,6 +122,7 @@ class Operator:
             # kwok ignores grace periods; these make a pod Terminating 15 s after its deletion count as lost
             "LFT_TERMINATION_GRACE_SECONDS": "5",
             "LFT_LOST_POD_SECONDS": "10",
+            "HF_ENDPOINT": hub_endpoint(),
             **self.env,
         }
         self.proc = subprocess.Popen(

@@ -250,6 +250,26 @@ def test_a_missing_pvc_is_reported_and_creates_no_pods(cluster: Cluster):
     assert condition(c.get("nopvc")["status"], "Ready")["reason"] == "PVCNotFound"
 
 
+def test_a_run_that_cannot_fit_in_the_nodes_gpu_memory_holds_no_gpu_until_the_spec_makes_it_fit(cluster: Cluster):
+    # The nodes carry GPU feature discovery's nvidia.com/gpu.memory (80 GB H100s); the model's config comes from the
+    # (stand-in) Hub. 70 B parameters in bf16 are 131 GiB on every GPU under ZeRO-2: no pod is created.
+    c = cluster
+    c.apply(manifest("too-big", model={"uri": "hf://meta-llama/Llama-3.1-70B"}))
+    status = wait_for(lambda: (s := c.get("too-big").get("status", {})).get("conditions") and s, 30, "a condition")
+    ready = condition(status, "Ready")
+    assert (ready["reason"], ready["status"], status["phase"]) == ("WontFit", "False", "Pending"), ready
+    assert "GiB per GPU but node gpu-node-" in ready["message"], ready["message"]
+    assert "(nvidia.com/gpu.memory=81559 MiB) gives 79.6 GiB" in ready["message"]
+    assert "try training.gradientCheckpointing: true and deepspeed.zeroStage: 3" in ready["message"], ready["message"]
+    assert any(e.reason == "WontFit" for e in c.events("too-big"))
+    time.sleep(3)  # several reconciles later: still nothing holds a GPU
+    assert not c.jobs("too-big") and not c.pods("too-big", 1)
+    # Sharded over the 16 GPUs, with activations recomputed, it fits: the same fine-tune starts.
+    c.patch_spec("too-big", {"deepspeed": {"zeroStage": 3}, "training": {"gradientCheckpointing": True}})
+    wait_phase(c, "too-big", "Running")
+    assert [j.metadata.name for j in c.jobs("too-big")] == ["too-big-a1"]
+
+
 def test_a_missing_credentials_secret_is_reported_and_creates_no_pods(cluster: Cluster):
     c = cluster
     s3 = {"endpointUrl": "http://127.0.0.1:9000", "credentialsSecret": "s3-creds"}

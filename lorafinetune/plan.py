@@ -1,0 +1,308 @@
+"""Per-rank peak memory of a fine-tune, from the model's config alone (never its weights), with a verdict and what to
+change when it does not fit. Used by `lorafinetune plan` and by the operator before any pod holds a GPU.
+
+The estimate counts what a rank holds at its peak, the start of the backward pass of the last micro-batch:
+
+- frozen base weights (by dtype; ZeRO-3 shards them, plus the layers it gathers at a time);
+- LoRA parameters, their gradients, fp32 master copies and AdamW moments (ZeRO >= 1 shards the optimizer states,
+  >= 2 the gradients; offloadOptimizer moves the states to CPU memory);
+- activations autograd saves per token per decoder layer, counted for a Llama-style block (RMSNorm, attention with
+  rotary embeddings via SDPA, gated MLP) with PEFT's LoRA (a dropout copy of each adapted module's input when dropout
+  > 0); with gradient checkpointing only each layer's input is kept, plus one layer recomputed;
+- the output layer's logits and the loss's buffers for one chunk of targets (the trainer scores at most
+  LOSS_CHUNK_ELEMENTS logits at once; under ZeRO-3 all of a micro-batch's at once), every token of the micro-batch
+  taken as a target (prompts are not, so real chat and completion runs hold less);
+- DeepSpeed's gradient buckets (sized by the trainer to the trainable parameters) and a fixed runtime reserve (the
+  CUDA context with cuBLAS and NCCL workspaces on a GPU; the interpreter and libraries on a CPU).
+
+Sequences are taken at dataset.maxSeqLength (packed rows are that long; padded batches at most that). The numbers
+are checked against measured peaks in benchmarks/memory_plan.py; see benchmarks/README for the error per
+configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from lorafinetune.api.spec import LoRAFineTuneSpec
+from lorafinetune.contract import LOSS_CHUNK_ELEMENTS
+
+GIB = 1024**3
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# A CUDA context with cuBLAS and NCCL loaded takes 0.5-1 GiB before any tensor; a CPU rank with the trainer's
+# modules imported (torch, transformers, PEFT, DeepSpeed) holds 733 MiB (measured on the development machine).
+RUNTIME_RESERVE = {"gpu": int(1.0 * GIB), "cpu": 733 * 1024**2}
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+_UNITS = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "KiB": 1024, "MiB": 1024**2,
+          "GiB": 1024**3, "TiB": 1024**4, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+
+
+def parse_memory(value: str, what: str = "memory") -> int:
+    """Bytes in '80Gi', '80GiB', '79.6G' or '81559Mi'. GPU feature discovery's nvidia.com/gpu.memory label is a bare
+    number of MiB: pass it with 'Mi' appended."""
+    number = value.rstrip("KMGTiB")
+    unit = value[len(number) :]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if unit not in _UNITS or amount <= 0:
+        raise PlanError(f"{what} {value!r}: expected a size such as 80Gi, 80GiB or 81559Mi")
+    return int(amount * _UNITS[unit])
+
+
+class PlanError(ValueError):
+    """The model's config lacks what the estimate needs (an architecture this planner does not know)."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The parts of a Hugging Face config.json the estimate needs (Llama-style decoder)."""
+
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Shape:
+        config = config.get("text_config") or config  # multimodal wrappers keep the language model's here
+        needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        missing = [k for k in needed if not isinstance(config.get(k), int)]
+        if missing:
+            raise PlanError(
+                f"the model's config.json (model_type {config.get('model_type')!r}) has no {', '.join(missing)}: "
+                f"the memory plan knows Llama-style decoders (llama, mistral, qwen2, qwen3, gemma, smollm, ...)"
+            )
+        heads = config["num_attention_heads"]
+        return cls(
+            model_type=str(config.get("model_type", "")),
+            hidden=config["hidden_size"],
+            intermediate=config["intermediate_size"],
+            layers=config["num_hidden_layers"],
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            vocab=config["vocab_size"],
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of one decoder block."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+
+    @property
+    def base_parameters(self) -> int:
+        block = sum(a * b for a, b in self.linears().values()) + 2 * self.hidden
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return embeddings + self.layers * block + self.hidden
+
+
+@dataclass(frozen=True)
+class Item:
+    what: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-rank peak memory and, given a device size, whether it fits."""
+
+    items: tuple[Item, ...]
+    device: str  # "gpu" or "cpu"
+    world_size: int
+    trainable_parameters: int
+    base_parameters: int
+    capacity: int | None = None  # bytes per GPU (or per CPU rank), when known
+    suggestions: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity is None else self.total <= self.capacity
+
+    def summary(self) -> str:
+        """One line, for a condition message or an event."""
+        need = f"needs {self.total / GIB:.1f} GiB per {'GPU' if self.device == 'gpu' else 'process'}"
+        if self.capacity is None:
+            return need
+        line = f"{need}, {self.capacity / GIB:.1f} GiB available"
+        return line + (f"; try: {self.suggestions[0]}" if self.suggestions else "") if not self.fits else line
+
+    def table(self) -> str:
+        width = max(len(i.what) for i in self.items)
+        lines = [f"  {i.what:<{width}}  {i.bytes / GIB:8.2f} GiB" for i in self.items]
+        lines.append(f"  {'total per ' + ('GPU' if self.device == 'gpu' else 'process'):<{width}}  "
+                     f"{self.total / GIB:8.2f} GiB")  # fmt: skip
+        return "\n".join(lines)
+
+
+def _adapted(shape: Shape, targets: list[str]) -> dict[str, tuple[int, int]]:
+    linears = shape.linears()
+    if "all-linear" in targets:
+        return linears
+    unknown = [t for t in targets if t not in linears and t != "lm_head"]
+    if unknown:
+        raise PlanError(
+            f"lora.targetModules {unknown} are not linear layers of a Llama-style block ({', '.join(LLAMA_LINEARS)})"
+        )
+    return {n: linears[n] for n in targets if n in linears}
+
+
+def estimate(spec: LoRAFineTuneSpec, config: Mapping[str, Any], capacity: int | None = None) -> Plan:
+    """The per-rank peak for `spec` on the model `config` describes; `capacity` is the memory of one GPU (bytes)."""
+    plan = _estimate(spec, Shape.from_config(config), capacity)
+    if plan.fits is False:
+        plan = replace(plan, suggestions=tuple(_suggestions(spec, config, capacity)))
+    return plan
+
+
+def _estimate(spec: LoRAFineTuneSpec, shape: Shape, capacity: int | None) -> Plan:
+    t, ds, lora, res = spec.training, spec.deepspeed, spec.lora, spec.resources
+    world = res.world_size
+    device = "gpu" if res.gpus_per_node > 0 else "cpu"
+    weight_dtype = PRECISION_DTYPE[t.precision]
+    if t.precision == "fp32" and spec.model.dtype != "auto":
+        weight_dtype = spec.model.dtype  # DeepSpeed casts to bf16/fp16 when those are on; fp32 keeps the load dtype
+    wb = DTYPE_BYTES[weight_dtype]
+    d = wb  # activations follow the weights' dtype; RMSNorm computes in fp32 (counted below)
+    h, v = shape.hidden, shape.vocab
+    adapted = _adapted(shape, lora.target_modules)
+    r = lora.r
+    lora_params = shape.layers * sum(r * (a + b) + (b if lora.use_dora else 0) for a, b in adapted.values())
+    if "lm_head" in lora.target_modules:
+        lora_params += r * (h + v)
+    base = shape.base_parameters
+    items: list[Item] = []
+
+    # Frozen weights.
+    if ds.zero_stage == 3:
+        block = sum(a * b for a, b in shape.linears().values())
+        gathered = 2 * max(block, v * h) * wb  # the layer in use and the one prefetched
+        held = 0 if ds.offload_params else math.ceil(base * wb / world)
+        where = f"ZeRO-3 shard of {world}{', offloaded' if ds.offload_params else ''}"
+        items.append(Item(f"base weights ({weight_dtype}, {where}) + gathered layers", held + gathered))
+    else:
+        items.append(Item(f"base weights ({weight_dtype}, {base / 1e9:.2f} B parameters)", base * wb))
+
+    # LoRA parameters and optimizer side.
+    shard_opt = world if ds.zero_stage >= 1 else 1
+    shard_grad = world if ds.zero_stage >= 2 else 1
+    shard_param = world if ds.zero_stage == 3 else 1
+    items.append(Item(f"LoRA parameters ({lora_params / 1e6:.1f} M)", math.ceil(lora_params * wb / shard_param)))
+    items.append(Item("LoRA gradients", math.ceil(lora_params * wb / shard_grad)))
+    states = 8 + (4 if wb != 4 else 0)  # AdamW's two fp32 moments, plus an fp32 master copy under bf16/fp16
+    if ds.offload_optimizer:
+        items.append(Item("optimizer states (offloaded to CPU memory)", 0))
+    else:
+        items.append(Item(f"optimizer states (fp32 AdamW{' + master' if wb != 4 else ''})",
+                          math.ceil(lora_params * states / shard_opt)))  # fmt: skip
+
+    # Activations saved for backward, per token.
+    tokens = t.micro_batch_size * spec.dataset.max_seq_length
+    dropped = lora.dropout > 0
+    per_layer = _saved_per_token_per_layer(shape, adapted, r, d, dropped)
+    if t.gradient_checkpointing:
+        held_acts = tokens * (shape.layers * h * d + per_layer)  # every layer's input + one layer recomputed
+        how = "layer inputs + one layer recomputed (gradient checkpointing)"
+    else:
+        held_acts = tokens * shape.layers * per_layer
+        how = f"{per_layer / 1024:.0f} KiB per token per layer x {shape.layers} layers"
+    items.append(Item(f"activations ({t.micro_batch_size} x {spec.dataset.max_seq_length} tokens; {how})", held_acts))
+
+    # Logits and loss: lm_head output (compute dtype), its fp32 copy for the loss, log-softmax kept for backward,
+    # and in backward their gradients (fp32 and compute dtype).
+    logit_bytes = d + (4 if d != 4 else 0) + 4 + 4 + d
+    scored = min(tokens, max(1, LOSS_CHUNK_ELEMENTS // v)) if ds.zero_stage < 3 else tokens  # ZeRO-3: one chunk
+    chunked = f", in chunks of {scored}" if scored < tokens else ""
+    items.append(Item(f"logits and loss buffers ({scored} targets at once{chunked})", scored * v * logit_bytes))
+
+    if ds.zero_stage in (1, 2):
+        items.append(Item("DeepSpeed gradient bucket", lora_params * (4 if ds.zero_stage == 1 else wb)))
+    items.append(Item("runtime reserve" + (" (CUDA context, cuBLAS, NCCL)" if device == "gpu" else
+                                           " (interpreter and libraries)"), RUNTIME_RESERVE[device]))  # fmt: skip
+    return Plan(tuple(items), device, world, lora_params, base, capacity)
+
+
+def _saved_per_token_per_layer(shape: Shape, adapted: Mapping[str, tuple[int, int]], r: int, d: int,
+                               dropped: bool) -> int:  # fmt: skip
+    """Bytes autograd keeps per token for one decoder block (frozen base, LoRA on `adapted`)."""
+    h, i_ = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    total = 2 * h * 4  # two RMSNorms keep their fp32 input
+    total += 2 * h * d  # the normalised inputs (of attention and MLP), kept by whatever consumes them
+    total += (q + 2 * kv + q) * d + 4 * shape.heads  # SDPA keeps q, k, v, its output, and the log-sum-exp
+    total += 4 * i_ * d  # gate output (SiLU), its activation, the up projection, their product (down's input)
+    for _name, (a, _b) in adapted.items():
+        total += r * d  # lora_A's output, kept by lora_B
+        if dropped:
+            total += a * d + a  # the dropped-out copy of the input and its mask
+    return total
+
+
+def _suggestions(spec: LoRAFineTuneSpec, config: Mapping[str, Any], capacity: int | None) -> list[str]:
+    """Changes that make it fit, each with its estimate: single changes first (cheapest first), else the shortest
+    run of them, applied one after another, that does."""
+    shape = Shape.from_config(config)
+    t, ds, res = spec.training, spec.deepspeed, spec.resources
+    steps: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    if not t.gradient_checkpointing:
+        steps.append(("training.gradientCheckpointing: true", {"training": {"gradient_checkpointing": True}}))
+    if ds.zero_stage < 3 and res.world_size > 1:
+        steps.append(("deepspeed.zeroStage: 3", {"deepspeed": {"zero_stage": 3}}))
+    if not ds.offload_optimizer:
+        steps.append(("deepspeed.offloadOptimizer: true",
+                      {"deepspeed": {"offload_optimizer": True, "zero_stage": max(ds.zero_stage, 1)}}))  # fmt: skip
+    micro = t.micro_batch_size
+    while micro > 1:
+        micro //= 2
+        accum = t.gradient_accumulation_steps * (t.micro_batch_size // micro)
+        steps.append((f"training.microBatchSize: {micro} with gradientAccumulationSteps: {accum} (same global batch)",
+                      {"training": {"micro_batch_size": micro, "gradient_accumulation_steps": accum}}))  # fmt: skip
+    for nodes in (2, 4, 8, 16, 32, 64):
+        if nodes > res.nodes:
+            steps.append((f"resources.nodes: {nodes} with deepspeed.zeroStage: 3",
+                          {"resources": {"nodes": nodes}, "deepspeed": {"zero_stage": 3}}))  # fmt: skip
+
+    def applied(base: LoRAFineTuneSpec, changes: dict[str, dict[str, Any]]) -> LoRAFineTuneSpec:
+        return base.model_copy(update={k: getattr(base, k).model_copy(update=v) for k, v in changes.items()})
+
+    def total(candidate: LoRAFineTuneSpec) -> int:
+        return _estimate(candidate, shape, capacity).total
+
+    if capacity is None:
+        return []
+    singles: list[tuple[str, int]] = []
+    for label, changes in steps:
+        smaller_batch = label.startswith("training.microBatchSize")
+        if smaller_batch and any(x.startswith("training.microBatchSize") for x, _ in singles):
+            continue  # the largest micro-batch that fits is the one worth naming
+        if (n := total(applied(spec, changes))) <= capacity:
+            singles.append((label, n))
+    if singles:
+        return [f"{label} ({n / GIB:.1f} GiB)" for label, n in singles[:3]]
+    candidate, labels = spec, []
+    for label, changes in steps:
+        # a smaller micro-batch replaces the previous one, so its labels are not listed twice
+        labels = [x for x in labels if not (x.startswith("training.microBatchSize") and "microBatchSize" in label)]
+        labels = [x for x in labels if not (x.startswith("resources.nodes") and label.startswith("resources.nodes"))]
+        candidate, labels = applied(candidate, changes), [*labels, label]
+        if (n := total(candidate)) <= capacity:
+            return [f"{' and '.join(labels)} ({n / GIB:.1f} GiB)"]
+    return []

@@ -1,0 +1,182 @@
+"""The memory plan (lorafinetune/plan.py), its command, and the operator's fit check (operator/fit.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorafinetune.api.spec import LoRAFineTuneSpec
+from lorafinetune.cli import main as cli
+from lorafinetune.operator import fit
+from lorafinetune.plan import GIB, PlanError, Shape, estimate, parse_memory
+
+SMOLLM2_135M = {
+    "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+    "tie_word_embeddings": True,
+}  # fmt: skip
+LLAMA_8B = {
+    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+}  # fmt: skip
+
+
+def spec(**override) -> LoRAFineTuneSpec:
+    s = {
+        "model": {"uri": "hf://org/model"},
+        "dataset": {"train": "file:///data/train.jsonl", "maxSeqLength": 1024},
+        "training": {"maxSteps": 10, "microBatchSize": 4},
+        "resources": {"nodes": 1, "gpusPerNode": 1},
+        "output": {"uri": "file:///out"},
+    }
+    for key, value in override.items():
+        s[key] = {**s.get(key, {}), **value}
+    return LoRAFineTuneSpec.model_validate(s)
+
+
+def test_parameter_counts_are_those_the_trainer_reports_for_smollm2():
+    # `lorafinetune run` on the quick start reports "trainable params 4,884,480 of 139,399,488" (README)
+    plan = estimate(spec(lora={"r": 16}), SMOLLM2_135M)
+    assert plan.base_parameters == 139_399_488 - 4_884_480
+    assert plan.trainable_parameters == 4_884_480
+
+
+def test_llama_3_8b_has_its_published_size():
+    assert 8.0e9 < Shape.from_config(LLAMA_8B).base_parameters < 8.1e9  # "8.03 B"
+
+
+def test_a_config_without_the_shape_is_refused_naming_what_is_missing():
+    with pytest.raises(PlanError, match="no hidden_size, intermediate_size.*Llama-style"):
+        estimate(spec(), {"model_type": "gpt2", "n_embd": 768, "num_hidden_layers": 12,
+                          "num_attention_heads": 12, "vocab_size": 50257})  # fmt: skip
+
+
+def test_activations_scale_with_tokens_and_checkpointing_keeps_only_layer_inputs():
+    def acts(**override):
+        return next(i.bytes for i in estimate(spec(**override), LLAMA_8B).items if i.what.startswith("activations"))
+
+    base = acts()
+    assert acts(training={"microBatchSize": 8}) == 2 * base
+    assert acts(dataset={"maxSeqLength": 2048}) == 2 * base
+    assert acts(training={"gradientCheckpointing": True}) < base / 10
+    assert acts(lora={"dropout": 0.0}) < base  # no dropped-out copies of the inputs
+
+
+def test_zero3_shards_the_frozen_weights_over_the_ranks():
+    def weights(**override):
+        return estimate(spec(**override), LLAMA_8B).items[0].bytes
+
+    assert weights() == Shape.from_config(LLAMA_8B).base_parameters * 2  # bf16, whole on every GPU
+    sharded = [weights(resources={"nodes": n, "gpusPerNode": 8}, deepspeed={"zeroStage": 3}) for n in (1, 4)]
+    assert sharded[1] < sharded[0] < weights() / 3  # a 1/ranks shard, plus the gathered layers
+
+
+def test_the_logits_are_bounded_by_one_chunk_whatever_the_batch():
+    def logits(**override):
+        return next(i.bytes for i in estimate(spec(**override), LLAMA_8B).items if i.what.startswith("logits"))
+
+    assert logits(training={"microBatchSize": 16}) == logits(training={"microBatchSize": 64}) < 1.1 * GIB
+
+
+def test_a_run_that_does_not_fit_gets_the_changes_that_would_make_it():
+    plan = estimate(spec(training={"microBatchSize": 16}), LLAMA_8B, capacity=80 * GIB)
+    assert plan.fits is False and plan.suggestions
+    assert plan.suggestions[0].startswith("training.gradientCheckpointing: true (")
+    assert "try: training.gradientCheckpointing: true" in plan.summary()
+    # Every suggestion's own estimate fits.
+    assert all(float(s.rsplit("(", 1)[1].split(" GiB")[0]) <= 80 for s in plan.suggestions)
+    # Nothing fits a 1 GiB GPU: no suggestion, and the summary says what is needed.
+    tiny = estimate(spec(), LLAMA_8B, capacity=1 * GIB)
+    assert tiny.fits is False and not tiny.suggestions and "needs" in tiny.summary()
+
+
+def test_when_no_single_change_is_enough_the_shortest_combination_is_suggested():
+    plan = estimate(spec(resources={"nodes": 2, "gpusPerNode": 8}, training={"microBatchSize": 16},
+                         dataset={"maxSeqLength": 4096}), LLAMA_8B, capacity=24 * GIB)  # fmt: skip
+    assert plan.fits is False
+    assert plan.suggestions[0].startswith("training.gradientCheckpointing: true and deepspeed.zeroStage: 3"), plan
+
+
+@pytest.mark.parametrize("value, expected", [("80Gi", 80 * GIB), ("80GiB", 80 * GIB), ("81559Mi", 81559 * 1024**2),
+                                             ("1.5Ti", int(1.5 * 1024**4)), ("80G", 80 * 10**9)])  # fmt: skip
+def test_memory_sizes(value, expected):
+    assert parse_memory(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "80", "eighty", "80Xi", "-1Gi", "0Gi"])
+def test_bad_memory_sizes_are_refused_naming_the_field(value):
+    with pytest.raises(PlanError, match=r"resources.gpuMemory .*expected a size such as 80Gi"):
+        parse_memory(value, "resources.gpuMemory")
+
+
+# ------------------------------------------------------------------------------------------------ the operator's check
+def node(name: str, gpus: int, memory_mib: str | None, **labels: str) -> dict:
+    if memory_mib is not None:
+        labels["nvidia.com/gpu.memory"] = memory_mib
+    return {"metadata": {"name": name, "labels": labels}, "status": {"allocatable": {"nvidia.com/gpu": str(gpus)}}}
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The operator's config cache, filled as if the Hub had answered."""
+    monkeypatch.setattr(fit, "_configs", {("org/model", "main"): (0.0, LLAMA_8B)})
+
+
+def test_the_largest_labelled_gpu_that_the_node_selector_allows_decides(hub):
+    big = spec(training={"microBatchSize": 16})
+    nodes = [node("small", 8, "24576"), node("cpu", 0, None), node("large", 8, "81559", pool="a100")]
+    reason, message = fit.wont_fit(big, nodes[:2])
+    assert reason == "WontFit" and "node small (nvidia.com/gpu.memory=24576 MiB) gives 24.0 GiB" in message
+    assert "try training.gradientCheckpointing: true" in message
+    assert fit.wont_fit(spec(), nodes) is None  # micro-batch 4 fits the 80 GB node
+    pinned = spec(resources={"nodeSelector": {"pool": "h100"}}, training={"microBatchSize": 16})
+    assert fit.wont_fit(pinned, nodes) is None  # no node matches: nothing to compare with, no verdict
+
+
+def test_resources_gpu_memory_overrides_the_labels(hub):
+    big = {"training": {"microBatchSize": 16}}
+    assert fit.wont_fit(spec(**big), [node("small", 8, "24576")])[0] == "WontFit"
+    assert fit.wont_fit(spec(resources={"gpuMemory": "200Gi"}, **big), [node("small", 8, "24576")]) is None
+    small = spec(resources={"gpuMemory": "16Gi"})
+    assert "resources.gpuMemory gives 16.0 GiB" in fit.wont_fit(small, [node("large", 8, "81559")])[1]
+
+
+def test_no_check_without_a_label_a_readable_config_or_gpus(hub):
+    assert fit.wont_fit(spec(training={"microBatchSize": 64}), [node("unlabelled", 8, None)]) is None
+    assert fit.wont_fit(spec(resources={"gpusPerNode": 0}), [node("large", 8, "1024")]) is None
+    other = spec(model={"uri": "pvc://models/llama"}, training={"microBatchSize": 64})
+    assert fit.wont_fit(other, [node("large", 8, "1024")]) is None  # the operator reads no PVC
+
+
+def test_an_unreachable_hub_means_no_check_and_is_not_asked_on_every_reconcile(monkeypatch):
+    monkeypatch.setattr(fit, "_configs", {})
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    huge = spec(training={"microBatchSize": 64})
+    assert fit.wont_fit(huge, [node("large", 8, "1024")]) is None
+    assert fit._configs[("org/model", "main")][1] is None  # remembered as unreadable, retried after a while
+
+
+# ------------------------------------------------------------------------------------------------ the command
+def write(tmp_path, manifest: dict, config: dict):
+    import yaml
+
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path / "m.yaml"), str(tmp_path / "config.json")
+
+
+def test_plan_command_prints_the_breakdown_and_exits_1_when_it_does_not_fit(tmp_path, capsys):
+    manifest = {"apiVersion": "lorafinetune.io/v1alpha1", "kind": "LoRAFineTune", "metadata": {"name": "big"},
+                "spec": spec(training={"microBatchSize": 16}).to_manifest()}  # fmt: skip
+    path, config = write(tmp_path, manifest, LLAMA_8B)
+    assert cli(["plan", path, "--model-config", config, "--gpu-memory", "80Gi"]) == 1
+    out = capsys.readouterr().out
+    assert "base weights (bfloat16, 8.03 B parameters)" in out and "DOES NOT FIT" in out
+    assert "would fit: training.gradientCheckpointing: true" in out
+    assert cli(["plan", path, "--model-config", config, "--gpu-memory", "200Gi"]) == 0
+    assert "fits:" in capsys.readouterr().out
+    assert cli(["plan", path, "--model-config", config]) == 0
+    assert "no verdict: pass --gpu-memory" in capsys.readouterr().out
+    assert cli(["plan", path, "--model-config", config, "--gpu-memory", "lots"]) == 2
+    assert "--gpu-memory 'lots': expected a size such as 80Gi" in capsys.readouterr().err
