@@ -77,9 +77,10 @@ def validation_loss(model: Any, examples: list, pad_id: int, batch: int = 8) -> 
     total, count = 0.0, 0
     units = batching.make_units(examples, 0, packing=False)
     token_loss = TokenLoss(model)
+    device = next(model.parameters()).device
     try:
         for i in range(0, len(units), batch):
-            b = batching.collate(units[i : i + batch], pad_id, packing=False)
+            b = {k: v.to(device) for k, v in batching.collate(units[i : i + batch], pad_id, packing=False).items()}
             with torch.no_grad():
                 total += token_loss(model, b).item()
             count += batching.trained_token_count(b)

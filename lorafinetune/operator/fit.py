@@ -49,10 +49,12 @@ def wont_fit(spec: LoRAFineTuneSpec, nodes: Iterable[dict[str, Any]]) -> tuple[s
         return None
     if plan.fits:
         return None
-    advice = f"; try {plan.suggestions[0]}" if plan.suggestions else "; no change this planner tries makes it fit"
+    # Training settings are immutable: the way on is a new fine-tune, a nodeSelector for larger GPUs, or an override.
+    advice = (f"; create it again with {plan.suggestions[0]}" if plan.suggestions
+              else "; no change this planner tries makes it fit")  # fmt: skip
     return "WontFit", (
         f"the estimated peak is {plan.total / GIB:.1f} GiB per GPU but {source} gives {capacity / GIB:.1f} GiB"
-        f"{advice}. `lorafinetune plan` shows the breakdown; set resources.gpuMemory to override the check"
+        f"{advice}. `lorafinetune plan` shows the breakdown; resources.gpuMemory overrules the check"
     )
 
 

@@ -128,7 +128,7 @@ def test_the_largest_labelled_gpu_that_the_node_selector_allows_decides(hub):
     nodes = [node("small", 8, "24576"), node("cpu", 0, None), node("large", 8, "81559", pool="a100")]
     reason, message = fit.wont_fit(big, nodes[:2])
     assert reason == "WontFit" and "node small (nvidia.com/gpu.memory=24576 MiB) gives 24.0 GiB" in message
-    assert "try training.gradientCheckpointing: true" in message
+    assert "create it again with training.gradientCheckpointing: true" in message
     assert fit.wont_fit(spec(), nodes) is None  # micro-batch 4 fits the 80 GB node
     pinned = spec(resources={"nodeSelector": {"pool": "h100"}}, training={"microBatchSize": 16})
     assert fit.wont_fit(pinned, nodes) is None  # no node matches: nothing to compare with, no verdict
