@@ -106,6 +106,12 @@ class Operator(APIModel):
         default_factory=lambda: list(_DEFAULTS.metrics_namespaces),
         description="Namespaces whose pods may scrape the trainers' metrics port (where Prometheus runs).",
     )
+    hub_endpoint: str = Field(
+        _DEFAULTS.hub_endpoint, max_length=2048,
+        description="Hugging Face Hub the operator reads hf:// models' config.json from, to check that a fine-tune "
+        "fits in the nodes' GPU memory (nvidia.com/gpu.memory) before its pods start; empty: no check and no "
+        "outbound request.",
+    )  # fmt: skip
 
 
 class ServiceAccount(APIModel):

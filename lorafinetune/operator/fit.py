@@ -4,8 +4,8 @@ holds a GPU: it is held back with Ready=False, reason WontFit, the numbers and w
 Needs two facts, and checks nothing when either is unknown:
 - the memory of one GPU: `resources.gpuMemory`, else the largest `nvidia.com/gpu.memory` label (MiB, set by NVIDIA's
   GPU feature discovery) among the nodes that have GPUs and match `resources.nodeSelector`;
-- the model's config.json: read from the Hugging Face Hub for hf:// models (`HF_ENDPOINT`, as huggingface_hub
-  reads it). The operator reads no PVC, bucket or secret, so other models, and gated ones, are not checked here;
+- the model's config.json: read from the Hugging Face Hub for hf:// models (LFT_HUB_ENDPOINT; empty turns the
+  check off). The operator reads no PVC, bucket or secret, so other models, and gated ones, are not checked here;
   `lorafinetune plan` checks them where the files are.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import urllib.error
 import urllib.parse
@@ -32,14 +31,14 @@ RETRY_UNREADABLE_SECONDS = 300.0  # a Hub that did not answer is asked again aft
 _configs: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
 
 
-def wont_fit(spec: LoRAFineTuneSpec, nodes: Iterable[dict[str, Any]]) -> tuple[str, str] | None:
+def wont_fit(spec: LoRAFineTuneSpec, nodes: Iterable[dict[str, Any]], hub: str) -> tuple[str, str] | None:
     """("WontFit", message) when the estimate exceeds one GPU's memory; None when it fits or cannot be told."""
-    if not spec.resources.gpus_per_node:
+    if not spec.resources.gpus_per_node or not hub:
         return None
     capacity, source = _gpu_memory(spec, nodes)
     if capacity is None:
         return None
-    config = model_config(spec.model.uri)
+    config = model_config(spec.model.uri, hub)
     if config is None:
         return None
     try:
@@ -77,7 +76,7 @@ def _gpu_memory(spec: LoRAFineTuneSpec, nodes: Iterable[dict[str, Any]]) -> tupl
     return (best[0], best[1]) if best else (None, "")
 
 
-def model_config(uri: str) -> dict[str, Any] | None:
+def model_config(uri: str, hub: str) -> dict[str, Any] | None:
     """config.json of an hf:// model (cached; an unreadable one is retried after a while), else None."""
     parsed = parse_uri(uri, ("hf", "pvc", "s3", "file", "package"))
     if parsed.scheme != "hf":
@@ -86,8 +85,7 @@ def model_config(uri: str) -> dict[str, Any] | None:
     cached = _configs.get(key)
     if cached and (cached[1] is not None or time.monotonic() - cached[0] < RETRY_UNREADABLE_SECONDS):
         return cached[1]
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    url = f"{endpoint}/{parsed.location}/resolve/{urllib.parse.quote(key[1], safe='')}/config.json"
+    url = f"{hub.rstrip('/')}/{parsed.location}/resolve/{urllib.parse.quote(key[1], safe='')}/config.json"
     config: dict[str, Any] | None = None
     try:
         with urllib.request.urlopen(url, timeout=CONFIG_TIMEOUT_SECONDS) as response:

@@ -129,7 +129,7 @@ def _preflight(owner: builders.Owner, spec: LoRAFineTuneSpec) -> tuple[str, str]
     for field, secret in secrets.items() if SETTINGS.secret_preflight else ():
         if secret and not kube.secret_exists(owner.namespace, secret):
             return "SecretNotFound", f"Secret {secret!r} ({field}) does not exist"
-    return fit.wont_fit(spec, NODES.all())
+    return fit.wont_fit(spec, NODES.all(), SETTINGS.hub_endpoint)
 
 
 def _capacity_warning(spec: LoRAFineTuneSpec) -> tuple[str, str] | None:

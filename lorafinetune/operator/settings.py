@@ -97,6 +97,11 @@ class OperatorSettings:
     log_format: str = "text"
     """LFT_LOG_FORMAT: text (for people) or json (one object a line, with namespace, finetune and reason fields)."""
 
+    hub_endpoint: str = "https://huggingface.co"
+    """LFT_HUB_ENDPOINT (else HF_ENDPOINT): where the operator reads an hf:// model's config.json to check that a
+    fine-tune fits in the nodes' GPU memory before its pods start (operator/fit.py); empty: no such check and no
+    outbound request."""
+
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"LFT_WORKERS must be at least 1, got {self.workers}")
@@ -136,6 +141,7 @@ class OperatorSettings:
             if "LFT_METRICS_NAMESPACES" in os.environ
             else d.metrics_namespaces,
             operator_namespace=os.environ.get("LFT_OPERATOR_NAMESPACE", d.operator_namespace),
+            hub_endpoint=os.environ.get("LFT_HUB_ENDPOINT", os.environ.get("HF_ENDPOINT", d.hub_endpoint)),
         )
 
     @property

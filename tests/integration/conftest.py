@@ -33,7 +33,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# config.json of the models the operator tests name, as a stand-in Hugging Face Hub serves them (HF_ENDPOINT): the
+# config.json of the models the operator tests name, as a stand-in Hugging Face Hub serves them (LFT_HUB_ENDPOINT): the
 # operator reads them to check that a run fits in the nodes' GPU memory (lorafinetune/operator/fit.py).
 HUB_CONFIGS = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": {  # the published config's shape
@@ -122,7 +122,7 @@ class Operator:
             # kwok ignores grace periods; these make a pod Terminating 15 s after its deletion count as lost
             "LFT_TERMINATION_GRACE_SECONDS": "5",
             "LFT_LOST_POD_SECONDS": "10",
-            "HF_ENDPOINT": hub_endpoint(),
+            "LFT_HUB_ENDPOINT": hub_endpoint(),
             **self.env,
         }
         self.proc = subprocess.Popen(

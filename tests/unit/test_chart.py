@@ -37,7 +37,8 @@ def test_chart_defaults_are_the_operator_defaults():
     op, settings = ChartValues().operator, OperatorSettings()
     for name in ("reconcile_interval_seconds", "backoff_base_seconds", "backoff_cap_seconds",
                  "progress_interval_seconds", "termination_grace_seconds", "trainer_metrics_port", "metrics_port",
-                 "workers", "secret_preflight", "network_policy", "metrics_namespaces", "log_format"):  # fmt: skip
+                 "workers", "secret_preflight", "network_policy", "metrics_namespaces", "log_format",
+                 "hub_endpoint"):  # fmt: skip
         assert getattr(op, name) == getattr(settings, name), name
     assert op.health_port == settings.liveness_port
 

@@ -117,6 +117,9 @@ def node(name: str, gpus: int, memory_mib: str | None, **labels: str) -> dict:
     return {"metadata": {"name": name, "labels": labels}, "status": {"allocatable": {"nvidia.com/gpu": str(gpus)}}}
 
 
+HUB = "https://huggingface.co"
+
+
 @pytest.fixture
 def hub(monkeypatch):
     """The operator's config cache, filled as if the Hub had answered."""
@@ -126,34 +129,34 @@ def hub(monkeypatch):
 def test_the_largest_labelled_gpu_that_the_node_selector_allows_decides(hub):
     big = spec(training={"microBatchSize": 16})
     nodes = [node("small", 8, "24576"), node("cpu", 0, None), node("large", 8, "81559", pool="a100")]
-    reason, message = fit.wont_fit(big, nodes[:2])
+    reason, message = fit.wont_fit(big, nodes[:2], HUB)
     assert reason == "WontFit" and "node small (nvidia.com/gpu.memory=24576 MiB) gives 24.0 GiB" in message
     assert "create it again with training.gradientCheckpointing: true" in message
-    assert fit.wont_fit(spec(), nodes) is None  # micro-batch 4 fits the 80 GB node
+    assert fit.wont_fit(spec(), nodes, HUB) is None  # micro-batch 4 fits the 80 GB node
     pinned = spec(resources={"nodeSelector": {"pool": "h100"}}, training={"microBatchSize": 16})
-    assert fit.wont_fit(pinned, nodes) is None  # no node matches: nothing to compare with, no verdict
+    assert fit.wont_fit(pinned, nodes, HUB) is None  # no node matches: nothing to compare with, no verdict
 
 
 def test_resources_gpu_memory_overrides_the_labels(hub):
     big = {"training": {"microBatchSize": 16}}
-    assert fit.wont_fit(spec(**big), [node("small", 8, "24576")])[0] == "WontFit"
-    assert fit.wont_fit(spec(resources={"gpuMemory": "200Gi"}, **big), [node("small", 8, "24576")]) is None
+    assert fit.wont_fit(spec(**big), [node("small", 8, "24576")], HUB)[0] == "WontFit"
+    assert fit.wont_fit(spec(resources={"gpuMemory": "200Gi"}, **big), [node("small", 8, "24576")], HUB) is None
     small = spec(resources={"gpuMemory": "16Gi"})
-    assert "resources.gpuMemory gives 16.0 GiB" in fit.wont_fit(small, [node("large", 8, "81559")])[1]
+    assert "resources.gpuMemory gives 16.0 GiB" in fit.wont_fit(small, [node("large", 8, "81559")], HUB)[1]
 
 
-def test_no_check_without_a_label_a_readable_config_or_gpus(hub):
-    assert fit.wont_fit(spec(training={"microBatchSize": 64}), [node("unlabelled", 8, None)]) is None
-    assert fit.wont_fit(spec(resources={"gpusPerNode": 0}), [node("large", 8, "1024")]) is None
+def test_no_check_without_a_label_a_readable_config_gpus_or_a_hub(hub):
+    assert fit.wont_fit(spec(training={"microBatchSize": 64}), [node("large", 8, "1024")], "") is None  # turned off
+    assert fit.wont_fit(spec(training={"microBatchSize": 64}), [node("unlabelled", 8, None)], HUB) is None
+    assert fit.wont_fit(spec(resources={"gpusPerNode": 0}), [node("large", 8, "1024")], HUB) is None
     other = spec(model={"uri": "pvc://models/llama"}, training={"microBatchSize": 64})
-    assert fit.wont_fit(other, [node("large", 8, "1024")]) is None  # the operator reads no PVC
+    assert fit.wont_fit(other, [node("large", 8, "1024")], HUB) is None  # the operator reads no PVC
 
 
 def test_an_unreachable_hub_means_no_check_and_is_not_asked_on_every_reconcile(monkeypatch):
     monkeypatch.setattr(fit, "_configs", {})
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     huge = spec(training={"microBatchSize": 64})
-    assert fit.wont_fit(huge, [node("large", 8, "1024")]) is None
+    assert fit.wont_fit(huge, [node("large", 8, "1024")], "http://127.0.0.1:9") is None  # the discard port
     assert fit._configs[("org/model", "main")][1] is None  # remembered as unreadable, retried after a while
 
 
