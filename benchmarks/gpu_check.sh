@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# GPU check and benchmark, for a machine with one NVIDIA GPU and no network (run from the repository root).
+# GPU check and benchmark, for a machine with one NVIDIA GPU and no network (run from the repository root); about
+# 8 minutes on one H100 or H200. Every step writes its results as it finishes, so a step cut short loses only itself.
 #
-#   benchmarks/gpu_check.sh OUT_DIR [STEPS]
+#   benchmarks/gpu_check.sh OUT_DIR
 #
-# Needs: python3 with torch (CUDA); the other Python dependencies as wheels in .whl/ (pydantic, transformers, peft,
-# the deepspeed sdist, ...); SmolLM2-135M's config and tokenizer in .gpu/smollm2-config/ (weights are initialised at
-# random here: the point is the CUDA path and its speed, not the answers). It runs `lorafinetune run` on the GPU, one
-# rank (NCCL), bf16, in three arms on the quick start's data: ZeRO-2 padded (the baseline), ZeRO-2 packed, ZeRO-3
-# packed; each run's adapter is verified by the trainer (a fresh process reloads it). Summaries go to OUT_DIR.
-set -euo pipefail
-OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [STEPS]}
-STEPS=${2:-60}
+# Needs: python3 with torch (CUDA); the other Python dependencies as wheels in .whl/ (pydantic, pydantic-core,
+# PyYAML, transformers, peft, accelerate, safetensors, hjson, the deepspeed sdist; trl with datasets, pandas and
+# pyarrow for the TRL arm, which is skipped without them); SmolLM2's config and tokenizer in .gpu/smollm2-config/.
+#
+# 1. A model of Llama-3.2-1B's published shape (1.24 B parameters, 128k vocabulary) with random bf16 weights and
+#    SmolLM2's tokenizer: the point is the speed and memory of the CUDA path, not the answers.
+# 2. benchmarks/trainers.py --device cuda: HF Trainer + PEFT with padding (the baseline) beside `lorafinetune run`
+#    padded and packed (and TRL packed when installed), on the quick start's data and the long-tailed one; tokens/s,
+#    peak GPU memory, eval loss and MFU per arm.
+# 3. benchmarks/memory_plan.py --device cuda: `lorafinetune plan`'s estimate against torch.cuda.max_memory_allocated.
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
@@ -19,58 +24,43 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 LFT_CACHE_DIR=/tmp/lft-cache
+export LFT_BENCH_DIR=/tmp/lft-bench HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
 python3 -c 'import torch, transformers, peft, deepspeed; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__, "deepspeed", deepspeed.__version__)' | tee -a "$OUT/machine.txt"
 
-MODEL=/tmp/smollm2-random
-python3 - "$MODEL" <<'PY'
+MODEL=/tmp/llama-1b-shape
+python3 - "$MODEL" <<'PY' || { echo "could not build the model" | tee -a "$OUT/steps.txt"; exit 1; }
 import shutil, sys, torch
 from pathlib import Path
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 src, dst = Path(".gpu/smollm2-config"), Path(sys.argv[1])
+config = LlamaConfig(  # meta-llama/Llama-3.2-1B's config.json
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=64, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    bos_token_id=1, eos_token_id=2, pad_token_id=2)
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.bfloat16)
+with torch.device("cuda"):
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
 model.save_pretrained(dst)
 for f in src.iterdir():
-    if f.name != "config.json":
+    if f.name not in ("config.json", "generation_config.json") and f.is_file():
         shutil.copy(f, dst / f.name)
+print("built", sum(p.numel() for p in model.parameters()) / 1e9, "B parameters")
 PY
 
-arm() {  # name zero packing
-  cat > "/tmp/$1.yaml" <<YAML
-apiVersion: lorafinetune.io/v1alpha1
-kind: LoRAFineTune
-metadata: {name: gpu-$1}
-spec:
-  model: {uri: "file://$MODEL"}
-  dataset: {train: "file://$PWD/examples/data/train.jsonl", validation: "file://$PWD/examples/data/validation.jsonl",
-            format: chat, maxSeqLength: 512, packing: $3}
-  lora: {r: 16, alpha: 32, dropout: 0.05, targetModules: [all-linear]}
-  training: {maxSteps: $STEPS, learningRate: 0.001, microBatchSize: 16, precision: bf16}
-  deepspeed: {zeroStage: $2}
-  evaluation: {everySteps: $STEPS}
-  checkpointing: {everySteps: $(( STEPS / 2 ))}
-  resources: {nodes: 1, gpusPerNode: 1}
-  output: {uri: "file:///tmp/runs/$1"}
-YAML
-  local start=$SECONDS
-  if python3 -m lorafinetune.cli run "/tmp/$1.yaml" --quiet > "$OUT/$1.log" 2>&1; then status=ok; else status=FAILED; fi
-  echo "$1: $status in $(( SECONDS - start )) s" | tee -a "$OUT/arms.txt"
-  cp /tmp/runs/$1/adapter/training_summary.json "$OUT/$1.summary.json" 2>/dev/null || tail -40 /tmp/runs/$1/logs/node-0.log > "$OUT/$1.node-0.tail" || true
+step() {  # name seconds command...
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then status=ok; else status="FAILED (exit $?)"; fi
+  echo "$name: $status in $(( SECONDS - start )) s" | tee -a "$OUT/steps.txt"
 }
-arm zero2-padded 2 false
-arm zero2-packed 2 true
-arm zero3-packed 3 true
-python3 - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-rows = {}
-for f in sorted(out.glob("*.summary.json")):
-    s = json.loads(f.read_text())
-    keys = ("steps", "tokensPerSecond", "trainSeconds", "durationSeconds", "inputTokens", "trainedTokens",
-            "initialEvalLoss", "finalEvalLoss")
-    rows[f.name.removesuffix(".summary.json")] = {k: s.get(k) for k in keys}
-print(json.dumps(rows, indent=1))
-(out / "results.json").write_text(json.dumps(rows, indent=1))
-PY
+step trainers-quickstart 200 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets quickstart \
+  --rows 320 --micro 8 --max-len 1024 --out "$OUT/trainers-quickstart.json"
+step memory-plan 120 python3 benchmarks/memory_plan.py --device cuda --model-dir "$MODEL"
+cp benchmarks/results/memory_plan-cuda.json "$OUT/" 2>/dev/null
+step trainers-varlen 150 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets varlen \
+  --rows 320 --micro 8 --max-len 1024 --out "$OUT/trainers-varlen.json"
+tail -n 40 "$OUT"/*.log > "$OUT/tails.txt" 2>/dev/null
+cat "$OUT/steps.txt"
