@@ -244,10 +244,12 @@ def _saved_per_token_per_layer(shape: Shape, adapted: Mapping[str, tuple[int, in
                                dropped: bool) -> int:  # fmt: skip
     """Bytes autograd keeps per token for one decoder block (frozen base, LoRA on `adapted`)."""
     h, i_ = shape.hidden, shape.intermediate
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    q = shape.heads * shape.head_dim
     total = 2 * h * 4  # two RMSNorms keep their fp32 input
     total += 2 * h * d  # the normalised inputs (of attention and MLP), kept by whatever consumes them
-    total += (q + 2 * kv + q) * d + 4 * shape.heads  # SDPA keeps q, k, v, its output, and the log-sum-exp
+    # SDPA keeps q, k and v (k and v repeated to every query head, as transformers passes them), its output, and
+    # the log-sum-exp.
+    total += 4 * q * d + 4 * shape.heads
     total += 4 * i_ * d  # gate output (SiLU), its activation, the up projection, their product (down's input)
     for _name, (a, _b) in adapted.items():
         total += r * d  # lora_A's output, kept by lora_B
