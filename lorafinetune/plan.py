@@ -27,12 +27,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lorafinetune.api.spec import LoRAFineTuneSpec
+from lorafinetune.api.spec import PRECISION_DTYPE, LoRAFineTuneSpec
 from lorafinetune.contract import LOSS_CHUNK_ELEMENTS
 
 GIB = 1024**3
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # A CUDA context with cuBLAS and NCCL loaded takes 0.5-1 GiB before any tensor; a CPU rank with the trainer's
 # modules imported (torch, transformers, PEFT, DeepSpeed) holds 733 MiB (measured on the development machine).
 RUNTIME_RESERVE = {"gpu": int(1.0 * GIB), "cpu": 733 * 1024**2}

@@ -201,6 +201,10 @@ class LoRASpec(APIModel):
     )
 
 
+# The torch dtype (by name) each training.precision computes in.
+PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
 class TrainingSpec(APIModel):
     """Optimisation settings. Exactly one of `epochs` and `maxSteps`."""
 

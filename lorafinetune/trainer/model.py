@@ -17,14 +17,13 @@ from typing import Any
 
 import torch
 
-from lorafinetune.api.spec import LoRASpec, ModelSpec
+from lorafinetune.api.spec import PRECISION_DTYPE, LoRASpec, ModelSpec
 from lorafinetune.api.uris import parse_uri
 from lorafinetune.contract import COMPLETE_MARKER, ENV_CACHE_DIR, write_json_atomic
 from lorafinetune.storage import StorageError, local_path
 from lorafinetune.trainer.errors import ModelError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def cache_dir() -> Path:
