@@ -62,17 +62,27 @@ def main() -> int:
         if adapter is not None:  # rank 0: the operator copies this into status.adapter
             _write_termination(ExitCode.OK, "Completed", "the adapter is published", adapter=adapter)
         return ExitCode.OK
-    except TrainerError as err:
+    except Exception as raised:
+        err = raised if isinstance(raised, TrainerError) else _superseded_or_none(recipe, raised)
+        if err is None:
+            traceback.print_exc()
+            _write_termination(ExitCode.FAILED, type(raised).__name__, str(raised))
+            return ExitCode.FAILED
         if rank == 0 or err.exit_code.permanent:
             print(f"[rank {rank}] {type(err).__name__}: {err}", file=sys.stderr, flush=True)
             _write_termination(err.exit_code, type(err).__name__, str(err))
         if err.exit_code == ExitCode.INTERRUPTED:
             recipe.cleanup()
         return err.exit_code
-    except Exception as err:
-        traceback.print_exc()
-        _write_termination(ExitCode.FAILED, type(err).__name__, str(err))
-        return ExitCode.FAILED
+
+
+def _superseded_or_none(recipe, raised: Exception):  # noqa: ANN001, ANN202 (the trainer's modules load lazily here)
+    """An unexpected failure of a rank whose attempt a newer one has taken over is that take-over (the newer attempt
+    removed what this one was writing to), reported as such, with the failure it caused."""
+    superseded = recipe.superseded()
+    if superseded is not None:
+        superseded.args = (f"{superseded} (it made this attempt fail with {type(raised).__name__}: {raised})",)
+    return superseded
 
 
 def _write_termination(code: ExitCode, reason: str, message: str, adapter: dict | None = None) -> None:

@@ -78,6 +78,20 @@ class LoRAFineTuneRecipe:
         self.metrics = TrainerMetrics() if self.is_main else None
         self.attempt = fence.token()  # see fence.py: a newer attempt's claim stops this one from publishing
 
+    def superseded(self) -> fence.Superseded | None:
+        """The newer attempt that took the run folder over, if one did. A rank of an older attempt that was paused
+        between a claim check and the write it guarded (os.replace into a staging folder the newer attempt has since
+        removed, say) fails with an I/O error whose real cause is this."""
+        try:
+            fence.check(self.run_dir, self.attempt, "going on")
+            if getattr(self, "mirror", None) is not None:
+                self.mirror.check(self.attempt, "going on")
+        except fence.Superseded as err:
+            return err
+        except TrainerError:
+            pass  # the S3 claim could not be read: no evidence of a newer attempt
+        return None
+
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         import deepspeed

@@ -52,3 +52,29 @@ def test_no_token_means_no_fencing(tmp_path):
     fence.claim(tmp_path, "a")
     with pytest.raises(fence.Superseded, match=r"not saving: attempt a has taken over"):
         fence.check(tmp_path, "b", "saving")
+
+
+def test_a_write_that_failed_because_a_newer_attempt_took_over_is_reported_as_that(tmp_path, monkeypatch):
+    """Paused between a claim check and the write it guarded, an old rank wakes to find its staging folder removed by
+    the newer attempt: the FileNotFoundError it meets is reported as Superseded (seen in a full test run), while the
+    same error with the claim still held stays what it is."""
+    from lorafinetune.api.spec import LoRAFineTuneSpec
+    from lorafinetune.contract import ENV_ATTEMPT
+    from lorafinetune.trainer.__main__ import _superseded_or_none
+    from lorafinetune.trainer.recipe import LoRAFineTuneRecipe
+    from tests.conftest import tiny_manifest
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setenv(ENV_ATTEMPT, "attempt-1")
+    spec = LoRAFineTuneSpec.model_validate(tiny_manifest(tmp_path, tmp_path / "train.jsonl", run)["spec"])
+    recipe = LoRAFineTuneRecipe("tiny", spec, run)
+    fence.claim(run, "attempt-1")
+    failure = FileNotFoundError(2, "No such file or directory", str(run / "checkpoints/step-00000004.partial"))
+    assert _superseded_or_none(recipe, failure) is None, "a failure of the folder's owner is not a take-over"
+
+    fence.claim(run, "attempt-2")
+    superseded = _superseded_or_none(recipe, failure)
+    assert isinstance(superseded, fence.Superseded)
+    assert "attempt attempt-2 has taken over" in str(superseded)
+    assert "FileNotFoundError" in str(superseded) and "step-00000004.partial" in str(superseded)
