@@ -22,7 +22,7 @@ import os
 import tempfile
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pydantic import ConfigDict, Field, ValidationError
 
@@ -55,6 +55,27 @@ MODEL_CARD_FILE = "README.md"
 LOSS_PLOT_FILE = "loss_curve.png"
 COMPLETE_MARKER = "COMPLETE.json"  # written last into a checkpoint or adapter folder: its presence means complete
 ATTEMPT_FILE = "attempt.json"  # {token, claimedAt}: the attempt that owns the run folder now (ENV_ATTEMPT)
+
+
+class TrainerMetricNames:
+    """The Prometheus metrics rank 0 serves on ENV_METRICS_PORT (trainer/metrics.py). Named here because others read
+    them: the operator (status.progress), `lorafinetune plot` and the Grafana dashboard. Counters are exported with a
+    `_total` suffix, the histogram as `_bucket`/`_sum`/`_count`, the info as `_info`."""
+
+    TRAIN_LOSS: Final = "lorafinetune_train_loss"
+    EVAL_LOSS: Final = "lorafinetune_eval_loss"
+    LEARNING_RATE: Final = "lorafinetune_learning_rate"
+    GLOBAL_STEP: Final = "lorafinetune_global_step"
+    TOTAL_STEPS: Final = "lorafinetune_total_steps"
+    OPTIMIZER_STEPS: Final = "lorafinetune_optimizer_steps"  # counter
+    TOKENS: Final = "lorafinetune_tokens"  # counter
+    TRAINED_TOKENS: Final = "lorafinetune_trained_tokens"  # counter
+    STEP_DURATION: Final = "lorafinetune_step_duration_seconds"  # histogram
+    LAST_CHECKPOINT_TIME: Final = "lorafinetune_last_checkpoint_timestamp_seconds"
+    TOKENS_PER_SECOND: Final = "lorafinetune_tokens_per_second"
+    ETA: Final = "lorafinetune_eta_seconds"
+    WORLD_SIZE: Final = "lorafinetune_world_size"
+    INFO: Final = "lorafinetune_trainer"  # info
 
 
 class ExitCode(IntEnum):

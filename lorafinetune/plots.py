@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from lorafinetune.contract import TrainerMetricNames
+
 
 def plot_loss_curves(history: list[dict[str, Any]], path: Path, title: str) -> Path:
     """history: [{"step", "trainLoss"?, "evalLoss"?}, ...] -> PNG at `path`."""
@@ -57,9 +59,9 @@ def history_from_prometheus(base: str, finetune: str, namespace: str | None, sin
                             step_s: float = 15) -> list[dict[str, Any]]:  # fmt: skip
     """Loss by optimizer step, from the trainer's gauges sampled over time (the last sample of each step wins)."""
     sel = f'finetune="{finetune}"' + (f', namespace="{namespace}"' if namespace else "")
-    steps = _query_range(base, f"max(lorafinetune_global_step{{{sel}}})", since_s, step_s)
-    train = _query_range(base, f"max(lorafinetune_train_loss{{{sel}}})", since_s, step_s)
-    evals = _query_range(base, f"max(lorafinetune_eval_loss{{{sel}}})", since_s, step_s)
+    steps = _query_range(base, f"max({TrainerMetricNames.GLOBAL_STEP}{{{sel}}})", since_s, step_s)
+    train = _query_range(base, f"max({TrainerMetricNames.TRAIN_LOSS}{{{sel}}})", since_s, step_s)
+    evals = _query_range(base, f"max({TrainerMetricNames.EVAL_LOSS}{{{sel}}})", since_s, step_s)
     by_step: dict[int, dict[str, Any]] = {}
     for t, step in sorted(steps.items()):
         entry = by_step.setdefault(int(step), {"step": int(step)})

@@ -1,11 +1,15 @@
-"""Shared fixtures: a tiny random Llama (built once per session) and helpers to write manifests and run the CLI."""
+"""Shared fixtures: a tiny random Llama (built once per session) and helpers to write manifests, run the CLI, pick a
+free port and poll until something holds."""
 
 from __future__ import annotations
 
 import copy
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +90,24 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: floa
         [sys.executable, "-m", "lorafinetune.cli", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it; another process could still take it before use)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    """Poll until `check()` returns something truthy; fail with the last value seen."""
+    deadline, last = time.time() + timeout, None
+    while time.time() < deadline:
+        try:
+            last = check()
+        except Exception as err:  # noqa: BLE001 - transient errors while a server or API object comes up
+            last = err
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(0.3)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")

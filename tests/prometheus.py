@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tests.integration.conftest import _free_port, wait_for
+from tests.conftest import REPO, free_port, wait_for
 
 DASHBOARD = REPO / "dashboards" / "lorafinetune.json"
 
@@ -24,7 +23,7 @@ class Prometheus:
 
     def __init__(self, folder: Path, targets: dict[str, tuple[int, dict]] | None = None,
                  scrape_configs: list[dict] | None = None):  # fmt: skip
-        self.port = _free_port()
+        self.port = free_port()
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
             "scrape_configs": [

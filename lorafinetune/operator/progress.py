@@ -13,14 +13,15 @@ import time
 from datetime import UTC, datetime
 
 from lorafinetune.api.status import Progress
+from lorafinetune.contract import TrainerMetricNames
 
 _FIELDS = {
-    "lorafinetune_global_step": "step",
-    "lorafinetune_total_steps": "total_steps",
-    "lorafinetune_train_loss": "train_loss",
-    "lorafinetune_eval_loss": "eval_loss",
-    "lorafinetune_tokens_per_second": "tokens_per_second",
-    "lorafinetune_eta_seconds": "eta_seconds",
+    TrainerMetricNames.GLOBAL_STEP: "step",
+    TrainerMetricNames.TOTAL_STEPS: "total_steps",
+    TrainerMetricNames.TRAIN_LOSS: "train_loss",
+    TrainerMetricNames.EVAL_LOSS: "eval_loss",
+    TrainerMetricNames.TOKENS_PER_SECOND: "tokens_per_second",
+    TrainerMetricNames.ETA: "eta_seconds",
 }
 
 

@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for
 from tests.e2e import builds
-from tests.integration.conftest import Cluster, local_cluster, wait_for
+from tests.integration.conftest import Cluster, local_cluster
 from tests.prometheus import Prometheus, dashboard_queries, substitute
 from tests.tiny_model import build_tiny_model, chat_rows, write_jsonl
 

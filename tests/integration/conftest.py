@@ -10,27 +10,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port, wait_for
 
 GROUP, VERSION, PLURAL = "lorafinetune.io", "v1alpha1", "lorafinetunes"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # config.json of the models the operator tests name, as a stand-in Hugging Face Hub serves them (LFT_HUB_ENDPOINT): the
@@ -103,11 +96,11 @@ class Operator:
     def __init__(self, kubeconfig: Path, log: Path, repo: Path = REPO, **env: str):
         """`repo`: the checkout whose operator runs (benchmarks compare an older one)."""
         self.kubeconfig, self.log, self.env, self.repo = kubeconfig, log, env, repo
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        liveness = _free_port()
+        liveness = free_port()
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
@@ -227,20 +220,6 @@ class Cluster:
         pods = sorted(self.pods(name, attempt), key=lambda p: p.metadata.name)
         for pod in pods if only is None else pods[only : only + 1]:
             self.core.patch_namespaced_pod(pod.metadata.name, self.ns, {"metadata": {"annotations": annotations}})
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    """Poll until `check()` returns something truthy; fail with the last value seen."""
-    deadline, last = time.time() + timeout, None
-    while time.time() < deadline:
-        try:
-            last = check()
-        except Exception as err:  # noqa: BLE001 - transient API errors while objects appear
-            last = err
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(0.3)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
 
 
 def manifest(name: str, **spec_override: Any) -> dict:

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from tests.conftest import REPO
-from tests.integration.conftest import Cluster, Operator, local_cluster, wait_for
+from tests.conftest import REPO, wait_for
+from tests.integration.conftest import Cluster, Operator, local_cluster
 
 pytestmark = pytest.mark.integration
 CHART = REPO / "charts" / "lorafinetune"

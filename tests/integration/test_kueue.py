@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from tests.conftest import REPO
-from tests.integration.conftest import Cluster, condition, manifest, phase, wait_for, wait_phase
+from tests.conftest import REPO, wait_for
+from tests.integration.conftest import Cluster, condition, manifest, phase, wait_phase
 
 KUEUE = ("kueue.x-k8s.io", "v1beta2")
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, tiny_manifest, write_manifest
-from tests.integration.conftest import Cluster, _free_port, wait_for
+from tests.conftest import REPO, free_port, tiny_manifest, wait_for, write_manifest
+from tests.integration.conftest import Cluster
 from tests.integration.conftest import manifest as lft_manifest
 from tests.prometheus import DASHBOARD, Prometheus, dashboard_queries, substitute
 
@@ -40,7 +40,7 @@ def test_prometheus_scrapes_training_and_operator_and_every_dashboard_query_retu
     cluster.apply(lft_manifest("watched"))
     wait_for(lambda: cluster.get("watched").get("status", {}).get("phase") == "Running", 60, "Running")
     labels = {"namespace": cluster.ns, "finetune": "watched"}
-    trainer_port = _free_port()
+    trainer_port = free_port()
     prom = Prometheus(tmp_path, {"trainer": (trainer_port, labels), "operator": (operator.metrics_port, {})})
     out = tmp_path / "run"
     spec = {"training": {"maxSteps": 400}, "evaluation": {"everySteps": 20}, "checkpointing": {"everySteps": 50}}

@@ -13,7 +13,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from lorafinetune.api.base import APIModel
-from tests.integration.conftest import Cluster, Operator, condition, manifest, phase, wait_for, wait_phase
+from tests.conftest import wait_for
+from tests.integration.conftest import Cluster, Operator, condition, manifest, phase, wait_phase
 from tests.invalid_manifests import CASES
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,8 @@ import random
 import threading
 import time
 
-from tests.integration.conftest import Cluster, Operator, manifest, wait_for
+from tests.conftest import wait_for
+from tests.integration.conftest import Cluster, Operator, manifest
 
 KILLS = int(os.environ.get("LFT_OPERATOR_KILLS", "5"))
 

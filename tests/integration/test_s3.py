@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from lorafinetune.s3 import S3Error, S3Location, S3Store
-from tests.conftest import REPO, run_cli, tiny_manifest, write_manifest
-from tests.integration.conftest import _free_port, wait_for
+from tests.conftest import REPO, free_port, run_cli, tiny_manifest, wait_for, write_manifest
 
 pytestmark = pytest.mark.integration
 ACCESS, SECRET = "lft-test-access", "lft-test-secret-key"
@@ -23,7 +22,7 @@ ACCESS, SECRET = "lft-test-access", "lft-test-secret-key"
 
 class S3Server:
     def __init__(self, root: Path):
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.binary = subprocess.run(
             [REPO / "hack/s3/build.sh"], capture_output=True, text=True, check=True
         ).stdout.strip()

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorafinetune.contract import ENV_LOSS_CHUNK, ExitCode
-from tests.conftest import REPO, run_cli, tiny_manifest, write_manifest
+from tests.conftest import REPO, free_port, run_cli, tiny_manifest, write_manifest
 
 pytestmark = pytest.mark.multiprocess
 
@@ -53,13 +52,26 @@ STAGES = {
 }
 # Targets scored about 3 at a time, each chunk's logits recomputed in backward (trainer/loss.py): the same adapter.
 STAGE_ENV = {"zero2-chunked-loss": {ENV_LOSS_CHUNK: str(3 * 400)}}  # the tiny vocabulary: <= 400
-_stage_outputs: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory, tiny_model, chat_data):
+    """`stage_run(stage)` -> (process, output): each stage trains once, when first asked for, so the per-stage tests
+    and the comparison share the runs and each passes alone too."""
+    runs: dict[str, tuple] = {}
+
+    def run(stage: str) -> tuple:
+        if stage not in runs:
+            tmp = tmp_path_factory.mktemp(stage)
+            runs[stage] = train(tmp, tiny_model, chat_data, stage, env=STAGE_ENV.get(stage), deepspeed=STAGES[stage])
+        return runs[stage]
+
+    return run
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_each_zero_stage_trains_and_saves_a_loadable_adapter(stage, tmp_path_factory, tiny_model, chat_data):
-    tmp = tmp_path_factory.mktemp(stage)
-    proc, out = train(tmp, tiny_model, chat_data, stage, env=STAGE_ENV.get(stage), deepspeed=STAGES[stage])
+def test_each_zero_stage_trains_and_saves_a_loadable_adapter(stage, stage_run, tiny_model):
+    proc, out = stage_run(stage)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = summary(out)
     assert s["finalEvalLoss"] < s["initialEvalLoss"], s["history"]
@@ -71,14 +83,15 @@ def test_each_zero_stage_trains_and_saves_a_loadable_adapter(stage, tmp_path_fac
     from transformers import AutoModelForCausalLM
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out / "adapter"))
-    _stage_outputs[stage] = out
 
 
-def test_zero_stages_agree_on_the_adapter():
-    if len(_stage_outputs) != len(STAGES):
-        pytest.fail(f"needs every stage run first; have {sorted(_stage_outputs)}")
-    reference = adapter_tensors(_stage_outputs["zero0"])
-    for stage, out in _stage_outputs.items():
+def test_zero_stages_agree_on_the_adapter(stage_run):
+    outputs = {}
+    for stage in STAGES:
+        proc, outputs[stage] = stage_run(stage)
+        assert proc.returncode == 0, f"{stage}: {proc.stdout}{proc.stderr}"
+    reference = adapter_tensors(outputs["zero0"])
+    for stage, out in outputs.items():
         other = adapter_tensors(out)
         for name, tensor in reference.items():
             torch.testing.assert_close(other[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{stage}: {name}")
@@ -165,12 +178,6 @@ def test_bad_data_fails_permanently_naming_file_and_line(tmp_path, tiny_model, c
     assert not (out / "adapter").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_until_training(runner: subprocess.Popen, out: Path, step: int, timeout: float = 180) -> None:
     """Until the run in `out` reports `step` (progress.json), failing if it ends or stalls first."""
     deadline, reached = time.time() + timeout, 0
@@ -198,7 +205,7 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path, tiny_model, chat
     spec = {"training": {"maxSteps": LONG_RUN}, "checkpointing": {"everySteps": 1000},
             "evaluation": {"everySteps": 1000}}
     manifest = write_manifest(tmp_path / "long.yaml", tiny_manifest(tiny_model, chat_data, out, **spec))
-    port = _free_port()
+    port = free_port()
     runner = subprocess.Popen(
         [sys.executable, "-m", "lorafinetune.cli", "run", str(manifest), "--quiet", "--metrics-port", str(port)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_sigint_as_in_a_terminal,
@@ -373,3 +380,4 @@ def test_a_hub_model_is_pinned_to_one_commit_for_the_whole_run_and_recorded(tmp_
     proc, fresh = train(tmp_path, tiny_model, chat_data, "fresh", env=env, **spec)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert summary(fresh)["baseModel"]["revision"] == pushed
+
