@@ -99,7 +99,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"process(es) on {device}, ZeRO-{spec.deepspeed.zero_stage}, {spec.training.precision}")  # fmt: skip
     print(f"peak memory per {'GPU' if res.gpus_per_node else 'process'} (estimate):")
     print(plan.table())
-    if plan.fits is None:
+    if plan.fits is None or capacity is None:
         print("no verdict: pass --gpu-memory (e.g. 80Gi) or set resources.gpuMemory")
         return 0
     print(f"{'fits' if plan.fits else 'DOES NOT FIT'}: {plan.total / GIB:.1f} GiB of {capacity / GIB:.1f} GiB {where}")

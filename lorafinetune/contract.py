@@ -50,6 +50,7 @@ CONFIG_FILE = "config.json"
 PROGRESS_FILE = "progress.json"  # rank 0 rewrites it atomically after every step and evaluation
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"  # output.mergeAdapter: the base model with the adapter folded in (written before adapter/)
 SUMMARY_FILE = "training_summary.json"
 MODEL_CARD_FILE = "README.md"
 LOSS_PLOT_FILE = "loss_curve.png"

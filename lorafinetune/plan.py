@@ -3,7 +3,8 @@ change when it does not fit. Used by `lorafinetune plan` and by the operator bef
 
 The estimate counts what a rank holds at its peak, the start of the backward pass of the last micro-batch:
 
-- frozen base weights (by dtype; ZeRO-3 shards them, plus the layers it gathers at a time);
+- frozen base weights (by dtype; ZeRO-3 shards them, plus the layers it gathers at a time; model.quantization
+  stores the decoder's linear layers in 4 or 8 bits, plus one layer dequantized at a time);
 - LoRA parameters, their gradients, fp32 master copies and AdamW moments (ZeRO >= 1 shards the optimizer states,
   >= 2 the gradients; offloadOptimizer moves the states to CPU memory);
 - activations autograd saves per token per decoder layer, counted for a Llama-style block (RMSNorm, attention with
@@ -32,6 +33,10 @@ from lorafinetune.contract import LOSS_CHUNK_ELEMENTS
 
 GIB = 1024**3
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# Bytes per quantized weight (bitsandbytes). nf4: 4 bits, an 8-bit absmax per block of 64 (double quantization),
+# and an fp32 scale per 256 of those blocks. int8: 1 byte, plus an fp32 scale per output row (under 1 % for
+# hidden sizes from 512 up, not counted).
+QUANTIZED_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
 # A CUDA context with cuBLAS and NCCL loaded takes 0.5-1 GiB before any tensor; a CPU rank with the trainer's
 # modules imported (torch, transformers, PEFT, DeepSpeed) holds 733 MiB (measured on the development machine).
 RUNTIME_RESERVE = {"gpu": int(1.0 * GIB), "cpu": 733 * 1024**2}
@@ -191,7 +196,15 @@ def _estimate(spec: LoRAFineTuneSpec, shape: Shape, capacity: int | None) -> Pla
     items: list[Item] = []
 
     # Frozen weights.
-    if ds.zero_stage == 3:
+    if spec.model.quantization:  # the decoder's linear layers quantized, the rest in the load dtype (ZeRO <= 2)
+        block = sum(a * b for a, b in shape.linears().values())
+        quantized = shape.layers * block
+        q_bytes = quantized * QUANTIZED_BYTES[spec.model.quantization]
+        items.append(Item(f"base weights ({spec.model.quantization} linear layers, {(base - quantized) / 1e9:.2f} B "
+                          f"other parameters in {weight_dtype})", math.ceil(q_bytes) + (base - quantized) * wb))
+        items.append(Item(f"dequantized weight of the layer in use ({weight_dtype})",
+                          max(a * b for a, b in shape.linears().values()) * wb))  # fmt: skip
+    elif ds.zero_stage == 3:
         block = sum(a * b for a, b in shape.linears().values())
         gathered = 2 * max(block, v * h) * wb  # the layer in use and the one prefetched
         held = 0 if ds.offload_params else math.ceil(base * wb / world)
@@ -257,15 +270,60 @@ def _saved_per_token_per_layer(shape: Shape, adapted: Mapping[str, tuple[int, in
     return total
 
 
+Changes = dict[str, dict[str, Any]]
+
+
 def _suggestions(spec: LoRAFineTuneSpec, config: Mapping[str, Any], capacity: int | None) -> list[str]:
     """Changes that make it fit, each with its estimate: single changes first (cheapest first), else the shortest
-    run of them, applied one after another, that does."""
+    run of them, applied one after another, that does. The hardware stays first: changes that keep the run's
+    numbers, then quantizing the base (QLoRA, which changes them), and only then more nodes."""
+    if capacity is None:
+        return []
     shape = Shape.from_config(config)
+
+    def total(candidate: LoRAFineTuneSpec) -> int:
+        return _estimate(candidate, shape, capacity).total
+
+    steps, more_nodes = _changes(spec), _more_nodes(spec)
+    quantize: list[tuple[str, Changes]] = []
+    if spec.model.quantization is None:
+        also = " with deepspeed.zeroStage: 2" if spec.deepspeed.zero_stage == 3 else ""
+        quantize.append((f"model.quantization: nf4 (QLoRA){also}",
+                         {"model": {"quantization": "nf4"},
+                          "deepspeed": {"zero_stage": min(spec.deepspeed.zero_stage, 2), "offload_params": False}}))
+    singles: list[tuple[str, int]] = []
+    for label, changes in steps + quantize + more_nodes:
+        smaller_batch = label.startswith("training.microBatchSize")
+        if smaller_batch and any(x.startswith("training.microBatchSize") for x, _ in singles):
+            continue  # the largest micro-batch that fits is the one worth naming
+        if (n := total(_applied(spec, changes))) <= capacity:
+            singles.append((label, n))
+    if singles:
+        return [f"{label} ({n / GIB:.1f} GiB)" for label, n in singles[:3]]
+    runs: list[tuple[LoRAFineTuneSpec, list[str], list[tuple[str, Changes]]]] = [(spec, [], steps)]
+    for label, changes in quantize:
+        quantized = _applied(spec, changes)
+        runs.append((quantized, [label], _changes(quantized)))
+    runs.append((spec, [], steps + more_nodes))
+    for candidate, labels, chain in runs:
+        for label, changes in chain:
+            # a smaller micro-batch or more nodes replace the previous ones, so their labels are not listed twice
+            replaced = next((p for p in ("training.microBatchSize", "resources.nodes") if label.startswith(p)), None)
+            labels = [x for x in labels if not (replaced and x.startswith(replaced))]
+            candidate, labels = _applied(candidate, changes), [*labels, label]
+            if (n := total(candidate)) <= capacity:
+                return [f"{' and '.join(labels)} ({n / GIB:.1f} GiB)"]
+    return []
+
+
+def _changes(spec: LoRAFineTuneSpec) -> list[tuple[str, Changes]]:
+    """The changes that keep the run's numbers (up to rounding) and its hardware, cheapest first."""
     t, ds, res = spec.training, spec.deepspeed, spec.resources
-    steps: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    zero3_allowed = spec.model.quantization is None
+    steps: list[tuple[str, Changes]] = []
     if not t.gradient_checkpointing:
         steps.append(("training.gradientCheckpointing: true", {"training": {"gradient_checkpointing": True}}))
-    if ds.zero_stage < 3 and res.world_size > 1:
+    if ds.zero_stage < 3 and res.world_size > 1 and zero3_allowed:
         steps.append(("deepspeed.zeroStage: 3", {"deepspeed": {"zero_stage": 3}}))
     if not ds.offload_optimizer:
         steps.append(("deepspeed.offloadOptimizer: true",
@@ -276,34 +334,16 @@ def _suggestions(spec: LoRAFineTuneSpec, config: Mapping[str, Any], capacity: in
         accum = t.gradient_accumulation_steps * (t.micro_batch_size // micro)
         steps.append((f"training.microBatchSize: {micro} with gradientAccumulationSteps: {accum} (same global batch)",
                       {"training": {"micro_batch_size": micro, "gradient_accumulation_steps": accum}}))  # fmt: skip
-    for nodes in (2, 4, 8, 16, 32, 64):
-        if nodes > res.nodes:
-            steps.append((f"resources.nodes: {nodes} with deepspeed.zeroStage: 3",
-                          {"resources": {"nodes": nodes}, "deepspeed": {"zero_stage": 3}}))  # fmt: skip
+    return steps
 
-    def applied(base: LoRAFineTuneSpec, changes: dict[str, dict[str, Any]]) -> LoRAFineTuneSpec:
-        return base.model_copy(update={k: getattr(base, k).model_copy(update=v) for k, v in changes.items()})
 
-    def total(candidate: LoRAFineTuneSpec) -> int:
-        return _estimate(candidate, shape, capacity).total
+def _more_nodes(spec: LoRAFineTuneSpec) -> list[tuple[str, Changes]]:
+    if spec.model.quantization is not None:
+        return []  # ZeRO-3 would shard the weights over the nodes, and it cannot with quantized ones
+    return [(f"resources.nodes: {nodes} with deepspeed.zeroStage: 3",
+             {"resources": {"nodes": nodes}, "deepspeed": {"zero_stage": 3}})
+            for nodes in (2, 4, 8, 16, 32, 64) if nodes > spec.resources.nodes]  # fmt: skip
 
-    if capacity is None:
-        return []
-    singles: list[tuple[str, int]] = []
-    for label, changes in steps:
-        smaller_batch = label.startswith("training.microBatchSize")
-        if smaller_batch and any(x.startswith("training.microBatchSize") for x, _ in singles):
-            continue  # the largest micro-batch that fits is the one worth naming
-        if (n := total(applied(spec, changes))) <= capacity:
-            singles.append((label, n))
-    if singles:
-        return [f"{label} ({n / GIB:.1f} GiB)" for label, n in singles[:3]]
-    candidate, labels = spec, []
-    for label, changes in steps:
-        # a smaller micro-batch replaces the previous one, so its labels are not listed twice
-        labels = [x for x in labels if not (x.startswith("training.microBatchSize") and "microBatchSize" in label)]
-        labels = [x for x in labels if not (x.startswith("resources.nodes") and label.startswith("resources.nodes"))]
-        candidate, labels = applied(candidate, changes), [*labels, label]
-        if (n := total(candidate)) <= capacity:
-            return [f"{' and '.join(labels)} ({n / GIB:.1f} GiB)"]
-    return []
+
+def _applied(base: LoRAFineTuneSpec, changes: Changes) -> LoRAFineTuneSpec:
+    return base.model_copy(update={k: getattr(base, k).model_copy(update=v) for k, v in changes.items()})

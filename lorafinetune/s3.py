@@ -16,9 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from lorafinetune.api.uris import parse_uri
 from lorafinetune.contract import COMPLETE_MARKER
+
+T = TypeVar("T")
 
 DOWNLOAD_MANIFEST = ".lft-download.json"  # key -> (size, etag) of what a cache folder holds
 _CREDENTIAL_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
@@ -114,12 +117,13 @@ class S3Store:
             return S3Error(f"{what}: {code or type(err).__name__}", "transient")
         return S3Error(f"{what}: {type(err).__name__}: {err}", "transient")
 
-    def _retry(self, what: str, call: Callable[[], object]) -> object:
-        """Run `call`, retrying transient failures with exponential backoff; permanent ones raise at once."""
+    def _retry(self, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call `call(*args, **kwargs)`, retrying transient failures with exponential backoff; permanent ones raise
+        at once."""
         attempt = 1
         while True:
             try:
-                return call()
+                return call(*args, **kwargs)
             except Exception as err:  # noqa: BLE001 - translated into S3Error below
                 failure = self._translate(err, what)
                 if failure.permanent or attempt >= self.attempts:
@@ -138,7 +142,7 @@ class S3Store:
             return [o for page in pages for o in page.get("Contents", [])
                     if not loc.prefix or o["Key"] == loc.prefix or o["Key"].startswith(folder)]  # fmt: skip
 
-        return self._retry(f"listing {loc}", page_all)  # type: ignore[return-value]
+        return self._retry(f"listing {loc}", page_all)
 
     def is_complete(self, uri: str) -> bool:
         loc = S3Location.parse(uri)
@@ -188,7 +192,7 @@ class S3Store:
         loc = S3Location.parse(uri)
         head = self._retry(f"reading {uri}", lambda: self.client.head_object(Bucket=loc.bucket, Key=loc.prefix))
         stamp = dest.with_name(dest.name + ".etag")
-        fingerprint = f"{head['ContentLength']} {head['ETag']}"  # type: ignore[index]
+        fingerprint = f"{head['ContentLength']} {head['ETag']}"
         if dest.is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +226,7 @@ class S3Store:
             partial = target.with_name(target.name + ".partial")
             self._retry(
                 f"downloading s3://{loc.bucket}/{obj['Key']}",
-                lambda k=obj["Key"], p=partial: self.client.download_file(loc.bucket, k, str(p), Config=self.transfer),
+                self.client.download_file, loc.bucket, obj["Key"], str(partial), Config=self.transfer,
             )
             if partial.stat().st_size != obj["Size"]:
                 raise S3Error(f"s3://{loc.bucket}/{obj['Key']}: size mismatch after download", "transient")
@@ -250,9 +254,7 @@ class S3Store:
             relative = path.relative_to(local).as_posix()
             self._retry(
                 f"uploading {relative} to {uri}",
-                lambda p=path, r=relative: self.client.upload_file(
-                    str(p), loc.bucket, loc.key(r), Config=self.transfer
-                ),
+                self.client.upload_file, str(path), loc.bucket, loc.key(relative), Config=self.transfer,
             )
             if on_file:
                 on_file(relative)
@@ -275,5 +277,5 @@ class S3Store:
         keys = [o["Key"] for o in self._objects(S3Location(loc.bucket, loc.prefix + "/"))]
         keys.sort(key=lambda k: not k.endswith(f"/{COMPLETE_MARKER}"))
         for key in keys:
-            self._retry(f"deleting {key}", lambda k=key: self.client.delete_object(Bucket=loc.bucket, Key=k))
+            self._retry(f"deleting {key}", self.client.delete_object, Bucket=loc.bucket, Key=key)
         return len(keys)

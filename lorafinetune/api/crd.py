@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from lorafinetune.api.manifest import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, LoRAFineTune
 from lorafinetune.api.spec import LoRAFineTuneSpec
@@ -75,7 +76,7 @@ def to_structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any
     return out
 
 
-def _schema_of(model: type) -> dict[str, Any]:
+def _schema_of(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     return to_structural(raw, raw.get("$defs", {}))
 

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 
 from lorafinetune.api.base import APIModel
 from lorafinetune.api.rules import F, Rule
-from lorafinetune.api.uris import Scheme, parse_uri, scheme_pattern
+from lorafinetune.api.uris import Scheme, StorageURI, parse_uri, scheme_pattern
 
 PositiveInt = Annotated[int, Field(ge=1)]
 K8sObject = dict[str, Any]  # a Kubernetes type (affinity, tolerations, ...) passed through to the pod unchanged
@@ -81,6 +81,14 @@ class ModelSpec(APIModel):
         description="dtype the frozen base weights are loaded in. `auto` follows training.precision "
         "(bf16 -> bfloat16, fp16 -> float16, fp32 -> float32).",
     )
+    quantization: Literal["nf4", "int8"] | None = Field(
+        default=None,
+        description="Load the frozen base weights quantized with bitsandbytes (QLoRA): nf4 is 4-bit NormalFloat with "
+        "double quantization (about 0.52 bytes per weight of the decoder's linear layers), int8 is LLM.int8() "
+        "(about 1 byte). Embeddings, norms and the output layer stay in `dtype`, and the LoRA weights train in "
+        "training.precision as usual. Cuts the base weights' memory about 4x (nf4) or 2x (int8) against 16-bit, "
+        "for slower steps. Needs deepspeed.zeroStage 0, 1 or 2. The adapter applies to the unquantized base model.",
+    )
     trust_remote_code: bool = Field(
         default=False,
         description="Allow the model repository to run its own Python code. Off by default: it executes code "
@@ -101,6 +109,11 @@ class ModelSpec(APIModel):
     def _uri(cls, v: str) -> str:
         parse_uri(v, MODEL_SCHEMES)
         return v
+
+    @property
+    def location(self) -> StorageURI:
+        """`uri`, parsed (it was checked on validation; parsed on each use, as runs may rewrite `uri`)."""
+        return parse_uri(self.uri, MODEL_SCHEMES)
 
     @field_validator("gguf_file")
     @classmethod
@@ -355,7 +368,10 @@ class OutputSpec(APIModel):
     )
     merge_adapter: bool = Field(
         default=False,
-        description="Also write the base model with the adapter merged in (16-bit base, done after training).",
+        description="Also write the base model with the adapter folded in to <output>/merged, in model.dtype (auto: "
+        "bfloat16), with the tokenizer: a model plain transformers loads and serves without PEFT. Merged after "
+        "training on rank 0's CPU, in fp32, then checked against the adapted model's logits: it needs host memory "
+        "for about 4 bytes per base parameter.",
     )
 
     @field_validator("uri")
@@ -363,6 +379,16 @@ class OutputSpec(APIModel):
     def _uri(cls, v: str) -> str:
         parse_uri(v, OUTPUT_SCHEMES)
         return v
+
+    @property
+    def location(self) -> StorageURI:
+        return parse_uri(self.uri, OUTPUT_SCHEMES)
+
+    @property
+    def per_node_scratch(self) -> bool:
+        """An s3:// output: each node trains in a scratch folder of its own, mirrored to S3 (no folder is shared).
+        Otherwise every node shares the one folder (a PVC, or a local path)."""
+        return self.location.scheme == "s3"
 
 
 class S3Spec(APIModel):
@@ -446,6 +472,9 @@ class LoRAFineTuneSpec(APIModel):
     """What to fine-tune, on what, how, and where the adapter goes."""
 
     RULES = (
+        Rule(~F("model.quantization").has() | ~F("deepspeed").has() | (F("deepspeed.zeroStage") != 3),
+             "model.quantization needs deepspeed.zeroStage 0, 1 or 2: ZeRO-3 would partition the quantized weights, "
+             "which DeepSpeed cannot gather"),
         Rule(F("s3").has() | ~(F("model.uri").startswith("s3://") | F("dataset.train").startswith("s3://")
                                | (F("dataset.validation").has() & F("dataset.validation").startswith("s3://"))
                                | F("output.uri").startswith("s3://")),

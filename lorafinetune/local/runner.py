@@ -52,10 +52,8 @@ class LocalOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
-def _local_uri(uri: str | None, opts: LocalOptions) -> str | None:
+def _local_uri(uri: str, opts: LocalOptions) -> str:
     """pvc:// -> file:// under the local mount of that claim; other schemes unchanged."""
-    if uri is None:
-        return None
     parsed = parse_uri(uri, ("hf", "pvc", "s3", "file", "package"))
     if parsed.scheme != "pvc":
         return uri
@@ -68,7 +66,8 @@ def render_local_config(lft: LoRAFineTune, opts: LocalOptions) -> dict:
     spec = lft.spec.model_copy(deep=True)
     spec.model.uri = _local_uri(spec.model.uri, opts)
     spec.dataset.train = _local_uri(spec.dataset.train, opts)
-    spec.dataset.validation = _local_uri(spec.dataset.validation, opts)
+    if spec.dataset.validation is not None:
+        spec.dataset.validation = _local_uri(spec.dataset.validation, opts)
     spec.output.uri = _local_uri(spec.output.uri, opts)
     return {"name": lft.metadata.name, "spec": spec.to_manifest()}
 
@@ -134,8 +133,8 @@ def run_local(lft: LoRAFineTune, opts: LocalOptions, show_progress: bool = True)
         log = open(run_dir / "logs" / f"node-{node}.log", "ab")
         agents.append(
             subprocess.Popen(
-                cmd, env=_agent_env(run_dir, node, threads, opts, on_cpu, out_uri.scheme == "s3", attempt), stdout=log,
-                stderr=subprocess.STDOUT,
+                cmd, env=_agent_env(run_dir, node, threads, opts, on_cpu, lft.spec.output.per_node_scratch, attempt),
+                stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches only us; we forward it deliberately
                 preexec_fn=_stop_with(os.getpid()),
             )
@@ -207,16 +206,16 @@ def _termination_path(run_dir: Path, attempt: str, node: int) -> Path:
 
 
 def _report_failure(run_dir: Path, nodes: int, interrupted: bool, attempt: str) -> int:
-    records = [read_termination(_termination_path(run_dir, attempt, n)) for n in range(nodes)]
-    records = [r for r in records if r]
+    read = (read_termination(_termination_path(run_dir, attempt, n)) for n in range(nodes))
+    records = [r for r in read if r is not None]
     permanent = [r for r in records if r.permanent]
-    record = (permanent or records or [None])[0]
+    record = (permanent or records)[0] if records else None
     if record and record.exit_code == ExitCode.INTERRUPTED or (interrupted and not permanent):
         print(f"stopped; the last complete checkpoint is in {run_dir}/checkpoints. Run the same command to resume.")
         return ExitCode.INTERRUPTED
     if record:
         print(f"training failed: {record.reason}: {record.message}", file=sys.stderr)
-        code = ExitCode(record.exit_code) if record.exit_code in iter(ExitCode) else ExitCode.FAILED
+        code = ExitCode(record.exit_code) if record.exit_code in set(ExitCode) else ExitCode.FAILED
     else:
         code = ExitCode.FAILED
     tail = (run_dir / "logs" / "node-0.log").read_text(errors="replace").splitlines()[-25:]

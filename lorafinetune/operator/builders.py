@@ -144,7 +144,7 @@ def pvc_claims(spec: LoRAFineTuneSpec) -> dict[str, bool]:
 
 
 def run_dir(spec: LoRAFineTuneSpec) -> str:
-    out = parse_uri(spec.output.uri, ("pvc", "s3", "file"))
+    out = spec.output.location
     if out.scheme == "pvc":
         return f"{POD_PVC_ROOT}/{out.location}/{out.path}".rstrip("/")
     return out.path if out.scheme == "file" else f"{CACHE_MOUNT}/run"
@@ -257,8 +257,8 @@ def build_job(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: Oper
         pod_spec["automountServiceAccountToken"] = False  # the trainer never talks to the API server
     labels = {LABEL_ATTEMPT: str(attempt)}
     rp = spec.run_policy
-    queue_labels = {KUEUE_QUEUE_LABEL: rp.queue_name, KUEUE_PRIORITY_LABEL: rp.queue_priority_class}
-    queue_labels = {k: v for k, v in queue_labels.items() if v}
+    wanted = {KUEUE_QUEUE_LABEL: rp.queue_name, KUEUE_PRIORITY_LABEL: rp.queue_priority_class}
+    queue_labels = {k: v for k, v in wanted.items() if v}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

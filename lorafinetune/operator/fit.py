@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Iterable
 from typing import Any
 
-from lorafinetune.api.spec import LoRAFineTuneSpec
+from lorafinetune.api.spec import MODEL_SCHEMES, LoRAFineTuneSpec
 from lorafinetune.api.uris import parse_uri
 from lorafinetune.plan import GIB, PlanError, estimate, parse_memory
 
@@ -78,7 +78,7 @@ def _gpu_memory(spec: LoRAFineTuneSpec, nodes: Iterable[dict[str, Any]]) -> tupl
 
 def model_config(uri: str, hub: str) -> dict[str, Any] | None:
     """config.json of an hf:// model (cached; an unreadable one is retried after a while), else None."""
-    parsed = parse_uri(uri, ("hf", "pvc", "s3", "file", "package"))
+    parsed = parse_uri(uri, MODEL_SCHEMES)
     if parsed.scheme != "hf":
         return None
     key = (parsed.location, parsed.revision or "main")

@@ -208,8 +208,9 @@ def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFi
         and now - datetime.fromisoformat(job["metadata"]["creationTimestamp"]) > FAILED_CREATE_AFTER
     )
     queued = job is not None and bool(job["spec"].get("suspend"))  # held by Kueue: its Workload says why
-    outcome = observe_attempt(job, pods, failed_create=kube.failed_create_message(job) if missing else "",
-                              workload=kube.read_workload(job) if queued else None)  # fmt: skip
+    failed_create = kube.failed_create_message(job) if job is not None and missing else ""
+    workload = kube.read_workload(job) if job is not None and queued else None
+    outcome = observe_attempt(job, pods, failed_create=failed_create, workload=workload)
     warning = _capacity_warning(spec) if first else None
     p = plan(spec, current, outcome, now, SETTINGS, generation, active_pods=active, warning=warning)
     try:
@@ -302,7 +303,7 @@ async def on_fine_tune(event: kopf.RawEvent, **_: Any) -> None:
     kopf.on.create/update/resume: those store kopf's progress in an annotation, a write per change per resource.
     Not kopf.on.delete either: without a finalizer kopf never sees the object while it is being deleted; children
     go by owner references, and only the in-memory bookkeeping needs forgetting."""
-    body = event["object"]
+    body: dict[str, Any] = dict(event["object"])  # kopf's raw body (a TypedDict): the plain dict the informer keeps
     key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
     if event["type"] == "DELETED":
         FINE_TUNES.forget(body)

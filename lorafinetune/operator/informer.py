@@ -101,13 +101,11 @@ class Informer:
         delay = 1.0
         while not self._stop.is_set():
             try:
-                version = self._relist()
+                version: str | None = self._relist()
                 self.synced.set()
                 delay = 1.0
-                while not self._stop.is_set():
+                while version is not None and not self._stop.is_set():
                     version = self._watch(version)  # returns when the server ends the watch; None: relist
-                    if version is None:
-                        break
             except Exception as err:  # noqa: BLE001 - the API server restarting or unreachable: list again later
                 log.warning("informer %s: %s; listing again in %.0f s", self.name, _brief(err), delay)
                 self._stop.wait(delay)
@@ -189,7 +187,9 @@ class PerNamespace:
     no cluster-wide list, and one watch cannot span several namespaces. Objects are always looked up by namespace."""
 
     def __init__(self, make: Callable[[str | None], Informer], namespaces: list[str]) -> None:
-        self._by_namespace = {ns: make(ns) for ns in namespaces} if namespaces else {None: make(None)}
+        self._by_namespace: dict[str | None, Informer] = (
+            {ns: make(ns) for ns in namespaces} if namespaces else {None: make(None)}
+        )
 
     def _for(self, namespace: str) -> Informer | None:
         return self._by_namespace.get(namespace) or self._by_namespace.get(None)

@@ -6,10 +6,19 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime
+from typing import Literal, get_args
 
 # Fields a log call may pass with `extra=`; kept as JSON keys of their own (a log query can filter on them).
 FIELDS = ("namespace", "finetune", "reason")
-FORMATS = ("text", "json")
+LogFormat = Literal["text", "json"]
+FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
+
+
+def parse_format(value: str) -> LogFormat:
+    for known in FORMATS:
+        if value == known:
+            return known
+    raise ValueError(f"LFT_LOG_FORMAT must be one of {', '.join(FORMATS)}, got {value!r}")
 
 
 class JsonFormatter(logging.Formatter):

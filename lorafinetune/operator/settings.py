@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from lorafinetune.operator.logs import FORMATS
+from lorafinetune.operator.logs import LogFormat, parse_format
 
 
 def _env_list(name: str) -> list[str]:
@@ -94,7 +94,7 @@ class OperatorSettings:
     operator_namespace: str = ""
     """LFT_OPERATOR_NAMESPACE: the operator's own namespace (the chart sets it), allowed to read rank 0's progress."""
 
-    log_format: str = "text"
+    log_format: LogFormat = "text"
     """LFT_LOG_FORMAT: text (for people) or json (one object a line, with namespace, finetune and reason fields)."""
 
     hub_endpoint: str = "https://huggingface.co"
@@ -105,14 +105,13 @@ class OperatorSettings:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"LFT_WORKERS must be at least 1, got {self.workers}")
-        if self.log_format not in FORMATS:
-            raise ValueError(f"LFT_LOG_FORMAT must be one of {', '.join(FORMATS)}, got {self.log_format!r}")
+        parse_format(self.log_format)
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
         d = cls()
         return cls(
-            log_format=os.environ.get("LFT_LOG_FORMAT", d.log_format),
+            log_format=parse_format(os.environ.get("LFT_LOG_FORMAT", d.log_format)),
             namespaces=_env_list("LFT_NAMESPACES"),
             default_image=os.environ.get("LFT_DEFAULT_IMAGE", d.default_image),
             backoff_base_seconds=float(os.environ.get("LFT_BACKOFF_BASE_SECONDS", d.backoff_base_seconds)),

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from lorafinetune.api.spec import LoRAFineTuneSpec
-from lorafinetune.api.status import AdapterRef, Condition, Failure, LoRAFineTuneStatus
+from lorafinetune.api.status import AdapterRef, Condition, Failure, LoRAFineTuneStatus, Phase
 from lorafinetune.contract import ExitCode, TerminationRecord
 from lorafinetune.operator.builders import KUEUE_QUEUE_LABEL
 from lorafinetune.operator.settings import OperatorSettings
@@ -176,7 +176,7 @@ class Plan:
 def set_condition(status: LoRAFineTuneStatus, ctype: str, true: bool, reason: str, message: str, now: datetime,
                   generation: int | None) -> None:  # fmt: skip
     """Set one condition; lastTransitionTime changes only when the status flips."""
-    value = "True" if true else "False"
+    value: Literal["True", "False"] = "True" if true else "False"
     for c in status.conditions:
         if c.type == ctype:
             if c.status != value:
@@ -187,12 +187,12 @@ def set_condition(status: LoRAFineTuneStatus, ctype: str, true: bool, reason: st
                                        last_transition_time=now, observed_generation=generation))  # fmt: skip
 
 
-def _phase(plan: Plan, phase: str, reason: str, message: str, now: datetime, gen: int | None) -> None:
+def _phase(plan: Plan, phase: Phase, reason: str, message: str, now: datetime, gen: int | None) -> None:
     s = plan.status
     if s.phase != phase:
         kind = "Warning" if phase in ("Failed", "Retrying") else "Normal"
         plan.events.append((kind, reason, message or phase))
-    s.phase = phase  # type: ignore[assignment]
+    s.phase = phase
     for ctype in CONDITION_TYPES:
         holds = phase == ("Running" if ctype == "Ready" else ctype)
         if holds or (ctype == "Ready" and phase in ("Pending", "Queued")):

@@ -16,7 +16,14 @@ import traceback
 from pathlib import Path
 
 from lorafinetune.api.status import AdapterRef
-from lorafinetune.contract import ENV_CONFIG, ENV_RUN_DIR, ENV_TERMINATION_LOG, ExitCode, TerminationRecord
+from lorafinetune.contract import (
+    ENV_CONFIG,
+    ENV_FAIL_AT_STEP,
+    ENV_RUN_DIR,
+    ENV_TERMINATION_LOG,
+    ExitCode,
+    TerminationRecord,
+)
 
 
 def main() -> int:
@@ -54,6 +61,9 @@ def main() -> int:
         return ExitCode.OK
     started = time.time()
     recipe = LoRAFineTuneRecipe(config["name"], spec, run)
+    crash_after = int(os.environ.get(ENV_FAIL_AT_STEP, "0") or 0)
+    if crash_after and rank == 0:
+        recipe.after_step.append(lambda step: _crash(step, crash_after))
     try:
         recipe.setup()
         recipe.train()
@@ -83,6 +93,12 @@ def _superseded_or_none(recipe, raised: Exception):  # noqa: ANN001, ANN202 (the
     if superseded is not None:
         superseded.args = (f"{superseded} (it made this attempt fail with {type(raised).__name__}: {raised})",)
     return superseded
+
+
+def _crash(step: int, at: int) -> None:
+    """Fault injection for tests (ENV_FAIL_AT_STEP): a crash right after the step, not a clean exit."""
+    if step == at:
+        os._exit(ExitCode.FAILED)
 
 
 def _write_termination(code: ExitCode, reason: str, message: str, adapter: dict | None = None) -> None:

@@ -69,7 +69,11 @@ class Schedule:
         return self.num_units // self.global_batch  # the last incomplete global batch is dropped
 
     def total_steps(self, epochs: float | None, max_steps: int | None) -> int:
-        return max_steps if max_steps is not None else max(1, math.ceil(epochs * self.steps_per_epoch))
+        if max_steps is not None:
+            return max_steps
+        if epochs is None:  # the spec's validation requires one of the two
+            raise ValueError("training.epochs or training.maxSteps must be set")
+        return max(1, math.ceil(epochs * self.steps_per_epoch))
 
     def epoch_of(self, step: int) -> float:
         return step / self.steps_per_epoch

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -87,7 +87,8 @@ def latest_checkpoint(run_dir: Path, world_size: int, fingerprint: dict[str, Any
 def rng_state() -> dict[str, Any]:
     """Each generator's state as tensors and plain numbers only, so that it loads with weights_only=True."""
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    # legacy=True (the default) returns the Mersenne Twister tuple; the stubs type the dict form too
+    name, keys, pos, has_gauss, cached_gaussian = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     return {
         "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),

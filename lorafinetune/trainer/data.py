@@ -16,12 +16,15 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lorafinetune.trainer.errors import ConfigError, DataError
 
 IGNORE = -100
 ROLES = {"system", "user", "assistant", "tool"}
+
+
+T = TypeVar("T")  # split_validation holds out rows and examples alike
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ def load_examples(path: Path, formatter: Formatter) -> list[Example]:
     return [formatter(where, row) for where, row in read_jsonl(path)]
 
 
-def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_validation(examples: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """Seeded hold-out: the same seed always holds out the same rows, on every rank."""
     if fraction <= 0:
         return examples, []

@@ -18,10 +18,9 @@ from typing import Any
 import torch
 
 from lorafinetune.api.spec import PRECISION_DTYPE, LoRASpec, ModelSpec
-from lorafinetune.api.uris import parse_uri
 from lorafinetune.contract import COMPLETE_MARKER, ENV_CACHE_DIR, write_json_atomic
 from lorafinetune.storage import StorageError, local_path
-from lorafinetune.trainer.errors import ModelError
+from lorafinetune.trainer.errors import ConfigError, ModelError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -37,7 +36,7 @@ def load_dtype(spec: ModelSpec, precision: str) -> torch.dtype:
 def resolve_model_dir(spec: ModelSpec, downloaded: Path | None = None) -> Path | str:
     """A local folder holding an ordinary HF checkpoint, or a Hub repo id. GGUF files are converted on first use.
     `downloaded` is where an s3:// model was fetched to (see trainer.remote)."""
-    uri = parse_uri(spec.uri, ("hf", "pvc", "s3", "file", "package"))
+    uri = spec.location
     if uri.scheme == "hf":
         source: Path | str = uri.location
     else:
@@ -96,6 +95,7 @@ def _converted_gguf(source: Path | str, spec: ModelSpec, revision: str | None) -
     """Dequantise a GGUF file into a cached float checkpoint, once per file (file-locked across local ranks)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    assert spec.gguf_file, "called for a GGUF model only"
     ident = f"{source}|{spec.gguf_file}|{revision}"
     if isinstance(source, Path):
         st = (source / spec.gguf_file).stat()
@@ -145,22 +145,49 @@ def load_tokenizer(source: Path | str, spec: ModelSpec, revision: str | None = N
     return tok
 
 
-def load_base_model(source: Path | str, spec: ModelSpec, dtype: torch.dtype, revision: str | None = None) -> Any:
+def load_base_model(source: Path | str, spec: ModelSpec, dtype: torch.dtype, revision: str | None = None,
+                    quantized_on: torch.device | None = None) -> Any:  # fmt: skip
+    """The base model in `dtype`; with `quantized_on`, its decoder's linear layers quantized as spec.quantization
+    says, placed on that device (bitsandbytes quantizes while loading, layer by layer: the full-precision model is
+    never in memory at once)."""
     from transformers import AutoModelForCausalLM
 
+    kw: dict[str, Any] = {}
+    if quantized_on is not None and spec.quantization:
+        kw = {"quantization_config": _bnb_config(spec.quantization, dtype), "device_map": {"": quantized_on}}
     try:
         return AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, revision=revision, trust_remote_code=spec.trust_remote_code, attn_implementation="sdpa"
-        )
+            source, dtype=dtype, revision=revision, trust_remote_code=spec.trust_remote_code,
+            attn_implementation="sdpa", **kw,
+        )  # fmt: skip
     except (OSError, ValueError) as err:
         raise _hub_error(source, err) from None
+
+
+QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' layer classes, by name: it loads only if used
+
+
+def _bnb_config(quantization: str, compute_dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401 - transformers' own message on a missing package names no spec field
+    except ImportError:
+        raise ConfigError(
+            f"model.quantization: {quantization} needs the bitsandbytes package (pip install bitsandbytes; the "
+            f"project's image has it); remove model.quantization to train on the unquantized base"
+        ) from None
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)  # fmt: skip
 
 
 def load_config(spec: ModelSpec, downloaded: Path | None = None) -> dict[str, Any]:
     """The model's config.json as a dict, without its weights: from a folder, a GGUF file's header or the Hub."""
     from transformers import AutoConfig
 
-    uri = parse_uri(spec.uri, ("hf", "pvc", "s3", "file", "package"))
+    uri = spec.location
     if uri.scheme == "s3" and downloaded is None:
         raise ModelError(f"model.uri {spec.uri}: reading an s3:// model's config needs the model fetched; pass the "
                          f"config.json itself instead (lorafinetune plan --model-config FILE)")  # fmt: skip

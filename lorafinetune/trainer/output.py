@@ -17,7 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorafinetune.contract import ADAPTER_DIR, COMPLETE_MARKER, MODEL_CARD_FILE, SUMMARY_FILE, write_json_atomic
+from lorafinetune.contract import (
+    ADAPTER_DIR,
+    COMPLETE_MARKER,
+    MERGED_DIR,
+    MODEL_CARD_FILE,
+    SUMMARY_FILE,
+    write_json_atomic,
+)
 from lorafinetune.trainer import fence
 from lorafinetune.trainer.errors import TrainerError
 
@@ -59,12 +66,19 @@ def check_tensors(adapter_dir: Path, adapted_modules: int, use_dora: bool) -> in
     return len(names)
 
 
-def verify_in_fresh_process(adapter_dir: Path, base_model_dir: Path | str, revision: str | None = None) -> None:
+def merged_staging_dir(run_dir: Path) -> Path:
+    return run_dir / f"{MERGED_DIR}.partial"
+
+
+def verify_in_fresh_process(adapter_dir: Path, base_model_dir: Path | str, revision: str | None = None,
+                            merge_into: Path | None = None, merge_dtype: str = "bfloat16") -> None:  # fmt: skip
     """Reload base (at the commit trained on) + adapter in a new interpreter and compare every LoRA tensor with the
-    file."""
+    file; with `merge_into`, also write the merged model there (see verify.py). On the CPU: the trainer's GPU
+    memory is not freed until its process ends."""
     proc = subprocess.run(
         [sys.executable, "-m", "lorafinetune.trainer.verify", str(adapter_dir), str(base_model_dir),
-         *([revision] if revision else [])],  # fmt: skip
+         *(["--revision", revision] if revision else []),
+         *(["--merge-into", str(merge_into), "--dtype", merge_dtype] if merge_into else [])],  # fmt: skip
         capture_output=True,
         text=True,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
@@ -102,6 +116,9 @@ def model_card(summary: dict[str, Any]) -> str:
         "model = PeftModel.from_pretrained(base, ADAPTER_PATH)",
         "```",
     ]
+    if s.get("mergedModel"):
+        lines += ["", f"A merged copy (the base with the adapter folded in, {s['mergedModel']['dtype']}) is at "
+                      f"`{s['mergedModel']['uri']}`: `AutoModelForCausalLM.from_pretrained` loads it without PEFT."]
     return "\n".join(lines) + "\n"
 
 
@@ -116,6 +133,10 @@ def publish(run_dir: Path, summary: dict[str, Any], fingerprint: dict[str, str],
     write_json_atomic(staging / SUMMARY_FILE, summary)
     (staging / MODEL_CARD_FILE).write_text(model_card(summary))
     fence.check(run_dir, attempt, "publishing the adapter")
+    merged = merged_staging_dir(run_dir)
+    if merged.is_dir():  # before the adapter's marker: a published adapter means its merged model is there too
+        shutil.rmtree(run_dir / MERGED_DIR, ignore_errors=True)
+        os.replace(merged, run_dir / MERGED_DIR)
     write_json_atomic(staging / COMPLETE_MARKER, {**ref, "fingerprint": fingerprint})
     final = run_dir / ADAPTER_DIR
     if final.exists():  # only an incomplete leftover can be here: a complete one stops the run before training

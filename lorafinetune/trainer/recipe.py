@@ -14,6 +14,7 @@ import resource
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,25 +24,22 @@ import torch
 import torch.distributed as dist
 
 from lorafinetune.api.spec import LoRAFineTuneSpec
-from lorafinetune.api.status import Progress
-from lorafinetune.api.uris import parse_uri
 from lorafinetune.contract import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
-    ENV_FAIL_AT_STEP,
     ENV_LOSS_CHUNK,
     ENV_METRICS_PORT,
     LOSS_PLOT_FILE,
-    PROGRESS_FILE,
+    MERGED_DIR,
     ExitCode,
-    write_json_atomic,
 )
 from lorafinetune.plots import plot_loss_curves
 from lorafinetune.trainer import batching, checkpoint, data, engine, fence, model, output, remote
 from lorafinetune.trainer.errors import ConfigError, DataError, TrainerError
 from lorafinetune.trainer.fingerprint import spec_fingerprint
 from lorafinetune.trainer.loss import CHUNK_ELEMENTS, TokenLoss
-from lorafinetune.trainer.metrics import TrainerMetrics
+from lorafinetune.trainer.report import Reporter
+from lorafinetune.trainer.state import TrainState
 
 
 class Interrupted(TrainerError):
@@ -61,21 +59,13 @@ class LoRAFineTuneRecipe:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.is_main = self.rank == 0
-        # With an s3:// output every node has its own scratch run folder (mirrored to S3); otherwise all nodes
-        # share one (a PVC). The folder's leader creates, renames and prunes checkpoints in it.
-        per_node_run_dir = spec.output.uri.startswith("s3://")
-        self.run_dir_leader = self.local_rank == 0 if per_node_run_dir else self.is_main
+        # The folder's leader creates, renames and prunes checkpoints in it: one per node with per-node scratch.
+        self.run_dir_leader = self.local_rank == 0 if spec.output.per_node_scratch else self.is_main
         self.on_gpu = spec.resources.gpus_per_node > 0 and torch.cuda.is_available()
         self.stop_requested = False
-        self.history: list[dict[str, Any]] = []
-        self.best_eval: float | None = None
-        self.initial_eval: float | None = None
-        self.last_eval: float | None = None  # kept, not searched for in history: progress is written every step
-        self.evals_without_gain = 0
-        self.trained_tokens = 0  # tokens in the loss (all ranks)
-        self.input_tokens = 0  # non-padding tokens processed (all ranks): the honest throughput measure
-        self.train_seconds = 0.0  # optimizer steps only, without start-up, evaluation and checkpoints
-        self.metrics = TrainerMetrics() if self.is_main else None
+        self.state = TrainState()
+        self.report = Reporter(run_dir, active=self.is_main)
+        self.after_step: list[Callable[[int], None]] = []  # called with each step done (tests inject faults here)
         self.attempt = fence.token()  # see fence.py: a newer attempt's claim stops this one from publishing
 
     def superseded(self) -> fence.Superseded | None:
@@ -116,7 +106,7 @@ class LoRAFineTuneRecipe:
             print(f"fetched checkpoint {pulled} from {spec.output.uri}", flush=True)
         downloaded = (
             remote.fetch_input(spec, spec.model.uri, model.cache_dir(), is_model=True)
-            if spec.model.uri.startswith("s3://")
+            if spec.model.location.scheme == "s3"
             else None
         )
         # GGUF conversion (file-locked, written by whichever local rank gets there first) also comes before the
@@ -127,7 +117,7 @@ class LoRAFineTuneRecipe:
             signal.signal(sig, self._request_stop)
 
         # 1. Tokenizer and data first: every rank tokenises on its own, before the next collective.
-        uri = parse_uri(spec.model.uri, ("hf", "pvc", "s3", "file", "package"))
+        uri = spec.model.location
         self.model_revision = self._pinned_hub_commit(uri) if uri.scheme == "hf" and not spec.model.gguf_file else None
         revision = self.model_revision
         self.tokenizer = model.load_tokenizer(self.model_dir, spec.model, revision)
@@ -136,14 +126,16 @@ class LoRAFineTuneRecipe:
         # 2. Model + LoRA, seeded identically on every rank (DeepSpeed also broadcasts rank 0's weights).
         torch.manual_seed(spec.training.seed)
         dtype = model.load_dtype(spec.model, spec.training.precision)
-        base = model.load_base_model(self.model_dir, spec.model, dtype, revision)
+        device = torch.device("cuda", self.local_rank) if self.on_gpu else torch.device("cpu")
+        base = model.load_base_model(self.model_dir, spec.model, dtype, revision, quantized_on=device)
+        self.quantized_layers = sum(1 for m in base.modules() if type(m).__name__ in model.QUANTIZED_LINEARS)
         self.peft_model = model.wrap_with_lora(base, spec.lora, spec.training.gradient_checkpointing)
         # Under ZeRO-3 all targets are scored in one chunk (see trainer/loss.py).
         chunk = int(os.environ.get(ENV_LOSS_CHUNK) or CHUNK_ELEMENTS) if spec.deepspeed.zero_stage < 3 else 1 << 62
         self.token_loss = TokenLoss(self.peft_model, chunk)
         self.adapted_modules = sum(1 for n, _ in self.peft_model.named_modules() if n.endswith("lora_A.default"))
-        self.trainable = sum(p.numel() for p in self.peft_model.parameters() if p.requires_grad)
-        self.total_params = sum(p.numel() for p in self.peft_model.parameters())
+        # PEFT's count: a 4-bit tensor packs two weights per element
+        self.trainable, self.total_params = self.peft_model.get_nb_trainable_parameters()
 
         # 3. DeepSpeed engine (collective: all ranks).
         params = [p for p in self.peft_model.parameters() if p.requires_grad]
@@ -180,26 +172,15 @@ class LoRAFineTuneRecipe:
         if last is not None:
             checkpoint.load(self.engine, last, self.rank)
             self.start_step = last.step
-            meta = last.meta
-            self.history, self.best_eval = meta.get("history", []), meta.get("bestEvalLoss")
-            self.initial_eval, self.trained_tokens = meta.get("initialEvalLoss"), meta.get("trainedTokens", 0)
-            self.input_tokens, self.train_seconds = meta.get("inputTokens", 0), meta.get("trainSeconds", 0.0)
-            self.evals_without_gain = meta.get("evalsWithoutGain", 0)
-            self.last_eval = next((h["evalLoss"] for h in reversed(self.history) if "evalLoss" in h), None)
-            if self.is_main:
-                print(f"resuming from step {last.step} ({last.path})", flush=True)
+            self.state = TrainState.from_meta(last.meta)
+            self.report.resumed(last.step, last.path)
         # Per-rank dropout streams, distinct across ranks; restored exactly from the checkpoint on resume.
         if last is None:
             seed = spec.training.seed + 1000 * (self.rank + 1)
             random.seed(seed), np.random.seed(seed % 2**32), torch.manual_seed(seed)
 
-        if self.metrics is not None:
-            port = int(os.environ.get(ENV_METRICS_PORT, "0") or 0)
-            if port:
-                self.metrics.serve(port)
-            self.metrics.describe(spec.model.uri, self.world)
-            self.metrics.total_steps.set(self.total_steps)
-            self.metrics.global_step.set(self.start_step)
+        port = int(os.environ.get(ENV_METRICS_PORT, "0") or 0)
+        self.report.started(self.schedule, self.total_steps, self.start_step, spec.model.uri, self.world, port)
 
     def _data_path(self, uri: str) -> Path:
         return remote.fetch_input(self.spec, uri, model.cache_dir(), is_model=False)
@@ -247,10 +228,8 @@ class LoRAFineTuneRecipe:
         spec, sched = self.spec, self.schedule
         accum = spec.training.gradient_accumulation_steps
         if self.start_step == 0 and self.val_units:
-            self.initial_eval = self.evaluate(step=0)
-        fail_at = int(os.environ.get(ENV_FAIL_AT_STEP, "0") or 0)
+            self.evaluate(step=0)
         pad_id = self.tokenizer.pad_token_id
-        step_times: list[float] = []
         self.engine.train()
         step = self.start_step
         # Resumed from the checkpoint of the step early stopping ended on (publishing failed after it): done.
@@ -279,11 +258,9 @@ class LoRAFineTuneRecipe:
             stats = torch.tensor([loss_total, float(self.stop_requested)], device=self.device, dtype=torch.float64)
             dist.all_reduce(stats)
             train_loss, stop = stats[0].item() / global_tokens, stats[1].item() > 0
-            self.trained_tokens += int(global_tokens)
-            self.input_tokens += int(input_tokens)
-            step_times.append(time.perf_counter() - t0)
-            self.train_seconds += step_times[-1]
-            self._record(step, train_loss, global_tokens, input_tokens, step_times)
+            seconds, lr = time.perf_counter() - t0, self.engine.get_lr()[0]
+            self.state.record_step(step, train_loss, lr, int(global_tokens), int(input_tokens), seconds)
+            self.report.stepped(step, self.state, train_loss, lr, global_tokens, input_tokens, seconds)
 
             evaluated = False
             if self.val_units and (step % spec.evaluation.every_steps == 0 or step == self.total_steps):
@@ -294,48 +271,14 @@ class LoRAFineTuneRecipe:
             early_stop = evaluated and self._early_stop()
             if step % spec.checkpointing.every_steps == 0 or step == self.total_steps or stop or early_stop:
                 self.save_checkpoint(step)
-            if fail_at and step == fail_at and self.is_main:
-                os._exit(1)  # fault injection for tests: a crash, not a clean exit
+            for hook in self.after_step:
+                hook(step)
             if stop and step < self.total_steps:
                 raise Interrupted(f"stopped at step {step} on request; checkpoint saved, run again to resume")
             if early_stop:
-                if self.is_main:
-                    print(f"early stopping at step {step}: eval loss did not improve for "
-                          f"{spec.evaluation.early_stopping.patience} evaluations", flush=True)
+                self.report.stopped_early(step, self.state.evals_without_gain)
                 break
         self.steps_done = step
-
-    def _record(self, step: int, train_loss: float, trained: float, tokens: float, step_times: list[float]) -> None:
-        lr = self.engine.get_lr()[0]
-        entry = {"step": step, "trainLoss": round(train_loss, 6), "learningRate": lr}
-        self.history.append(entry)
-        if not self.is_main:
-            return
-        recent = step_times[-20:]
-        step_s = sum(recent) / len(recent)
-        m = self.metrics
-        m.train_loss.set(train_loss), m.learning_rate.set(lr), m.global_step.set(step)
-        m.optimizer_steps.inc(), m.step_seconds.observe(step_times[-1])
-        m.tokens.inc(tokens), m.trained_tokens.inc(trained)
-        self.tokens_per_second = tokens / step_times[-1]
-        eta = (self.total_steps - step) * step_s
-        m.tokens_per_second.set(self.tokens_per_second), m.eta_seconds.set(eta)
-        self._publish_progress(step, train_loss, eta=eta)
-
-    def _publish_progress(self, step: int, train_loss: float | None, eta: float) -> None:
-        progress = Progress(
-            step=step,
-            total_steps=self.total_steps,
-            summary=f"{step}/{self.total_steps}",
-            epoch=round(self.schedule.epoch_of(step), 4),
-            train_loss=train_loss,
-            eval_loss=self.last_eval,
-            best_eval_loss=self.best_eval,
-            tokens_per_second=getattr(self, "tokens_per_second", None),
-            eta_seconds=round(eta, 1),
-            updated_at=datetime.now(UTC),
-        )
-        write_json_atomic(self.run_dir / PROGRESS_FILE, progress.to_manifest())
 
     # ---------------------------------------------------------------- evaluate
     @torch.no_grad()
@@ -359,27 +302,14 @@ class LoRAFineTuneRecipe:
         self.engine.train()
         dist.all_reduce(total)  # collective: sum of losses and token counts over ranks
         loss = (total[0] / total[1]).item()
-        self.last_eval = loss
-        if self.best_eval is None or loss < self.best_eval - self._min_delta():
-            self.best_eval, self.evals_without_gain = loss, 0
-        elif step > 0:
-            self.evals_without_gain += 1
-        if self.history and self.history[-1]["step"] == step:
-            self.history[-1]["evalLoss"] = round(loss, 6)
-        else:
-            self.history.append({"step": step, "evalLoss": round(loss, 6)})
-        if self.is_main:
-            self.metrics.eval_loss.set(loss)
-            print(f"step {step}: eval loss {loss:.4f} (perplexity {math.exp(min(loss, 50)):.2f})", flush=True)
-        return loss
-
-    def _min_delta(self) -> float:
         es = self.spec.evaluation.early_stopping
-        return es.min_delta if es else 0.0
+        self.state.record_eval(step, loss, min_delta=es.min_delta if es else 0.0)
+        self.report.evaluated(step, loss)
+        return loss
 
     def _early_stop(self) -> bool:
         es = self.spec.evaluation.early_stopping
-        return es is not None and self.evals_without_gain >= es.patience
+        return es is not None and self.state.evals_without_gain >= es.patience
 
     def _pinned_hub_commit(self, uri: Any) -> str:
         """The commit of an hf:// model that every rank loads: a commit in the URI; else the one the newest
@@ -404,13 +334,7 @@ class LoRAFineTuneRecipe:
             "worldSize": self.world,
             "fingerprint": self.fingerprint,
             "modelRevision": self.model_revision,
-            "history": self.history,
-            "bestEvalLoss": self.best_eval,
-            "initialEvalLoss": self.initial_eval,
-            "trainedTokens": self.trained_tokens,
-            "inputTokens": self.input_tokens,
-            "trainSeconds": self.train_seconds,
-            "evalsWithoutGain": self.evals_without_gain,
+            **self.state.to_meta(),
         }
 
     def save_checkpoint(self, step: int) -> None:
@@ -425,10 +349,7 @@ class LoRAFineTuneRecipe:
             self.mirror.push(path, relative)  # single node: rank 0's folder has every shard
         if self.is_main:
             self.mirror.check(self.attempt, "pruning checkpoints")
-            pruned = self.mirror.prune_checkpoints(keep_last)
-            self.metrics.checkpoint_time.set_to_current_time()
-            print(f"step {step}: checkpoint {path}" + (f" (pruned {', '.join(pruned)} in S3)" if pruned else ""),
-                  flush=True)  # fmt: skip
+            self.report.checkpointed(step, path, self.mirror.prune_checkpoints(keep_last))
 
     def _mirror_multi_node(self, path: Path, relative: str) -> None:
         """Each node's leader uploads its own shards; then rank 0 marks the S3 checkpoint complete. Every rank calls
@@ -473,10 +394,11 @@ class LoRAFineTuneRecipe:
         if not self.is_main:
             return None
         count = output.check_tensors(staging, self.adapted_modules, self.spec.lora.use_dora)
-        output.verify_in_fresh_process(staging, self.model_dir, self.model_revision)
-        plot_loss_curves(self.history, staging / LOSS_PLOT_FILE, f"{self.name}: loss per trained token")
-        evals = [h["evalLoss"] for h in self.history if "evalLoss" in h]
-        trains = [h["trainLoss"] for h in self.history if "trainLoss" in h]
+        merge_into = output.merged_staging_dir(self.run_dir) if self.spec.output.merge_adapter else None
+        merge_dtype = "bfloat16" if self.spec.model.dtype == "auto" else self.spec.model.dtype
+        output.verify_in_fresh_process(staging, self.model_dir, self.model_revision, merge_into, merge_dtype)
+        state = self.state
+        plot_loss_curves(state.history, staging / LOSS_PLOT_FILE, f"{self.name}: loss per trained token")
         summary = {
             "name": self.name,
             "spec": self.spec.to_manifest(),
@@ -494,22 +416,24 @@ class LoRAFineTuneRecipe:
             "steps": self.steps_done,
             "totalSteps": self.total_steps,
             "epochs": self.schedule.epoch_of(self.steps_done),
-            "trainedTokens": self.trained_tokens,
-            "inputTokens": self.input_tokens,
-            "trainSeconds": round(self.train_seconds, 2),
-            "tokensPerSecond": round(self.input_tokens / max(self.train_seconds, 1e-9), 1),
+            "trainedTokens": state.trained_tokens,
+            "inputTokens": state.input_tokens,
+            "trainSeconds": round(state.train_seconds, 2),
+            "tokensPerSecond": round(state.tokens_per_second, 1),
             # Rank 0's peaks (all ranks hold about the same): what `lorafinetune plan` estimates, measured.
             "peakGpuMemoryBytes": torch.cuda.max_memory_allocated(self.device) if self.on_gpu else None,
             "peakRssBytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "quantizedLinearLayers": self.quantized_layers,  # model.quantization: how many were
             "trainableParameters": self.trainable,
             "totalParameters": self.total_params,
             "adapterTensors": count,
             "durationSeconds": round(time.time() - started, 1),
-            "finalTrainLoss": trains[-1] if trains else None,
-            "initialEvalLoss": self.initial_eval,
-            "finalEvalLoss": evals[-1] if evals else None,
-            "bestEvalLoss": self.best_eval,
-            "history": self.history,
+            "finalTrainLoss": state.final_train_loss,
+            "initialEvalLoss": state.initial_eval,
+            "finalEvalLoss": state.final_eval_loss,
+            "bestEvalLoss": state.best_eval,
+            "history": state.history,
+            "mergedModel": {"uri": self._published_uri(MERGED_DIR), "dtype": merge_dtype} if merge_into else None,
             "completedAt": datetime.now(UTC).isoformat(),
         }
         ref = output.publish(self.run_dir, summary, self.fingerprint, self.attempt)
@@ -517,10 +441,15 @@ class LoRAFineTuneRecipe:
             ref = {**ref, "baseModelRevision": self.model_revision}
         if self.mirror.remote:
             self.mirror.check(self.attempt, "publishing the adapter")
+            if merge_into:
+                self.mirror.push(self.run_dir / MERGED_DIR, MERGED_DIR)
             self.mirror.push(self.run_dir / ADAPTER_DIR, ADAPTER_DIR)  # COMPLETE.json last: never seen half-written
-            ref = {**ref, "uri": f"{self.mirror.remote}/{ADAPTER_DIR}"}
-        self._publish_progress(self.steps_done, trains[-1] if trains else None, eta=0.0)
+            ref = {**ref, "uri": self._published_uri(ADAPTER_DIR)}
+        self.report.finished(self.steps_done, state)
         return ref
+
+    def _published_uri(self, folder: str) -> str:
+        return f"{self.mirror.remote}/{folder}" if self.mirror.remote else str(self.run_dir / folder)
 
     def cleanup(self) -> None:
         if dist.is_initialized():

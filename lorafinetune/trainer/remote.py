@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.uris import parse_uri
-from lorafinetune.contract import ADAPTER_DIR, ATTEMPT_FILE, CHECKPOINTS_DIR, COMPLETE_MARKER
+from lorafinetune.contract import ADAPTER_DIR, ATTEMPT_FILE, CHECKPOINTS_DIR, COMPLETE_MARKER, MERGED_DIR
 from lorafinetune.s3 import S3Error, S3Store
 from lorafinetune.storage import StorageError, local_path
 from lorafinetune.trainer import fence
@@ -60,7 +60,7 @@ class OutputMirror:
     """Mirrors checkpoints and the adapter from the local run folder to an s3:// output (no-op otherwise)."""
 
     def __init__(self, spec: LoRAFineTuneSpec, run_dir: Path):
-        self.remote = spec.output.uri.rstrip("/") if spec.output.uri.startswith("s3://") else None
+        self.remote = spec.output.uri.rstrip("/") if spec.output.per_node_scratch else ""  # "": not S3
         self.run_dir = run_dir
         self.store = _store(spec) if self.remote else None
         # Several nodes, each with its own scratch folder: a local checkpoint holds one node's shards only, so S3 is
@@ -70,26 +70,26 @@ class OutputMirror:
     # Fencing (fence.py) where the output is: each node's scratch folder holds only its own claim, so the attempt
     # also claims the S3 prefix, and checks that claim before each irreversible write there.
     def claim(self, own: str | None) -> None:
-        if self.remote and own:
+        if (store := self.store) is not None and own:
             try:
-                self.store.write_json(f"{self.remote}/{ATTEMPT_FILE}", fence.claim_record(own))
+                store.write_json(f"{self.remote}/{ATTEMPT_FILE}", fence.claim_record(own))
             except S3Error as err:
                 raise _error(err, ConfigError) from None
 
     def check(self, own: str | None, what: str) -> None:
-        if not (self.remote and own):
+        if (store := self.store) is None or not own:
             return
         try:
-            holder = (self.store.read_json(f"{self.remote}/{ATTEMPT_FILE}") or {}).get("token")
+            holder = (store.read_json(f"{self.remote}/{ATTEMPT_FILE}") or {}).get("token")
         except S3Error as err:
             raise _error(err, ConfigError) from None
         fence.check_holder(holder, own, what, self.remote)
 
     def published_marker(self) -> dict | None:
-        if not self.remote:
+        if (store := self.store) is None:
             return None
         try:
-            return self.store.read_json(f"{self.remote}/{ADAPTER_DIR}/{COMPLETE_MARKER}")
+            return store.read_json(f"{self.remote}/{ADAPTER_DIR}/{COMPLETE_MARKER}")
         except S3Error as err:
             raise _error(err, ConfigError) from None
 
@@ -97,19 +97,19 @@ class OutputMirror:
         """Download the newest complete remote checkpoint when the local folder does not have it (single node: when
         the local folder has no complete checkpoint at all). Every local rank calls this; a file lock makes the first
         one download and the others find it done."""
-        if not self.remote:
+        if (store := self.store) is None:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / ".pull.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            return self._pull()
+            return self._pull(store)
 
-    def _pull(self) -> str | None:
+    def _pull(self, store: S3Store) -> str | None:
         local_root = self.run_dir / CHECKPOINTS_DIR
         if not self.s3_is_truth and any(local_root.glob(f"*/{COMPLETE_MARKER}")):
             return None
         try:
-            names = self.store.complete_children(f"{self.remote}/{CHECKPOINTS_DIR}")
+            names = store.complete_children(f"{self.remote}/{CHECKPOINTS_DIR}")
         except S3Error as err:
             raise _error(err, ConfigError) from None
         if self.s3_is_truth:  # keep only a whole copy of the newest S3 checkpoint; the rest is one node's shards
@@ -122,7 +122,7 @@ class OutputMirror:
         staging = final.with_name(final.name + ".partial")  # never picked for resume until renamed
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            self.store.download_prefix(f"{self.remote}/{CHECKPOINTS_DIR}/{names[-1]}", staging)
+            store.download_prefix(f"{self.remote}/{CHECKPOINTS_DIR}/{names[-1]}", staging)
             (staging / PULLED_MARKER).touch()
         except S3Error as err:
             if err.kind == "object":  # pruned while we listed (an older attempt still saving): retrying helps
@@ -133,32 +133,32 @@ class OutputMirror:
 
     def push(self, local: Path, relative: str) -> None:
         """Publish a folder that exists whole in this run folder (the adapter; single-node checkpoints)."""
-        if not self.remote:
+        if (store := self.store) is None:
             return
         try:
-            self.store.publish_dir(local, f"{self.remote}/{relative}")
+            store.publish_dir(local, f"{self.remote}/{relative}")
         except S3Error as err:
-            if err.kind == "exists" and relative.startswith(CHECKPOINTS_DIR):
-                return  # the same step, mirrored by an attempt that then failed: identical on exact resume
+            if err.kind == "exists" and relative.startswith((CHECKPOINTS_DIR, MERGED_DIR)):
+                return  # the same step or merged model, mirrored by an attempt that then failed: identical on resume
             raise _error(err, ConfigError) from None
 
     # A multi-node checkpoint is spread over the nodes' scratch folders: each node uploads its own shards, then,
     # after a barrier, rank 0 marks the prefix complete.
     def push_shards(self, local: Path, relative: str) -> None:
-        if not self.remote:
+        if (store := self.store) is None:
             return
         try:
-            if not self.store.is_complete(f"{self.remote}/{relative}"):  # else mirrored by an earlier attempt
-                self.store.upload_files(local, f"{self.remote}/{relative}")
+            if not store.is_complete(f"{self.remote}/{relative}"):  # else mirrored by an earlier attempt
+                store.upload_files(local, f"{self.remote}/{relative}")
         except S3Error as err:
             raise _error(err, ConfigError) from None
 
     def mark_complete(self, local: Path, relative: str) -> None:
-        if not self.remote:
+        if (store := self.store) is None:
             return
         try:
-            if not self.store.is_complete(f"{self.remote}/{relative}"):
-                self.store.mark_complete(local, f"{self.remote}/{relative}")
+            if not store.is_complete(f"{self.remote}/{relative}"):
+                store.mark_complete(local, f"{self.remote}/{relative}")
         except S3Error as err:
             raise _error(err, ConfigError) from None
 
@@ -166,17 +166,17 @@ class OutputMirror:
         """Delete remote checkpoints older than the newest `keep_last` complete ones (as the local folder does),
         and older incomplete ones left by a crash mid-upload. Best effort: credentials without delete rights or a
         bucket with object lock must not fail a run, so errors are printed, not raised. Returns the names deleted."""
-        if not self.remote:
+        if (store := self.store) is None:
             return []
         root = f"{self.remote}/{CHECKPOINTS_DIR}"
         deleted: list[str] = []
         try:
-            complete = self.store.complete_children(root)
+            complete = store.complete_children(root)
             if len(complete) <= keep_last:
                 return []
             oldest_kept = complete[-keep_last]
-            for name in (n for n in self.store.child_folders(root) if n < oldest_kept):
-                self.store.delete_folder(f"{root}/{name}")
+            for name in (n for n in store.child_folders(root) if n < oldest_kept):
+                store.delete_folder(f"{root}/{name}")
                 deleted.append(name)
         except S3Error as err:
             print(f"warning: could not prune old checkpoints in {root} (training goes on): {err}", flush=True)

@@ -9,6 +9,7 @@ PodMonitor against the real schemas.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
+from lorafinetune.operator.chart import ChartValues
+from lorafinetune.operator.settings import OperatorSettings
 from tests.conftest import REPO, wait_for
 from tests.integration.conftest import Cluster, Operator, local_cluster
 
@@ -113,6 +116,37 @@ def test_values_render_as_the_operator_parses_them(helm: str):
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert labels["team"] == "nlp"
     assert labels["app.kubernetes.io/name"] == deployment["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+
+
+# Every operator value, none at its default: each must reach the operator's settings as set.
+OPERATOR_VALUES = {
+    "watchNamespaces": ["team-a", "team-b"], "trainerImage": "registry.example/lft:9", "reconcileIntervalSeconds": 17.5,
+    "backoffBaseSeconds": 3, "backoffCapSeconds": 301, "progressIntervalSeconds": 7, "terminationGraceSeconds": 1000000,
+    "trainerMetricsPort": 9411, "metricsPort": 9412, "healthPort": 9413, "workers": 5, "secretPreflight": True,
+    "leaseSeconds": 21, "logFormat": "json", "networkPolicy": False, "metricsNamespaces": ["mon-a", "mon-b"],
+    "hubEndpoint": "https://hub.example",
+}  # fmt: skip
+SETTING_OF = {"watch_namespaces": "namespaces", "trainer_image": "default_image", "health_port": "liveness_port"}
+
+
+def test_every_operator_value_reaches_the_operator_as_set(helm: str, tmp_path: Path, monkeypatch):
+    """The template, not the values model, decides what the operator sees: a value it forgets or passes under the
+    wrong variable fails here."""
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"operator": OPERATOR_VALUES}))
+    [deployment] = by_kind(render(helm, "-f", str(values)), "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}  # not valueFrom: the pod's namespace
+    for name in [n for n in os.environ if n.startswith("LFT_") or n == "HF_ENDPOINT"]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = OperatorSettings.from_env()
+
+    chosen, defaults = ChartValues.model_validate({"operator": OPERATOR_VALUES}).operator, ChartValues().operator
+    for field in type(chosen).model_fields:
+        assert getattr(chosen, field) != getattr(defaults, field), f"operator.{field}: set it to a non-default here"
+        assert getattr(settings, SETTING_OF.get(field, field)) == getattr(chosen, field), f"operator.{field}"
 
 
 def _rules(role: dict) -> dict[str, set[str]]:

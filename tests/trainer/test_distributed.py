@@ -381,3 +381,46 @@ def test_a_hub_model_is_pinned_to_one_commit_for_the_whole_run_and_recorded(tmp_
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert summary(fresh)["baseModel"]["revision"] == pushed
 
+
+def test_merge_adapter_writes_a_model_plain_transformers_loads_with_the_adapters_behaviour(
+    tmp_path, tiny_model, chat_data, tiny_tokenizer
+):  # fmt: skip
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    spec = {"training": {"maxSteps": 3, "learningRate": 0.05}, "output": {"mergeAdapter": True}}
+    proc, out = train(tmp_path, tiny_model, chat_data, "merged", **spec)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    merged_dir = out / "merged"
+    assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
+    assert summary(out)["mergedModel"] == {"uri": str(merged_dir), "dtype": "bfloat16"}
+    assert str(merged_dir) in (out / "adapter" / "README.md").read_text()
+
+    probe = tiny_tokenizer("the merged model answers like the adapter", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)  # no PEFT
+        assert merged.dtype == torch.bfloat16
+        base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        plain = base(input_ids=probe).logits
+        adapted = PeftModel.from_pretrained(base, out / "adapter")(input_ids=probe).logits
+        got = merged.float()(input_ids=probe).logits
+    assert (adapted - plain).abs().max() > 0.05, "the adapter must change the logits for this check to mean anything"
+    assert (got - adapted).abs().max() < 0.05 * adapted.abs().max(), "bf16 rounding only"
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_a_quantized_base_trains_an_adapter_for_the_unquantized_model(tmp_path, tiny_model, chat_data, quantization):
+    """QLoRA: the frozen base loaded in 4 or 8 bits (bitsandbytes, on the CPU here), LoRA trained over it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    spec = {"model": {"quantization": quantization}, "training": {"maxSteps": 6}, "evaluation": {"everySteps": 6}}
+    proc, out = train(tmp_path, tiny_model, chat_data, quantization, **spec)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = summary(out)
+    assert s["finalEvalLoss"] < s["initialEvalLoss"], s["history"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    decoder_linears = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    assert s["quantizedLinearLayers"] == len(decoder_linears) > 0
+    assert s["totalParameters"] == sum(p.numel() for p in base.parameters()) + s["trainableParameters"]
+    PeftModel.from_pretrained(base, str(out / "adapter"))  # the adapter applies to the unquantized base

@@ -28,7 +28,9 @@ def test_minimal_manifest_gets_documented_defaults():
 
 
 def test_every_example_manifest_is_valid():
-    for path in sorted((REPO / "examples").glob("*.yaml")):
+    paths = sorted((REPO / "examples").glob("*.yaml"))
+    assert REPO / "examples" / "quickstart.yaml" in paths
+    for path in paths:
         load_manifest(path)
 
 

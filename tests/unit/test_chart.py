@@ -9,7 +9,6 @@ import yaml
 from pydantic import ValidationError
 
 from lorafinetune.operator.chart import CHART_DIR, ChartValues, generated_files, main, values_schema
-from lorafinetune.operator.settings import OperatorSettings
 
 
 @pytest.mark.parametrize("path", sorted(generated_files()), ids=lambda p: p.name)
@@ -31,16 +30,6 @@ def test_values_yaml_parses_back_to_the_model_defaults():
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
     assert ChartValues.model_validate(values) == ChartValues()
     assert values["dashboard"]["labels"] == {"grafana_dashboard": "1"}
-
-
-def test_chart_defaults_are_the_operator_defaults():
-    op, settings = ChartValues().operator, OperatorSettings()
-    for name in ("reconcile_interval_seconds", "backoff_base_seconds", "backoff_cap_seconds",
-                 "progress_interval_seconds", "termination_grace_seconds", "trainer_metrics_port", "metrics_port",
-                 "workers", "secret_preflight", "network_policy", "metrics_namespaces", "log_format",
-                 "hub_endpoint"):  # fmt: skip
-        assert getattr(op, name) == getattr(settings, name), name
-    assert op.health_port == settings.liveness_port
 
 
 def test_values_schema_is_closed_so_typos_fail():

@@ -98,6 +98,41 @@ def test_when_no_single_change_is_enough_the_shortest_combination_is_suggested()
     assert plan.suggestions[0].startswith("training.gradientCheckpointing: true and deepspeed.zeroStage: 3"), plan
 
 
+def test_quantized_base_weights_take_about_half_a_byte_nf4_or_one_byte_int8_per_linear_weight():
+    def weights(quantization=None):
+        model = {"quantization": quantization} if quantization else {}
+        items = estimate(spec(model=model), LLAMA_8B).items
+        return next(i.bytes for i in items if i.what.startswith("base weights")), items
+
+    full, _ = weights()
+    nf4, items = weights("nf4")
+    int8, _ = weights("int8")
+    linear = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)  # 6.98 B weights in 4 or 8 bits
+    rest = 2 * 128256 * 4096 + 65 * 4096  # embeddings, output layer and norms stay in bfloat16
+    assert full == 2 * (linear + rest)
+    assert nf4 == pytest.approx(0.516 * linear + 2 * rest, rel=1e-3)
+    assert int8 == pytest.approx(linear + 2 * rest, rel=1e-3)
+    assert any(i.what.startswith("dequantized weight") and i.bytes == 2 * 4096 * 14336 for i in items)
+
+
+def test_a_model_too_big_for_one_gpu_in_16_bit_is_told_to_quantize():
+    plan = estimate(spec(training={"microBatchSize": 1}), LLAMA_8B, capacity=12 * GIB)
+    assert plan.fits is False
+    # nf4 with the changes that keep the run's numbers, before asking for more nodes
+    assert list(plan.suggestions) == ["model.quantization: nf4 (QLoRA) and training.gradientCheckpointing: true "
+                                      "(8.7 GiB)"]  # fmt: skip
+    quantized = spec(training={"microBatchSize": 1, "gradientCheckpointing": True}, model={"quantization": "nf4"})
+    assert estimate(quantized, LLAMA_8B, 12 * GIB).fits
+
+
+def test_a_quantized_run_is_never_told_to_use_zero3():
+    big = spec(model={"quantization": "nf4"}, resources={"nodes": 1, "gpusPerNode": 8},
+               training={"microBatchSize": 64}, dataset={"maxSeqLength": 4096})  # fmt: skip
+    plan = estimate(big, LLAMA_8B, 20 * GIB)
+    assert plan.fits is False and plan.suggestions
+    assert not any("zeroStage: 3" in s for s in plan.suggestions), plan.suggestions
+
+
 @pytest.mark.parametrize("value, expected", [("80Gi", 80 * GIB), ("80GiB", 80 * GIB), ("81559Mi", 81559 * 1024**2),
                                              ("1.5Ti", int(1.5 * 1024**4)), ("80G", 80 * 10**9)])  # fmt: skip
 def test_memory_sizes(value, expected):
