@@ -32,5 +32,18 @@ if [ ! -f "$VENV/.complete" ]; then
 else
   # Same pins, maybe another clone: point the editable install at this checkout (no downloads).
   "$VENV/bin/pip" install --quiet --no-deps -e . >&2
+  touch "$VENV/.complete"  # when it was last used
+fi
+# An environment is about 5.5 GB (torch's CUDA build) and every pin change makes a new one: keep the two used last
+# (this one and the one before, so switching between two branches does not rebuild) and delete older ones, unless
+# one is being built (its lock is held).
+if [ -z "${LFT_VENV:-}" ]; then
+  ls -1t "$(dirname "$VENV")"/venv-*/.complete 2>/dev/null | tail -n +3 | while read -r marker; do
+    old=$(dirname "$marker")
+    if flock -n "$old.lock" rm -rf "$old"; then
+      rm -f "$old.lock"
+      echo "removed $old (two environments were used since)" >&2
+    fi
+  done
 fi
 echo "$VENV"
