@@ -21,10 +21,9 @@ test-unit:  ## the fast ones only
 	VENV=$$(scripts/env.sh)
 	"$$VENV/bin/python" -m pytest tests/unit -q $(PYTEST_ARGS)
 
-generate:  ## regenerate crds/ (from lorafinetune/api) and the chart's values, schema and copies (operator/chart.py)
+generate:  ## regenerate crds/ (from lorafinetune/api) and the chart's values, schema and copies (lorafinetune/generate)
 	VENV=$$(scripts/env.sh)
-	"$$VENV/bin/lorafinetune" crd --write
-	"$$VENV/bin/python" -m lorafinetune.operator.chart --write
+	"$$VENV/bin/python" -m lorafinetune.generate --write
 
 cluster:  ## start the local control plane (builds it once); prints the kubeconfig to export
 	@hack/cluster/up.sh

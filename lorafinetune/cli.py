@@ -4,7 +4,7 @@
     lorafinetune run examples/quickstart.yaml --pvc quickstart-data=examples/data
     lorafinetune evaluate examples/quickstart.yaml --pvc quickstart-data=examples/data
     lorafinetune plan examples/quickstart.yaml --pvc quickstart-data=examples/data --gpu-memory 24Gi
-    lorafinetune crd --write            # regenerate crds/ from the API models
+    lorafinetune crd | kubectl apply -f -   # the CRD, generated from the API models
 """
 
 from __future__ import annotations
@@ -136,14 +136,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from lorafinetune.api.crd import CRD_PATH, render_crd
+    from lorafinetune.generate.crd import render_crd
 
-    text = render_crd()
-    if args.write:
-        CRD_PATH.write_text(text)
-        print(f"wrote {CRD_PATH}")
-    else:
-        sys.stdout.write(text)
+    sys.stdout.write(render_crd())
     return 0
 
 
@@ -187,8 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("loss_curve.png"), help="PNG to write")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("crd", help="print (or --write) the CustomResourceDefinition generated from the API")
-    p.add_argument("--write", action="store_true", help="write crds/lorafinetune.io_lorafinetunes.yaml")
+    p = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the API (| kubectl apply -f -)")
     p.set_defaults(func=cmd_crd)
     return parser
 

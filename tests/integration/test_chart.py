@@ -20,7 +20,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from lorafinetune.operator.chart import ChartValues
+from lorafinetune.generate.chart import ChartValues
 from lorafinetune.operator.settings import OperatorSettings
 from tests.conftest import REPO, wait_for
 from tests.integration.conftest import Cluster, Operator, local_cluster

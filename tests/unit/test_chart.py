@@ -1,4 +1,4 @@
-"""The chart's generated files come from one source each, and the values model agrees with the operator."""
+"""The chart's values model: its generated files parse back to it, and it agrees with the operator."""
 
 from __future__ import annotations
 
@@ -8,22 +8,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from lorafinetune.operator.chart import CHART_DIR, ChartValues, generated_files, main, values_schema
-
-
-@pytest.mark.parametrize("path", sorted(generated_files()), ids=lambda p: p.name)
-def test_generated_chart_file_is_current(path):
-    assert path.read_text() == generated_files()[path], f"{path} drifted: run `make generate`"
-
-
-def test_check_mode_reports_drift(tmp_path, monkeypatch, capsys):
-    from lorafinetune.operator import chart
-
-    stale = tmp_path / "values.yaml"
-    stale.write_text("image: {}\n")
-    monkeypatch.setattr(chart, "generated_files", lambda: {stale: "image: {tag: x}\n"})
-    assert main(["--check"]) == 1
-    assert "stale" in capsys.readouterr().err
+from lorafinetune.generate.chart import CHART_DIR, ChartValues, values_schema
 
 
 def test_values_yaml_parses_back_to_the_model_defaults():

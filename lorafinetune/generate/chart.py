@@ -1,11 +1,8 @@
-"""The Helm chart's values, typed once, and every generated file of charts/lorafinetune/ derived from them.
+"""The Helm chart's values, typed once, and the chart's files derived from them (written by lorafinetune.generate):
 
-    python -m lorafinetune.operator.chart --write     (or: make generate)   # --check exits 1 on drift
-
-Generated (never edit by hand; tests/unit/test_chart.py fails when one drifts):
   values.yaml           the defaults below, each preceded by its description as a comment
   values.schema.json    JSON Schema of these models: helm lint/install/template refuse a misspelt or mistyped value
-  files/crd.yaml        a byte copy of crds/ (the CRD itself is generated from lorafinetune/api)
+  files/crd.yaml        the CRD (generated from lorafinetune/api, like crds/)
   files/dashboard.json  a byte copy of dashboards/lorafinetune.json (a chart cannot read files outside itself)
 
 Operator settings appear under `operator:` with the names of OperatorSettings (settings.py), which the Deployment
@@ -14,9 +11,7 @@ passes as LFT_* variables, so the chart and the operator cannot disagree on a de
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +20,7 @@ import yaml
 from pydantic import Field
 
 from lorafinetune.api.base import APIModel
-from lorafinetune.api.crd import CRD_PATH
+from lorafinetune.generate.crd import render_crd
 from lorafinetune.operator.settings import OperatorSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -266,7 +261,7 @@ def _yaml_scalar(value: Any) -> str:
 def values_yaml() -> str:
     """values.yaml: the model's defaults, nested as Helm users expect, with each description as a comment."""
     lines = [
-        "# Generated from lorafinetune/operator/chart.py (make generate); values.schema.json checks every value.",
+        "# Generated from lorafinetune/generate/chart.py (make generate); values.schema.json checks every value.",
         "",
     ]
 
@@ -285,32 +280,10 @@ def values_yaml() -> str:
     return "\n".join(lines) + "\n"
 
 
-def generated_files() -> dict[Path, str]:
+def chart_files() -> dict[Path, str]:
     return {
         CHART_DIR / "values.yaml": values_yaml(),
         CHART_DIR / "values.schema.json": json.dumps(values_schema(), indent=2) + "\n",
-        CHART_DIR / "files" / "crd.yaml": CRD_PATH.read_text(),
+        CHART_DIR / "files" / "crd.yaml": render_crd(),
         CHART_DIR / "files" / "dashboard.json": DASHBOARD_PATH.read_text(),
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write", action="store_true", help="write the generated files")
-    parser.add_argument("--check", action="store_true", help="exit 1 and name the files that differ")
-    args = parser.parse_args(argv)
-    files = generated_files()
-    stale = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
-    if args.write:
-        for path, text in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        return 0
-    for path in stale:
-        shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
-        print(f"stale: {shown} (run make generate)", file=sys.stderr)
-    return 1 if stale and args.check else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
