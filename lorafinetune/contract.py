@@ -24,7 +24,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, Final
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from lorafinetune.api.base import APIModel
 from lorafinetune.api.status import AdapterRef, Progress
@@ -105,6 +105,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def adapter_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` without the keys AdapterRef does not know. AdapterRef is an API type and refuses unknown fields, but a
+    trainer image newer than the operator may add some, and COMPLETE.json adds the fingerprint."""
+    known = {f.alias or name for name, f in AdapterRef.model_fields.items()}
+    return {k: v for k, v in data.items() if k in known}
+
+
 class TerminationRecord(APIModel):
     """What the trainer writes to its termination log when it exits (ENV_TERMINATION_LOG; in a pod
     /dev/termination-log, which Kubernetes shows as the container's termination message): its own exit code, since
@@ -117,6 +124,11 @@ class TerminationRecord(APIModel):
     reason: str = Field(description="One CamelCase word: DataError, ModelError, Superseded, Completed, ...")
     message: str = Field(default="", description="What happened, for people (no secrets).")
     adapter: AdapterRef | None = Field(default=None, description="On success: the published adapter.")
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _known_adapter_fields(cls, value: Any) -> Any:
+        return adapter_fields(value) if isinstance(value, dict) else value
 
     @property
     def permanent(self) -> bool:
@@ -132,6 +144,69 @@ class TerminationRecord(APIModel):
             return cls.model_validate_json(text)
         except ValidationError:
             return None
+
+
+class BaseModelUsed(APIModel):
+    uri: str = Field(description="spec.model.uri as written.")
+    revision: str | None = Field(default=None, description="For hf://: the commit every rank loaded.")
+    resolved_path: str = Field(description="The local folder the weights were loaded from.")
+
+
+class DatasetUsed(APIModel):
+    train: str
+    train_sha256: str
+    validation: str | None = None
+    validation_sha256: str | None = None
+    train_examples: int
+    validation_examples: int
+
+
+class MergedModel(APIModel):
+    uri: str = Field(description="Folder of the base model with the adapter folded in (output.mergeAdapter).")
+    dtype: str
+
+
+class TrainingSummary(APIModel):
+    """SUMMARY_FILE in the published adapter folder: what was trained, on what, how fast and how well. Written by
+    the trainer (trainer/summary.py, with the model card made from it), read by the local runner's closing lines,
+    benchmarks and people. Every key is always present (null when it does not apply), so readers need no defaults."""
+
+    model_config = ConfigDict(extra="ignore")  # a newer trainer's summary still reads
+
+    name: str
+    spec: dict[str, Any] = Field(description="The spec as trained (the manifest's camelCase form).")
+    base_model: BaseModelUsed
+    dataset: DatasetUsed
+    world_size: int
+    steps: int
+    total_steps: int
+    epochs: float
+    trained_tokens: int = Field(description="Tokens in the loss (the completion tokens).")
+    input_tokens: int = Field(description="Non-padding tokens fed to the model.")
+    train_seconds: float = Field(description="Time spent in optimizer steps (not evaluation or checkpoints).")
+    tokens_per_second: float = Field(description="input_tokens / train_seconds.")
+    peak_gpu_memory_bytes: int | None = Field(description="Rank 0's torch.cuda.max_memory_allocated; None on CPU.")
+    peak_rss_bytes: int = Field(description="Rank 0's peak resident memory.")
+    quantized_linear_layers: int = Field(description="model.quantization: how many linear layers were quantized.")
+    trainable_parameters: int
+    total_parameters: int
+    adapter_tensors: int
+    duration_seconds: float
+    final_train_loss: float | None
+    initial_eval_loss: float | None
+    final_eval_loss: float | None
+    best_eval_loss: float | None
+    history: list[dict[str, Any]] = Field(description="Per step: step, trainLoss, learningRate, evalLoss.")
+    merged_model: MergedModel | None
+    completed_at: str = Field(description="ISO 8601, UTC.")
+    adapter: AdapterRef | None = Field(default=None, description="Set when published: the adapter's weights.")
+
+    def dumps(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, mode="json")
+
+
+def read_summary(path: Path) -> TrainingSummary:
+    return TrainingSummary.model_validate_json(path.read_text())
 
 
 def read_termination(path: Path) -> TerminationRecord | None:

@@ -109,8 +109,13 @@ class Shape:
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
 
     @property
+    def block_linear_parameters(self) -> int:
+        """Weights of one decoder block's linear layers (what quantization and ZeRO-3's gathering act on)."""
+        return sum(a * b for a, b in self.linears().values())
+
+    @property
     def base_parameters(self) -> int:
-        block = sum(a * b for a, b in self.linears().values()) + 2 * self.hidden
+        block = self.block_linear_parameters + 2 * self.hidden
         embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
         return embeddings + self.layers * block + self.hidden
 
@@ -197,16 +202,14 @@ def _estimate(spec: LoRAFineTuneSpec, shape: Shape, capacity: int | None) -> Pla
 
     # Frozen weights.
     if spec.model.quantization:  # the decoder's linear layers quantized, the rest in the load dtype (ZeRO <= 2)
-        block = sum(a * b for a, b in shape.linears().values())
-        quantized = shape.layers * block
+        quantized = shape.layers * shape.block_linear_parameters
         q_bytes = quantized * QUANTIZED_BYTES[spec.model.quantization]
         items.append(Item(f"base weights ({spec.model.quantization} linear layers, {(base - quantized) / 1e9:.2f} B "
                           f"other parameters in {weight_dtype})", math.ceil(q_bytes) + (base - quantized) * wb))
         items.append(Item(f"dequantized weight of the layer in use ({weight_dtype})",
                           max(a * b for a, b in shape.linears().values()) * wb))  # fmt: skip
     elif ds.zero_stage == 3:
-        block = sum(a * b for a, b in shape.linears().values())
-        gathered = 2 * max(block, v * h) * wb  # the layer in use and the one prefetched
+        gathered = 2 * max(shape.block_linear_parameters, v * h) * wb  # the layer in use and the one prefetched
         held = 0 if ds.offload_params else math.ceil(base * wb / world)
         where = f"ZeRO-3 shard of {world}{', offloaded' if ds.offload_params else ''}"
         items.append(Item(f"base weights ({weight_dtype}, {where}) + gathered layers", held + gathered))
@@ -288,6 +291,7 @@ def _suggestions(spec: LoRAFineTuneSpec, config: Mapping[str, Any], capacity: in
     quantize: list[tuple[str, Changes]] = []
     if spec.model.quantization is None:
         also = " with deepspeed.zeroStage: 2" if spec.deepspeed.zero_stage == 3 else ""
+        also += " and deepspeed.offloadParams: false" if spec.deepspeed.offload_params else ""
         quantize.append((f"model.quantization: nf4 (QLoRA){also}",
                          {"model": {"quantization": "nf4"},
                           "deepspeed": {"zero_stage": min(spec.deepspeed.zero_stage, 2), "offload_params": False}}))
@@ -346,4 +350,9 @@ def _more_nodes(spec: LoRAFineTuneSpec) -> list[tuple[str, Changes]]:
 
 
 def _applied(base: LoRAFineTuneSpec, changes: Changes) -> LoRAFineTuneSpec:
+    ds = changes.get("deepspeed", {})
+    if "zero_stage" in ds and "model" not in changes:
+        # A stage in a change is the least it needs (offloadOptimizer: 1), so an earlier step's ZeRO-3 in a chain
+        # stays. Only quantizing lowers it: ZeRO-3 cannot shard quantized weights.
+        changes = {**changes, "deepspeed": {**ds, "zero_stage": max(ds["zero_stage"], base.deepspeed.zero_stage)}}
     return base.model_copy(update={k: getattr(base, k).model_copy(update=v) for k, v in changes.items()})

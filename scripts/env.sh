@@ -40,8 +40,7 @@ fi
 if [ -z "${LFT_VENV:-}" ]; then
   ls -1t "$(dirname "$VENV")"/venv-*/.complete 2>/dev/null | tail -n +3 | while read -r marker; do
     old=$(dirname "$marker")
-    if flock -n "$old.lock" rm -rf "$old"; then
-      rm -f "$old.lock"
+    if flock -n "$old.lock" rm -rf "$old"; then  # the lock file stays: unlinking it races with a waiting builder
       echo "removed $old (two environments were used since)" >&2
     fi
   done

@@ -85,8 +85,9 @@ class ModelSpec(APIModel):
         default=None,
         description="Load the frozen base weights quantized with bitsandbytes (QLoRA): nf4 is 4-bit NormalFloat with "
         "double quantization (about 0.52 bytes per weight of the decoder's linear layers), int8 is LLM.int8() "
-        "(about 1 byte). Embeddings, norms and the output layer stay in `dtype`, and the LoRA weights train in "
-        "training.precision as usual. Cuts the base weights' memory about 4x (nf4) or 2x (int8) against 16-bit, "
+        "(about 1 byte). Embeddings, norms and the output layer stay unquantized (in `dtype`, or in the 16-bit "
+        "training.precision when that is bf16 or fp16), and the LoRA weights train in training.precision as usual. "
+        "Cuts the base weights' memory about 4x (nf4) or 2x (int8) against 16-bit, "
         "for slower steps. Needs deepspeed.zeroStage 0, 1 or 2. The adapter applies to the unquantized base model.",
     )
     trust_remote_code: bool = Field(
@@ -369,9 +370,9 @@ class OutputSpec(APIModel):
     merge_adapter: bool = Field(
         default=False,
         description="Also write the base model with the adapter folded in to <output>/merged, in model.dtype (auto: "
-        "bfloat16), with the tokenizer: a model plain transformers loads and serves without PEFT. Merged after "
-        "training on rank 0's CPU, in fp32, then checked against the adapted model's logits: it needs host memory "
-        "for about 4 bytes per base parameter.",
+        "the dtype of training.precision), with the tokenizer: a model plain transformers loads and serves without "
+        "PEFT. Merged after training on rank 0's CPU, in fp32, then checked against the adapted model's logits: it "
+        "needs host memory for about 4 bytes per base parameter.",
     )
 
     @field_validator("uri")

@@ -51,6 +51,11 @@ class AdapterRef(APIModel):
         description="For an hf:// base model: the commit it was trained on (resolved once, at the first attempt; "
         "load the adapter onto exactly this revision).",
     )
+    merged_uri: str | None = Field(
+        default=None,
+        description="With output.mergeAdapter: the folder of the base model with the adapter folded in, which "
+        "AutoModelForCausalLM.from_pretrained loads without PEFT.",
+    )
 
 
 class Failure(APIModel):

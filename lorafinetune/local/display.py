@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 from lorafinetune.api.status import Progress
-from lorafinetune.contract import ADAPTER_DIR, LOSS_PLOT_FILE, SUMMARY_FILE
+from lorafinetune.contract import ADAPTER_DIR, LOSS_PLOT_FILE, SUMMARY_FILE, read_summary
 
 
 def _fmt_seconds(s: float | None) -> str:
@@ -65,22 +64,25 @@ def print_summary(run_dir: Path, output_uri: str) -> None:
     if not path.is_file():  # the trainer exited 0 without training: the output already held this adapter
         print(f"{output_uri} already holds a complete adapter of this spec; nothing to do")
         return
-    summary = json.loads(path.read_text())
-    tokens, secs = summary.get("inputTokens", summary["trainedTokens"]), summary.get("trainSeconds", 0.0)
+    s = read_summary(path)
+    adapter = f"{run_dir / ADAPTER_DIR}"
+    if s.adapter:
+        adapter += f" ({s.adapter.size_bytes / 1e6:.1f} MB, sha256 {s.adapter.sha256[:12]}...)"
     rows = [
-        ("steps", f"{summary['steps']} / {summary['totalSteps']} ({summary['epochs']:.2f} epochs)"),
-        ("processes", str(summary["worldSize"])),
-        ("tokens", f"{tokens} non-padding, {summary['trainedTokens']} in the loss; "
-                   f"{summary.get('tokensPerSecond', 0):.0f} tokens/s over {secs:.0f} s of optimizer steps"),
-        ("trainable params", f"{summary['trainableParameters']:,} of {summary['totalParameters']:,}"),
-        ("eval loss", f"{_num(summary['initialEvalLoss'])} before -> {_num(summary['finalEvalLoss'])} after "
-                      f"(best {_num(summary['bestEvalLoss'])})"),
-        ("final train loss", _num(summary["finalTrainLoss"])),
-        ("adapter", f"{run_dir / ADAPTER_DIR} ({summary['adapter']['sizeBytes'] / 1e6:.1f} MB, "
-                    f"sha256 {summary['adapter']['sha256'][:12]}...)"),
+        ("steps", f"{s.steps} / {s.total_steps} ({s.epochs:.2f} epochs)"),
+        ("processes", str(s.world_size)),
+        ("tokens", f"{s.input_tokens} non-padding, {s.trained_tokens} in the loss; "
+                   f"{s.tokens_per_second:.0f} tokens/s over {s.train_seconds:.0f} s of optimizer steps"),
+        ("trainable params", f"{s.trainable_parameters:,} of {s.total_parameters:,}"),
+        ("eval loss", f"{_num(s.initial_eval_loss)} before -> {_num(s.final_eval_loss)} after "
+                      f"(best {_num(s.best_eval_loss)})"),
+        ("final train loss", _num(s.final_train_loss)),
+        ("adapter", adapter),
         ("loss curve", str(run_dir / ADAPTER_DIR / LOSS_PLOT_FILE)),
     ]  # fmt: skip
+    if s.merged_model:
+        rows.append(("merged model", f"{s.merged_model.uri} ({s.merged_model.dtype})"))
     width = max(len(k) for k, _ in rows)
-    print(f"\n{summary['name']}: done")
+    print(f"\n{s.name}: done")
     for k, v in rows:
         print(f"  {k.ljust(width)}  {v}")

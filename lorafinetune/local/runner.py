@@ -21,9 +21,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 from lorafinetune.api.manifest import LoRAFineTune
-from lorafinetune.api.uris import parse_uri
+from lorafinetune.api.uris import Scheme, parse_uri
 from lorafinetune.contract import (
     CONFIG_FILE,
     ENV_ATTEMPT,
@@ -54,7 +55,7 @@ class LocalOptions:
 
 def _local_uri(uri: str, opts: LocalOptions) -> str:
     """pvc:// -> file:// under the local mount of that claim; other schemes unchanged."""
-    parsed = parse_uri(uri, ("hf", "pvc", "s3", "file", "package"))
+    parsed = parse_uri(uri, get_args(Scheme))  # any URI of the spec
     if parsed.scheme != "pvc":
         return uri
     base = opts.pvc_mounts.get(parsed.location, opts.pvc_root / parsed.location)

@@ -37,7 +37,7 @@ def main() -> int:
     from lorafinetune.api.spec import LoRAFineTuneSpec
     from lorafinetune.trainer.errors import TrainerError
     from lorafinetune.trainer.fingerprint import changed_sections, spec_fingerprint
-    from lorafinetune.trainer.output import published_adapter
+    from lorafinetune.trainer.output import adapter_of, published_adapter
     from lorafinetune.trainer.recipe import LoRAFineTuneRecipe
 
     config = json.loads(Path(config_path).read_text())
@@ -58,6 +58,8 @@ def main() -> int:
             return ExitCode.INVALID_CONFIG
         if rank == 0:
             print(f"{run} already holds a complete adapter of this spec; nothing to do")
+            # A retry after the adapter was published (the pod lost before it reported): report it again.
+            _write_termination(ExitCode.OK, "Completed", "the adapter was already published", adapter_of(published))
         return ExitCode.OK
     started = time.time()
     recipe = LoRAFineTuneRecipe(config["name"], spec, run)
@@ -73,9 +75,12 @@ def main() -> int:
             _write_termination(ExitCode.OK, "Completed", "the adapter is published", adapter=adapter)
         return ExitCode.OK
     except Exception as raised:
-        err = raised if isinstance(raised, TrainerError) else _superseded_or_none(recipe, raised)
+        if isinstance(raised, TrainerError):
+            err: TrainerError | None = raised
+        else:
+            traceback.print_exc()  # on every rank: the failure itself, whatever it turns out to have been caused by
+            err = _superseded_or_none(recipe, raised)
         if err is None:
-            traceback.print_exc()
             _write_termination(ExitCode.FAILED, type(raised).__name__, str(raised))
             return ExitCode.FAILED
         if rank == 0 or err.exit_code.permanent:
@@ -101,16 +106,14 @@ def _crash(step: int, at: int) -> None:
         os._exit(ExitCode.FAILED)
 
 
-def _write_termination(code: ExitCode, reason: str, message: str, adapter: dict | None = None) -> None:
+def _write_termination(code: ExitCode, reason: str, message: str, adapter: AdapterRef | None = None) -> None:
     """Kubernetes surfaces this file as the container's termination message; the local runner reads it too.
 
     The first record wins: every rank of a node shares the file, and once one rank fails with the cause (a data
     error, a superseded attempt), its peers fail too, with "connection closed by peer", which must not replace it."""
     path = os.environ.get(ENV_TERMINATION_LOG)
     if path:
-        fields = {f.alias or name for name, f in AdapterRef.model_fields.items()}  # the ref's fields, nothing else
-        ref = AdapterRef.model_validate({k: v for k, v in adapter.items() if k in fields}) if adapter else None
-        record = TerminationRecord(exit_code=int(code), reason=reason, message=message[-3000:], adapter=ref)
+        record = TerminationRecord(exit_code=int(code), reason=reason, message=message[-3000:], adapter=adapter)
         try:
             with open(path, "a+") as f:  # the kubelet creates the file empty; locally it may not exist yet
                 fcntl.flock(f, fcntl.LOCK_EX)

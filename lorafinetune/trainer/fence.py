@@ -20,6 +20,8 @@ from lorafinetune.trainer.errors import TrainerError
 class Superseded(TrainerError):
     """A newer attempt owns the run folder: this one must not write to it (exit FAILED: this attempt is over)."""
 
+    holder: str | None = None  # the attempt that holds the claim now; None when there is no claim at all
+
 
 def token() -> str | None:
     return os.environ.get(ENV_ATTEMPT) or None
@@ -49,6 +51,8 @@ def check(run_dir: Path, own: str | None, what: str) -> None:
 def check_holder(holder: str | None, own: str | None, what: str, where: str) -> None:
     """The same check for a claim read from elsewhere (an s3:// output: trainer/remote.py)."""
     if own and holder != own:
-        raise Superseded(
+        err = Superseded(
             f"not {what}: attempt {holder or '(unknown)'} has taken over {where} since this attempt ({own}) started"
         )
+        err.holder = holder
+        raise err

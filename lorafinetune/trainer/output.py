@@ -17,12 +17,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from lorafinetune.api.status import AdapterRef
 from lorafinetune.contract import (
     ADAPTER_DIR,
     COMPLETE_MARKER,
     MERGED_DIR,
     MODEL_CARD_FILE,
     SUMMARY_FILE,
+    TrainingSummary,
+    adapter_fields,
     write_json_atomic,
 )
 from lorafinetune.trainer import fence
@@ -43,6 +48,14 @@ def published_adapter(run_dir: Path) -> dict[str, Any] | None:
     """The marker of an adapter already published in this run folder, or None."""
     marker = run_dir / ADAPTER_DIR / COMPLETE_MARKER
     return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def adapter_of(marker: dict[str, Any]) -> AdapterRef | None:
+    """The adapter a COMPLETE.json describes (its fingerprint left out), or None if the marker is not an adapter's."""
+    try:
+        return AdapterRef.model_validate(adapter_fields(marker))
+    except ValidationError:
+        return None
 
 
 def staging_dir(run_dir: Path) -> Path:
@@ -84,62 +97,37 @@ def verify_in_fresh_process(adapter_dir: Path, base_model_dir: Path | str, revis
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     if proc.returncode != 0:
-        raise TrainerError(f"adapter reload check failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        what = "reload check and merge" if merge_into else "reload check"
+        hint = " (SIGKILL: most likely out of host memory)" if proc.returncode == -9 else ""
+        raise TrainerError(f"adapter {what} failed ({how}{hint}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
 
 
-def model_card(summary: dict[str, Any]) -> str:
-    s = summary
-    lines = [
-        f"# LoRA adapter: {s['name']}",
-        "",
-        f"Fine-tuned from `{s['baseModel']['uri']}`"
-        + (f" (commit `{s['baseModel']['revision']}`)" if s["baseModel"].get("revision") else "")
-        + " with LoRAFineTune (PEFT LoRA, DeepSpeed ZeRO-"
-        f"{s['spec']['deepspeed']['zeroStage']}, {s['worldSize']} processes).",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| dataset | `{s['dataset']['train']}` ({s['dataset']['trainExamples']} train / "
-        f"{s['dataset']['validationExamples']} validation examples) |",
-        f"| steps | {s['steps']} ({s['epochs']:.2f} epochs), {s['trainedTokens']} trained tokens |",
-        f"| LoRA | r={s['spec']['lora']['r']}, alpha={s['spec']['lora']['alpha']}, "
-        f"targets={s['spec']['lora']['targetModules']} |",
-        f"| final train loss | {s['finalTrainLoss']} |",
-        f"| eval loss (before -> final, best) | {s['initialEvalLoss']} -> {s['finalEvalLoss']}, {s['bestEvalLoss']} |",
-        "",
-        "Load it with:",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM",
-        "base = AutoModelForCausalLM.from_pretrained(BASE_MODEL_PATH)",
-        "model = PeftModel.from_pretrained(base, ADAPTER_PATH)",
-        "```",
-    ]
-    if s.get("mergedModel"):
-        lines += ["", f"A merged copy (the base with the adapter folded in, {s['mergedModel']['dtype']}) is at "
-                      f"`{s['mergedModel']['uri']}`: `AutoModelForCausalLM.from_pretrained` loads it without PEFT."]
-    return "\n".join(lines) + "\n"
+def adapter_ref(staging: Path, uri: str, base_model_revision: str | None, merged_uri: str | None) -> AdapterRef:
+    """The record of the adapter in `staging` once it is published at `uri` (status.adapter, the termination record,
+    the summary and COMPLETE.json all carry this one)."""
+    weights = staging / ADAPTER_FILE
+    return AdapterRef(uri=uri, size_bytes=weights.stat().st_size, sha256=sha256_of(weights),
+                      base_model_revision=base_model_revision, merged_uri=merged_uri)  # fmt: skip
 
 
-def publish(run_dir: Path, summary: dict[str, Any], fingerprint: dict[str, str], attempt: str | None = None
-            ) -> dict[str, Any]:  # fmt: skip
+def publish(run_dir: Path, summary: TrainingSummary, card: str, fingerprint: dict[str, str],
+            attempt: str | None = None) -> None:  # fmt: skip
     """Write summary and card into the verified staging folder, mark it complete, and rename it into place (only
     while this attempt still holds the run folder: see fence.py)."""
     staging = staging_dir(run_dir)
-    weights = staging / ADAPTER_FILE
-    ref = {"uri": str(run_dir / ADAPTER_DIR), "sizeBytes": weights.stat().st_size, "sha256": sha256_of(weights)}
-    summary = {**summary, "adapter": ref}
-    write_json_atomic(staging / SUMMARY_FILE, summary)
-    (staging / MODEL_CARD_FILE).write_text(model_card(summary))
+    write_json_atomic(staging / SUMMARY_FILE, summary.dumps())
+    (staging / MODEL_CARD_FILE).write_text(card)
     fence.check(run_dir, attempt, "publishing the adapter")
     merged = merged_staging_dir(run_dir)
-    if merged.is_dir():  # before the adapter's marker: a published adapter means its merged model is there too
+    if summary.merged_model:  # before the adapter's marker: a published adapter means its merged model is there too
         shutil.rmtree(run_dir / MERGED_DIR, ignore_errors=True)
         os.replace(merged, run_dir / MERGED_DIR)
+    else:  # a failed earlier attempt's, with mergeAdapter on then: not this adapter's
+        shutil.rmtree(merged, ignore_errors=True)
+    ref = summary.adapter.to_manifest() if summary.adapter else {}
     write_json_atomic(staging / COMPLETE_MARKER, {**ref, "fingerprint": fingerprint})
     final = run_dir / ADAPTER_DIR
     if final.exists():  # only an incomplete leftover can be here: a complete one stops the run before training
         shutil.rmtree(final)
     os.replace(staging, final)
-    return ref

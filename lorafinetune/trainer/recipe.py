@@ -10,12 +10,10 @@ import contextlib
 import math
 import os
 import random
-import resource
 import shutil
 import signal
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from lorafinetune.api.spec import LoRAFineTuneSpec
+from lorafinetune.api.status import AdapterRef
+from lorafinetune.api.uris import StorageURI
 from lorafinetune.contract import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
@@ -32,9 +32,10 @@ from lorafinetune.contract import (
     LOSS_PLOT_FILE,
     MERGED_DIR,
     ExitCode,
+    MergedModel,
 )
 from lorafinetune.plots import plot_loss_curves
-from lorafinetune.trainer import batching, checkpoint, data, engine, fence, model, output, remote
+from lorafinetune.trainer import batching, checkpoint, data, engine, fence, model, output, remote, summary
 from lorafinetune.trainer.errors import ConfigError, DataError, TrainerError
 from lorafinetune.trainer.fingerprint import spec_fingerprint
 from lorafinetune.trainer.loss import CHUNK_ELEMENTS, TokenLoss
@@ -46,10 +47,6 @@ class Interrupted(TrainerError):
     """Stopped on SIGINT/SIGTERM after writing a checkpoint."""
 
     exit_code = ExitCode.INTERRUPTED
-
-
-def _file_sha256(path: Path) -> str:
-    return output.sha256_of(path) if path.is_file() else ""
 
 
 class LoRAFineTuneRecipe:
@@ -74,12 +71,13 @@ class LoRAFineTuneRecipe:
         removed, say) fails with an I/O error whose real cause is this."""
         try:
             fence.check(self.run_dir, self.attempt, "going on")
-            if getattr(self, "mirror", None) is not None:
+            if getattr(self, "mirror", None) is not None:  # set in setup(), which may not have got that far
                 self.mirror.check(self.attempt, "going on")
         except fence.Superseded as err:
-            return err
-        except TrainerError:
-            pass  # the S3 claim could not be read: no evidence of a newer attempt
+            # No claim at all is no evidence of a newer attempt: this one may have failed before claiming
+            return err if err.holder is not None else None
+        except (TrainerError, OSError):
+            pass  # the claim could not be read: no evidence either
         return None
 
     # ---------------------------------------------------------------- setup
@@ -208,7 +206,7 @@ class LoRAFineTuneRecipe:
                 f"processes); add data or lower the batch settings"
             )
         self.total_steps = self.schedule.total_steps(t.epochs, t.max_steps)
-        self.fingerprint = {**spec_fingerprint(self.spec), "trainData": _file_sha256(self.train_path)[:16]}
+        self.fingerprint = {**spec_fingerprint(self.spec), "trainData": output.sha256_of(self.train_path)[:16]}
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
         self.stop_requested = True  # acted on at the next step boundary, by all ranks together
@@ -311,7 +309,7 @@ class LoRAFineTuneRecipe:
         es = self.spec.evaluation.early_stopping
         return es is not None and self.state.evals_without_gain >= es.patience
 
-    def _pinned_hub_commit(self, uri: Any) -> str:
+    def _pinned_hub_commit(self, uri: StorageURI) -> str:
         """The commit of an hf:// model that every rank loads: a commit in the URI; else the one the newest
         checkpoint was trained on (a retry must not load what the branch names now); else what the branch names now.
         Rank 0 decides and tells the others (each asking the Hub could straddle a push)."""
@@ -371,7 +369,7 @@ class LoRAFineTuneRecipe:
             self.mirror.check(self.attempt, f"completing {relative}")
             self.mirror.mark_complete(path, relative)
 
-    def save_adapter(self, started: float) -> dict[str, Any] | None:
+    def save_adapter(self, started: float) -> AdapterRef | None:
         """Gather the LoRA weights (collective under ZeRO-3), then rank 0 writes, verifies and publishes."""
         import deepspeed
 
@@ -395,58 +393,21 @@ class LoRAFineTuneRecipe:
             return None
         count = output.check_tensors(staging, self.adapted_modules, self.spec.lora.use_dora)
         merge_into = output.merged_staging_dir(self.run_dir) if self.spec.output.merge_adapter else None
-        merge_dtype = "bfloat16" if self.spec.model.dtype == "auto" else self.spec.model.dtype
+        merge_dtype = str(model.load_dtype(self.spec.model, self.spec.training.precision)).removeprefix("torch.")
         output.verify_in_fresh_process(staging, self.model_dir, self.model_revision, merge_into, merge_dtype)
-        state = self.state
-        plot_loss_curves(state.history, staging / LOSS_PLOT_FILE, f"{self.name}: loss per trained token")
-        summary = {
-            "name": self.name,
-            "spec": self.spec.to_manifest(),
-            "baseModel": {"uri": self.spec.model.uri, "revision": self.model_revision,
-                          "resolvedPath": str(self.model_dir)},  # fmt: skip
-            "dataset": {
-                "train": self.spec.dataset.train,
-                "trainSha256": _file_sha256(self.train_path),
-                "validation": self.spec.dataset.validation,
-                "validationSha256": _file_sha256(self.val_path) if self.val_path else None,
-                "trainExamples": len(self.train_examples),
-                "validationExamples": len(self.val_examples),
-            },
-            "worldSize": self.world,
-            "steps": self.steps_done,
-            "totalSteps": self.total_steps,
-            "epochs": self.schedule.epoch_of(self.steps_done),
-            "trainedTokens": state.trained_tokens,
-            "inputTokens": state.input_tokens,
-            "trainSeconds": round(state.train_seconds, 2),
-            "tokensPerSecond": round(state.tokens_per_second, 1),
-            # Rank 0's peaks (all ranks hold about the same): what `lorafinetune plan` estimates, measured.
-            "peakGpuMemoryBytes": torch.cuda.max_memory_allocated(self.device) if self.on_gpu else None,
-            "peakRssBytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "quantizedLinearLayers": self.quantized_layers,  # model.quantization: how many were
-            "trainableParameters": self.trainable,
-            "totalParameters": self.total_params,
-            "adapterTensors": count,
-            "durationSeconds": round(time.time() - started, 1),
-            "finalTrainLoss": state.final_train_loss,
-            "initialEvalLoss": state.initial_eval,
-            "finalEvalLoss": state.final_eval_loss,
-            "bestEvalLoss": state.best_eval,
-            "history": state.history,
-            "mergedModel": {"uri": self._published_uri(MERGED_DIR), "dtype": merge_dtype} if merge_into else None,
-            "completedAt": datetime.now(UTC).isoformat(),
-        }
-        ref = output.publish(self.run_dir, summary, self.fingerprint, self.attempt)
-        if self.model_revision:
-            ref = {**ref, "baseModelRevision": self.model_revision}
+        plot_loss_curves(self.state.history, staging / LOSS_PLOT_FILE, f"{self.name}: loss per trained token")
+        merged = MergedModel(uri=self._published_uri(MERGED_DIR), dtype=merge_dtype) if merge_into else None
+        adapter = output.adapter_ref(staging, self._published_uri(ADAPTER_DIR), self.model_revision,
+                                     merged.uri if merged else None)  # fmt: skip
+        record = summary.training_summary(self, adapter, count, merged, started)
+        output.publish(self.run_dir, record, summary.model_card(record), self.fingerprint, self.attempt)
         if self.mirror.remote:
             self.mirror.check(self.attempt, "publishing the adapter")
-            if merge_into:
+            if merged:
                 self.mirror.push(self.run_dir / MERGED_DIR, MERGED_DIR)
             self.mirror.push(self.run_dir / ADAPTER_DIR, ADAPTER_DIR)  # COMPLETE.json last: never seen half-written
-            ref = {**ref, "uri": self._published_uri(ADAPTER_DIR)}
-        self.report.finished(self.steps_done, state)
-        return ref
+        self.report.finished(self.steps_done, self.state)
+        return adapter
 
     def _published_uri(self, folder: str) -> str:
         return f"{self.mirror.remote}/{folder}" if self.mirror.remote else str(self.run_dir / folder)

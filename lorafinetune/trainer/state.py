@@ -1,5 +1,6 @@
 """What a run knows about itself beside its weights: the loss history, the best evaluation, token counts and time
-spent training. Every rank keeps the same copy (each value comes from a collective). It is saved in each checkpoint's
+spent training. Every rank keeps a copy: losses and token counts come from collectives and agree; the time spent and
+the learning rate are each rank's own (rank 0's is the one reported). It is saved in each checkpoint's
 COMPLETE.json and restored on resume, so that early stopping, the summary and the throughput carry on exactly."""
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-# The adapter folder's files that are not the adapter: the tokenizer, saved beside it by the trainer.
-_ADAPTER_ONLY = {"adapter_model.safetensors", "adapter_config.json"}
+# The adapter folder's files that belong to the adapter, not copied into the merged model: the weights, the config and
+# PEFT's model card (its front matter says `library_name: peft`). The rest is the tokenizer, saved by the trainer.
+_ADAPTER_ONLY = {"adapter_model.safetensors", "adapter_config.json", "README.md"}
 
 
 def check_adapter(model: PeftModel, adapter_dir: str) -> str | None:
