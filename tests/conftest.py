@@ -1,9 +1,8 @@
-"""Shared fixtures: a tiny random Llama (built once per session) and helpers to write manifests, run the CLI, pick a
-free port and poll until something holds."""
+"""Shared fixtures: a tiny random Llama (built once per session) and helpers to write manifests (built with
+tests/manifests.py), run the CLI, pick a free port and poll until something holds."""
 
 from __future__ import annotations
 
-import copy
 import socket
 import subprocess
 import sys
@@ -50,34 +49,6 @@ def tiny_tokenizer(tiny_model: Path) -> Any:
 @pytest.fixture(scope="session")
 def chat_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", chat_rows(96, seed=1))
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in override.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def tiny_manifest(model_dir: Path, train: Path, output_dir: Path, **spec_overrides: Any) -> dict:
-    """A manifest for a 2-process CPU run on the tiny model; override any spec field by nesting."""
-    spec = {
-        "model": {"uri": f"file://{model_dir}"},
-        "dataset": {"train": f"file://{train}", "format": "chat", "maxSeqLength": 64, "validationSplit": 0.125},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "training": {"maxSteps": 4, "microBatchSize": 2, "precision": "fp32", "learningRate": 0.01},
-        "deepspeed": {"zeroStage": 2},
-        "evaluation": {"everySteps": 2},
-        "checkpointing": {"everySteps": 2},
-        "resources": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 2},
-        "output": {"uri": f"file://{output_dir}"},
-    }
-    return {
-        "apiVersion": "lorafinetune.io/v1alpha1",
-        "kind": "LoRAFineTune",
-        "metadata": {"name": "tiny"},
-        "spec": deep_merge(spec, spec_overrides),
-    }
 
 
 def write_manifest(path: Path, manifest: dict) -> Path:

@@ -8,32 +8,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.conftest import deep_merge
-
-BASE: dict[str, Any] = {
-    "apiVersion": "lorafinetune.io/v1alpha1",
-    "kind": "LoRAFineTune",
-    "metadata": {"name": "demo"},
-    "spec": {
-        "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
-        "dataset": {"train": "pvc://data/train.jsonl"},
-        "training": {"maxSteps": 10},
-        "output": {"uri": "pvc://out/demo"},
-    },
-}
+from tests.manifests import MINIMAL, deep_merge, manifest
 
 
 @dataclass(frozen=True)
 class Case:
     id: str
-    patch: dict[str, Any]  # deep-merged into BASE (a "spec" or "metadata" key)
+    patch: dict[str, Any]  # deep-merged into a manifest of MINIMAL (a "spec" or "metadata" key)
     field: str  # the path both sides name
     message: str  # in validate's line for that path (and in the API server's, for CEL rules)
     api_server: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def manifest(self, name: str = "demo") -> dict[str, Any]:
-        return deep_merge(deep_merge(BASE, {"metadata": {"name": name}}), self.patch)
+        return deep_merge(manifest(name, MINIMAL), self.patch)
 
 
 def spec(**override: Any) -> dict[str, Any]:

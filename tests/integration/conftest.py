@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, free_port, wait_for
+from tests.manifests import SHARED_CLAIM
 
 GROUP, VERSION, PLURAL = "lorafinetune.io", "v1alpha1", "lorafinetunes"
 
@@ -160,9 +161,6 @@ def operator(kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         op.stop()
 
 
-SHARED_CLAIM = "shared"  # a bound claim in every test namespace: the operator tests' data and outputs
-
-
 class Cluster:
     """Thin helpers over the official client, bound to one test namespace."""
 
@@ -220,20 +218,6 @@ class Cluster:
         pods = sorted(self.pods(name, attempt), key=lambda p: p.metadata.name)
         for pod in pods if only is None else pods[only : only + 1]:
             self.core.patch_namespaced_pod(pod.metadata.name, self.ns, {"metadata": {"annotations": annotations}})
-
-
-def manifest(name: str, **spec_override: Any) -> dict:
-    """A cluster-valid fine-tune of 2 nodes x 8 GPUs on the namespace's shared claim; top-level spec keys merged."""
-    spec = {
-        "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
-        "dataset": {"train": f"pvc://{SHARED_CLAIM}/data/train.jsonl"},
-        "training": {"maxSteps": 100},
-        "resources": {"nodes": 2, "gpusPerNode": 8},
-        "output": {"uri": f"pvc://{SHARED_CLAIM}/out/{name}"},
-    }
-    for key, value in spec_override.items():
-        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
-    return {"apiVersion": "lorafinetune.io/v1alpha1", "kind": "LoRAFineTune", "metadata": {"name": name}, "spec": spec}
 
 
 def phase(c: Cluster, name: str) -> str | None:

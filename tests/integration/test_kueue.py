@@ -14,7 +14,8 @@ import pytest
 from kubernetes import client
 
 from tests.conftest import REPO, wait_for
-from tests.integration.conftest import Cluster, condition, manifest, phase, wait_phase
+from tests.integration.conftest import Cluster, condition, phase, wait_phase
+from tests.manifests import CLUSTER_RUN, manifest
 
 KUEUE = ("kueue.x-k8s.io", "v1beta2")
 
@@ -64,7 +65,8 @@ def _queues(c: Cluster, gpus: int) -> str:
 
 
 def queued(name: str, priority: str, ns: str) -> dict:
-    return manifest(name, runPolicy={"queueName": "gpu", "queuePriorityClass": f"{priority}-{ns}", "backoffLimit": 0})
+    run_policy = {"queueName": "gpu", "queuePriorityClass": f"{priority}-{ns}", "backoffLimit": 0}
+    return manifest(name, CLUSTER_RUN, runPolicy=run_policy)
 
 
 def test_kueue_admits_one_gang_at_a_time_and_its_preemption_is_a_disruption(cluster: Cluster, kueue):

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, free_port, tiny_manifest, wait_for, write_manifest
+from tests.conftest import REPO, free_port, wait_for, write_manifest
 from tests.integration.conftest import Cluster
-from tests.integration.conftest import manifest as lft_manifest
+from tests.manifests import CLUSTER_RUN, manifest, tiny_cpu_run
 from tests.prometheus import DASHBOARD, Prometheus, dashboard_queries, substitute
 
 pytestmark = pytest.mark.integration
@@ -37,16 +37,15 @@ def test_prometheus_scrapes_training_and_operator_and_every_dashboard_query_retu
 ):
     # The fine-tune exists in the cluster (so the operator reports its phase), and its rank 0 is a local run that
     # Prometheus scrapes with the labels a PodMonitor would give the pod.
-    cluster.apply(lft_manifest("watched"))
+    cluster.apply(manifest("watched", CLUSTER_RUN))
     wait_for(lambda: cluster.get("watched").get("status", {}).get("phase") == "Running", 60, "Running")
     labels = {"namespace": cluster.ns, "finetune": "watched"}
     trainer_port = free_port()
     prom = Prometheus(tmp_path, {"trainer": (trainer_port, labels), "operator": (operator.metrics_port, {})})
     out = tmp_path / "run"
     spec = {"training": {"maxSteps": 400}, "evaluation": {"everySteps": 20}, "checkpointing": {"everySteps": 50}}
-    m = tiny_manifest(tiny_model, chat_data, out, **spec)
-    m["metadata"]["name"] = labels["finetune"]
-    path = write_manifest(tmp_path / "m.yaml", m)
+    lft = manifest(labels["finetune"], tiny_cpu_run(tiny_model, chat_data, out), **spec)
+    path = write_manifest(tmp_path / "m.yaml", lft)
     run = subprocess.Popen(
         [sys.executable, "-m", "lorafinetune.cli", "run", str(path), "--quiet", "--metrics-port", str(trainer_port)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

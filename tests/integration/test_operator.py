@@ -14,15 +14,16 @@ from kubernetes.client.exceptions import ApiException
 
 from lorafinetune.api.base import APIModel
 from tests.conftest import wait_for
-from tests.integration.conftest import Cluster, Operator, condition, manifest, phase, wait_phase
+from tests.integration.conftest import Cluster, Operator, condition, phase, wait_phase
 from tests.invalid_manifests import CASES
+from tests.manifests import CLUSTER_RUN, manifest
 
 pytestmark = pytest.mark.integration
 
 
 def test_create_runs_the_gang_and_success_is_reported(cluster: Cluster):
     c = cluster
-    lft = c.apply(manifest("ok"))
+    lft = c.apply(manifest("ok", CLUSTER_RUN))
     wait_phase(c, "ok", "Running")
     [job] = c.jobs("ok")
     assert job.metadata.name == "ok-a1"
@@ -56,7 +57,7 @@ def test_create_runs_the_gang_and_success_is_reported(cluster: Cluster):
 
 def test_a_failed_pod_fails_the_gang_which_is_retried_then_given_up(cluster: Cluster):
     c = cluster
-    c.apply(manifest("flaky", runPolicy={"backoffLimit": 1}))
+    c.apply(manifest("flaky", CLUSTER_RUN, runPolicy={"backoffLimit": 1}))
     wait_phase(c, "flaky", "Running")
     c.finish_pods("flaky", 1, "Failed", only=1, exit_code="137", reason="OOMKilled")
     status = wait_phase(c, "flaky", "Retrying", timeout=30)
@@ -78,7 +79,7 @@ def test_a_failed_pod_fails_the_gang_which_is_retried_then_given_up(cluster: Clu
 
 def test_a_permanent_trainer_error_is_not_retried(cluster: Cluster):
     c = cluster
-    c.apply(manifest("baddata", runPolicy={"backoffLimit": 3}))
+    c.apply(manifest("baddata", CLUSTER_RUN, runPolicy={"backoffLimit": 3}))
     wait_phase(c, "baddata", "Running")
     # As in a real pod (tests/e2e/test_real_pods.py): torchrun exits 1, the trainer's termination message says 3.
     message = json.dumps({"exitCode": 3, "reason": "DataError", "message": "train.jsonl:7: not valid JSON"})
@@ -93,7 +94,7 @@ def test_a_permanent_trainer_error_is_not_retried(cluster: Cluster):
 
 def test_suspend_stops_the_attempt_and_resume_starts_a_new_one(cluster: Cluster):
     c = cluster
-    c.apply(manifest("pause"))
+    c.apply(manifest("pause", CLUSTER_RUN))
     wait_phase(c, "pause", "Running")
     for pod in c.pods("pause", 1):  # after SIGTERM they take 8 s to stop, as trainers writing a checkpoint do
         c.core.patch_namespaced_pod(pod.metadata.name, c.ns,
@@ -120,7 +121,8 @@ def test_pods_stuck_terminating_on_a_lost_node_do_not_hold_back_the_next_attempt
     # The test operator gives pods a 5 s grace period and calls a pod lost 10 s after it (conftest): a pod still
     # Terminating then has no kubelet finishing it, as on a NotReady or partitioned node.
     c = cluster
-    c.apply(manifest("lost", resources={"nodes": 1, "gpusPerNode": 4}))  # the lost pod keeps its GPUs: leave room
+    # the lost pod keeps its GPUs: leave room
+    c.apply(manifest("lost", CLUSTER_RUN, resources={"nodes": 1, "gpusPerNode": 4}))
     wait_phase(c, "lost", "Running")
     for pod in c.pods("lost", 1):  # no kubelet will confirm these pods' end
         c.core.patch_namespaced_pod(pod.metadata.name, c.ns,
@@ -141,7 +143,7 @@ def test_pods_stuck_terminating_on_a_lost_node_do_not_hold_back_the_next_attempt
 
 def test_active_deadline_fails_the_run(cluster: Cluster):
     c = cluster
-    c.apply(manifest("slow", runPolicy={"activeDeadlineSeconds": 3}))
+    c.apply(manifest("slow", CLUSTER_RUN, runPolicy={"activeDeadlineSeconds": 3}))
     status = wait_phase(c, "slow", "Failed", timeout=30)
     assert condition(status, "Failed")["reason"] == "DeadlineExceeded"
     wait_for(lambda: not c.jobs("slow"), 30, "the Job to be deleted")
@@ -149,7 +151,7 @@ def test_active_deadline_fails_the_run(cluster: Cluster):
 
 def test_ttl_removes_the_children_of_a_finished_run(cluster: Cluster):
     c = cluster
-    c.apply(manifest("short", runPolicy={"ttlSecondsAfterFinished": 2}))
+    c.apply(manifest("short", CLUSTER_RUN, runPolicy={"ttlSecondsAfterFinished": 2}))
     wait_phase(c, "short", "Running")
     c.finish_pods("short", 1, "Succeeded")
     wait_phase(c, "short", "Succeeded")
@@ -161,7 +163,7 @@ def test_ttl_removes_the_children_of_a_finished_run(cluster: Cluster):
 
 def test_deleting_the_resource_leaves_nothing_behind(cluster: Cluster):
     c = cluster
-    c.apply(manifest("gone"))
+    c.apply(manifest("gone", CLUSTER_RUN))
     wait_phase(c, "gone", "Running")
     c.delete("gone")
     wait_for(lambda: not c.jobs("gone") and not c.pods("gone", 1), 60, "garbage collection of Jobs and pods")
@@ -174,7 +176,7 @@ def test_more_gpus_than_any_node_has_is_a_warning_and_the_pods_wait_for_an_autos
     # A cluster autoscaler adds a 16-GPU node only for a pod that asks for one: the Job is created anyway, and the
     # pending bound (its own test below) decides how long the pods may wait.
     c = cluster
-    c.apply(manifest("huge", resources={"nodes": 1, "gpusPerNode": 16}))
+    c.apply(manifest("huge", CLUSTER_RUN, resources={"nodes": 1, "gpusPerNode": 16}))
     wait_for(lambda: any(e.reason == "InsufficientGPUs" and e.type == "Warning"
                          and "no node has more than 8 allocatable nvidia.com/gpu now" in e.message
                          for e in c.events("huge")), 30, "the InsufficientGPUs warning")  # fmt: skip
@@ -190,7 +192,7 @@ def test_pods_refused_by_a_quota_are_explained_then_bounded_by_the_pending_timeo
                                    spec=client.V1ResourceQuotaSpec(hard={"pods": "0"}))  # fmt: skip
     c.core.create_namespaced_resource_quota(c.ns, quota)
     wait_for(lambda: c.core.read_namespaced_resource_quota("no-pods", c.ns).status.hard, 30, "the quota to count")
-    c.apply(manifest("quota", runPolicy={"pendingTimeoutSeconds": 30, "backoffLimit": 0}))
+    c.apply(manifest("quota", CLUSTER_RUN, runPolicy={"pendingTimeoutSeconds": 30, "backoffLimit": 0}))
     ready = wait_for(lambda: (r := condition(c.get("quota")["status"], "Ready"))["reason"] == "FailedCreate" and r,
                      30, "the Job controller's FailedCreate in the Ready condition")  # fmt: skip
     assert "exceeded quota: no-pods" in ready["message"] and phase(c, "quota") == "Pending"
@@ -203,7 +205,7 @@ def test_pods_refused_by_a_quota_are_explained_then_bounded_by_the_pending_timeo
 
 def test_preemptions_restart_the_gang_without_spending_the_backoff_limit(cluster: Cluster):
     c = cluster
-    c.apply(manifest("spot", runPolicy={"backoffLimit": 1}))
+    c.apply(manifest("spot", CLUSTER_RUN, runPolicy={"backoffLimit": 1}))
     for attempt in range(1, 6):
         wait_for(lambda n=attempt: (s := c.get("spot")["status"]).get("phase") == "Running" and s["attempt"] == n,
                  60, f"attempt {attempt} to run")  # fmt: skip
@@ -231,7 +233,7 @@ def test_preemptions_restart_the_gang_without_spending_the_backoff_limit(cluster
 
 def test_a_gang_that_does_not_fit_says_why_in_status(cluster: Cluster):
     c = cluster
-    c.apply(manifest("wide", resources={"nodes": 3, "gpusPerNode": 8}))  # 3 x 8 GPUs on 2 nodes of 8
+    c.apply(manifest("wide", CLUSTER_RUN, resources={"nodes": 3, "gpusPerNode": 8}))  # 3 x 8 GPUs on 2 nodes of 8
     def ready_condition():
         status = c.get("wide").get("status", {})
         ready = [x for x in status.get("conditions", []) if x["type"] == "Ready"]
@@ -244,7 +246,7 @@ def test_a_gang_that_does_not_fit_says_why_in_status(cluster: Cluster):
 
 def test_a_missing_pvc_is_reported_and_creates_no_pods(cluster: Cluster):
     c = cluster
-    c.apply(manifest("nopvc", output={"uri": "pvc://adapters/run1"}))
+    c.apply(manifest("nopvc", CLUSTER_RUN, output={"uri": "pvc://adapters/run1"}))
     wait_for(lambda: any("PersistentVolumeClaim 'adapters' does not exist" in e.message for e in c.events("nopvc")),
              30, "a PVCNotFound event")  # fmt: skip
     assert not c.jobs("nopvc") and phase(c, "nopvc") == "Pending"
@@ -255,7 +257,7 @@ def test_a_run_that_cannot_fit_in_the_nodes_gpu_memory_holds_no_gpu_until_the_sp
     # The nodes carry GPU feature discovery's nvidia.com/gpu.memory (80 GB H100s); the model's config comes from the
     # (stand-in) Hub. 70 B parameters in bf16 are 131 GiB on every GPU under ZeRO-2: no pod is created.
     c = cluster
-    c.apply(manifest("too-big", model={"uri": "hf://meta-llama/Llama-3.1-70B"}))
+    c.apply(manifest("too-big", CLUSTER_RUN, model={"uri": "hf://meta-llama/Llama-3.1-70B"}))
     status = wait_for(lambda: (s := c.get("too-big").get("status", {})).get("conditions") and s, 30, "a condition")
     ready = condition(status, "Ready")
     assert (ready["reason"], ready["status"], status["phase"]) == ("WontFit", "False", "Pending"), ready
@@ -274,7 +276,7 @@ def test_a_run_that_cannot_fit_in_the_nodes_gpu_memory_holds_no_gpu_until_the_sp
 def test_a_missing_credentials_secret_is_reported_and_creates_no_pods(cluster: Cluster):
     c = cluster
     s3 = {"endpointUrl": "http://127.0.0.1:9000", "credentialsSecret": "s3-creds"}
-    c.apply(manifest("nosecret", output={"uri": "s3://adapters/run1"}, s3=s3))
+    c.apply(manifest("nosecret", CLUSTER_RUN, output={"uri": "s3://adapters/run1"}, s3=s3))
     status = wait_for(lambda: (s := c.get("nosecret").get("status", {})).get("conditions") and s, 30, "a condition")
     ready = condition(status, "Ready")
     assert (ready["reason"], status["phase"]) == ("SecretNotFound", "Pending")
@@ -321,7 +323,7 @@ def test_a_spec_the_api_server_accepts_but_the_operator_cannot_run_fails_loudly(
 
 def test_training_settings_are_immutable_but_suspend_is_not(cluster: Cluster):
     c = cluster
-    c.apply(manifest("frozen"))
+    c.apply(manifest("frozen", CLUSTER_RUN))
     wait_phase(c, "frozen", "Running")
     with pytest.raises(ApiException) as err:
         c.patch_spec("frozen", {"training": {"learningRate": 0.1}})
@@ -335,7 +337,7 @@ def test_training_settings_are_immutable_but_suspend_is_not(cluster: Cluster):
 
 def test_an_operator_killed_mid_run_converges_without_duplicates(cluster: Cluster, operator):
     c = cluster
-    c.apply(manifest("crashy"))
+    c.apply(manifest("crashy", CLUSTER_RUN))
     wait_phase(c, "crashy", "Running")
     operator.kill()
     c.finish_pods("crashy", 1, "Succeeded")  # the run finishes while nobody watches
@@ -347,7 +349,7 @@ def test_an_operator_killed_mid_run_converges_without_duplicates(cluster: Cluste
 
 def test_operator_metrics_count_reconciles_and_phases(cluster: Cluster, operator):
     c = cluster
-    c.apply(manifest("counted"))
+    c.apply(manifest("counted", CLUSTER_RUN))
     wait_phase(c, "counted", "Running")
     # The gauge follows the status patch within the same reconcile
     values = wait_for(lambda: (v := _metric_values(operator))['lorafinetune_operator_resources{phase="Running"}']
@@ -368,7 +370,7 @@ def _metric_values(operator) -> dict[str, float]:
 
 def test_finished_runs_cost_nothing_and_deleting_one_needs_no_operator(cluster: Cluster, operator):
     c = cluster
-    c.apply(manifest("rest", runPolicy={"ttlSecondsAfterFinished": 2}))
+    c.apply(manifest("rest", CLUSTER_RUN, runPolicy={"ttlSecondsAfterFinished": 2}))
     wait_phase(c, "rest", "Running")
     assert not c.get("rest")["metadata"].get("finalizers"), "nothing can make its deletion wait for the operator"
     c.finish_pods("rest", 1, "Succeeded")
@@ -407,7 +409,7 @@ def _owner_uid(obj) -> str:
 
 def test_a_recreated_fine_tune_waits_for_the_old_ones_pods_and_adopts_nothing_of_it(cluster: Cluster):
     c = cluster
-    old = c.apply(manifest("again"))
+    old = c.apply(manifest("again", CLUSTER_RUN))
     wait_phase(c, "again", "Running")
     for pod in c.pods("again", 1):  # the old pods write a last checkpoint for 8 s after SIGTERM
         c.core.patch_namespaced_pod(pod.metadata.name, c.ns,
@@ -415,7 +417,7 @@ def test_a_recreated_fine_tune_waits_for_the_old_ones_pods_and_adopts_nothing_of
     old_job_uid = c.jobs("again")[0].metadata.uid
     c.delete("again")
     wait_for(lambda: all(p.metadata.deletion_timestamp for p in c.pods("again", 1)) or None, 30, "old pods stopping")
-    new = c.apply(manifest("again"))  # same name, new UID, same output
+    new = c.apply(manifest("again", CLUSTER_RUN))  # same name, new UID, same output
     assert new["metadata"]["uid"] != old["metadata"]["uid"]
 
     def old_pods():
@@ -440,7 +442,7 @@ def test_a_child_name_held_by_another_object_is_not_adopted(cluster: Cluster):
     c = cluster
     squatter = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="squat-config"), data={"config.json": "{}"})
     c.core.create_namespaced_config_map(c.ns, squatter)
-    c.apply(manifest("squat"))
+    c.apply(manifest("squat", CLUSTER_RUN))
     ready = wait_for(lambda: (r := condition(c.get("squat")["status"], "Ready"))["reason"] == "NameInUse" and r, 30,
                      "NameInUse")  # fmt: skip
     assert "ConfigMap squat-config already exists and belongs to nobody" in ready["message"]
@@ -457,7 +459,7 @@ def test_an_edited_mutable_field_reaches_the_next_attempt(cluster: Cluster):
                              "AWS_SECRET_ACCESS_KEY": "b"})  # fmt: skip
     c.core.create_namespaced_secret(c.ns, secret)
     s3 = {"endpointUrl": "http://old-endpoint:9000", "credentialsSecret": "s3-creds"}
-    c.apply(manifest("moved", output={"uri": "s3://adapters/run1"}, s3=s3, runPolicy={"backoffLimit": 2}))
+    c.apply(manifest("moved", CLUSTER_RUN, output={"uri": "s3://adapters/run1"}, s3=s3, runPolicy={"backoffLimit": 2}))
     wait_phase(c, "moved", "Running")
     c.patch_spec("moved", {"s3": {"endpointUrl": "http://new-endpoint:9000"}})
     c.finish_pods("moved", 1, "Failed", only=0, exit_code="1")  # e.g. the old endpoint went away
@@ -482,7 +484,7 @@ def test_two_replicas_one_acts_and_the_other_takes_over_when_it_dies(cluster: Cl
         [standby] = [r for r in replicas if r is not leader]
         assert "waiting to lead" in standby.log.read_text()
 
-        c.apply(manifest("ha", runPolicy={"backoffLimit": 2}))
+        c.apply(manifest("ha", CLUSTER_RUN, runPolicy={"backoffLimit": 2}))
         wait_phase(c, "ha", "Running")
         c.finish_pods("ha", 1, "Failed", only=0, exit_code="1")
         wait_phase(c, "ha", "Retrying", timeout=30)

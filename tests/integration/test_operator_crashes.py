@@ -15,7 +15,8 @@ import threading
 import time
 
 from tests.conftest import wait_for
-from tests.integration.conftest import Cluster, Operator, manifest
+from tests.integration.conftest import Cluster, Operator
+from tests.manifests import CLUSTER_RUN, manifest
 
 KILLS = int(os.environ.get("LFT_OPERATOR_KILLS", "5"))
 
@@ -49,7 +50,7 @@ def test_the_operator_killed_at_random_points_loses_and_duplicates_nothing(clust
             # New runs keep arriving, so the kills land in every phase: creating, pending, running, retrying.
             if kill % 2 == 0:
                 name = f"k{kill}"
-                c.apply(manifest(name, runPolicy={"backoffLimit": 2}, resources={"gpusPerNode": 0}))
+                c.apply(manifest(name, CLUSTER_RUN, runPolicy={"backoffLimit": 2}, resources={"gpusPerNode": 0}))
                 names.append(name)
             time.sleep(rng.uniform(0.0, 2.5))
             operator.kill()

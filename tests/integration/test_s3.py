@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from lorafinetune.s3 import S3Error, S3Location, S3Store
-from tests.conftest import REPO, free_port, run_cli, tiny_manifest, wait_for, write_manifest
+from tests.conftest import REPO, free_port, run_cli, wait_for, write_manifest
+from tests.manifests import manifest, tiny_cpu_run
 
 pytestmark = pytest.mark.integration
 ACCESS, SECRET = "lft-test-access", "lft-test-secret-key"
@@ -145,11 +146,12 @@ def test_server_stopped_during_an_upload_fails_clearly_and_never_marks_complete(
 
 def local_s3_run(tmp_path: Path, tiny_model: Path, chat_data: Path, spec: dict) -> tuple[dict, tuple, Path]:
     """The environment, `lorafinetune run` arguments and scratch root of a local run whose output is in S3."""
-    manifest = write_manifest(tmp_path / "m.yaml", tiny_manifest(tiny_model, chat_data, tmp_path / "x", **spec))
+    lft = manifest("tiny", tiny_cpu_run(tiny_model, chat_data, tmp_path / "x"), **spec)
+    path = write_manifest(tmp_path / "m.yaml", lft)
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET,
            "LFT_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
     scratch = tmp_path / "pvc"
-    return env, ("run", str(manifest), "--quiet", "--pvc-root", str(scratch)), scratch
+    return env, ("run", str(path), "--quiet", "--pvc-root", str(scratch)), scratch
 
 
 def _output_spec(store: S3Store, root: str, monkeypatch):

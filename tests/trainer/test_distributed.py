@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from lorafinetune.contract import ENV_LOSS_CHUNK, ExitCode
-from tests.conftest import REPO, free_port, run_cli, tiny_manifest, write_manifest
+from tests.conftest import REPO, free_port, run_cli, write_manifest
+from tests.manifests import manifest, tiny_cpu_run
 
 pytestmark = pytest.mark.multiprocess
 
@@ -28,8 +29,8 @@ pytestmark = pytest.mark.multiprocess
 def train(tmp: Path, model_dir: Path, data: Path, name: str, env: dict | None = None, **spec) -> tuple:
     """Run one manifest; returns (process, output folder)."""
     out = tmp / name
-    manifest = write_manifest(tmp / f"{name}.yaml", tiny_manifest(model_dir, data, out, **spec))
-    proc = run_cli("run", str(manifest), "--quiet", env={**os.environ, **(env or {})})
+    path = write_manifest(tmp / f"{name}.yaml", manifest("tiny", tiny_cpu_run(model_dir, data, out), **spec))
+    proc = run_cli("run", str(path), "--quiet", env={**os.environ, **(env or {})})
     return proc, out
 
 
@@ -204,10 +205,10 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path, tiny_model, chat
     out = tmp_path / "long"
     spec = {"training": {"maxSteps": LONG_RUN}, "checkpointing": {"everySteps": 1000},
             "evaluation": {"everySteps": 1000}}
-    manifest = write_manifest(tmp_path / "long.yaml", tiny_manifest(tiny_model, chat_data, out, **spec))
+    path = write_manifest(tmp_path / "long.yaml", manifest("tiny", tiny_cpu_run(tiny_model, chat_data, out), **spec))
     port = free_port()
     runner = subprocess.Popen(
-        [sys.executable, "-m", "lorafinetune.cli", "run", str(manifest), "--quiet", "--metrics-port", str(port)],
+        [sys.executable, "-m", "lorafinetune.cli", "run", str(path), "--quiet", "--metrics-port", str(port)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_sigint_as_in_a_terminal,
     )  # fmt: skip
     try:
@@ -231,7 +232,7 @@ def test_ctrl_c_checkpoints_and_running_again_resumes(tmp_path, tiny_model, chat
     assert len(saved) == 1 and 3 <= int(saved[0].name.split("-")[1]) < LONG_RUN
     stopped_at = int(saved[0].name.split("-")[1])
 
-    proc = run_cli("run", str(manifest), "--quiet")
+    proc = run_cli("run", str(path), "--quiet")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"resuming from step {stopped_at}" in (out / "logs" / "node-0.log").read_text()
     assert summary(out)["steps"] == LONG_RUN
@@ -256,8 +257,8 @@ def test_stopping_the_run_command_stops_its_training_with_a_checkpoint(sig, tmp_
     out = tmp_path / "long"
     spec = {"training": {"maxSteps": LONG_RUN}, "checkpointing": {"everySteps": 1000},
             "evaluation": {"everySteps": 1000}}
-    manifest = write_manifest(tmp_path / "long.yaml", tiny_manifest(tiny_model, chat_data, out, **spec))
-    runner = subprocess.Popen([sys.executable, "-m", "lorafinetune.cli", "run", str(manifest), "--quiet"], cwd=REPO,
+    path = write_manifest(tmp_path / "long.yaml", manifest("tiny", tiny_cpu_run(tiny_model, chat_data, out), **spec))
+    runner = subprocess.Popen([sys.executable, "-m", "lorafinetune.cli", "run", str(path), "--quiet"], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         wait_until_training(runner, out, step=2)
@@ -302,8 +303,8 @@ def test_a_paused_run_that_wakes_after_a_newer_one_took_over_publishes_nothing(t
     """A frozen node's ranks (here: SIGSTOP) that come back after the next attempt started must not save over it."""
     out = tmp_path / "shared"
     spec = {"training": {"maxSteps": 24}, "checkpointing": {"everySteps": 4}, "evaluation": {"everySteps": 1000}}
-    manifest = write_manifest(tmp_path / "shared.yaml", tiny_manifest(tiny_model, chat_data, out, **spec))
-    old = subprocess.Popen([sys.executable, "-m", "lorafinetune.cli", "run", str(manifest), "--quiet"], cwd=REPO,
+    path = write_manifest(tmp_path / "shared.yaml", manifest("tiny", tiny_cpu_run(tiny_model, chat_data, out), **spec))
+    old = subprocess.Popen([sys.executable, "-m", "lorafinetune.cli", "run", str(path), "--quiet"], cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     frozen: list[int] = []
     try:
@@ -311,7 +312,7 @@ def test_a_paused_run_that_wakes_after_a_newer_one_took_over_publishes_nothing(t
         frozen = [old.pid, *_trainer_pids(out)]
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
-        new = run_cli("run", str(manifest), "--quiet")  # the next attempt, on the same folder
+        new = run_cli("run", str(path), "--quiet")  # the next attempt, on the same folder
         assert new.returncode == 0, new.stdout + new.stderr
         adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
         checkpoints = sorted((p.name, (p / "COMPLETE.json").read_text()) for p in (out / "checkpoints").iterdir())

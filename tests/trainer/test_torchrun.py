@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.operator.builders import Owner, build_job
 from lorafinetune.operator.settings import OperatorSettings
 from lorafinetune.operator.status import observe_attempt
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.multiprocess
 SPEC = LoRAFineTuneSpec.model_validate({
@@ -34,11 +33,8 @@ def pod_env() -> dict[str, str]:
 
 
 def torchrun(tmp_path: Path, **env: str) -> subprocess.Popen:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "tests.trainer.stand_in_rank"]  # fmt: skip
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "tests.trainer.stand_in_rank"]  # fmt: skip
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "LFT_TERMINATION_LOG": str(tmp_path / "termination.json"),
                 "STAND_IN_OUT": str(tmp_path / "rank"), **env}  # fmt: skip
     return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

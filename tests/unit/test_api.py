@@ -10,16 +10,13 @@ import yaml
 
 from lorafinetune.api import ManifestError, load_manifest, parse_manifest, parse_uri
 from lorafinetune.generate.crd import build_crd
-from tests.conftest import REPO, deep_merge, run_cli
-from tests.invalid_manifests import BASE, CASES
-
-
-def with_spec(**override) -> dict:
-    return deep_merge(BASE, {"spec": override})
+from tests.conftest import REPO, run_cli
+from tests.invalid_manifests import CASES
+from tests.manifests import MINIMAL, manifest
 
 
 def test_minimal_manifest_gets_documented_defaults():
-    lft = parse_manifest(BASE)
+    lft = parse_manifest(manifest("demo", MINIMAL))
     s = lft.spec
     assert (s.lora.r, s.lora.alpha, s.lora.target_modules) == (16, 32.0, ["all-linear"])
     assert (s.deepspeed.zero_stage, s.resources.nodes, s.resources.procs_per_node) == (2, 1, 1)
@@ -58,27 +55,28 @@ def test_invalid_spec_names_the_field_and_what_is_valid(case):
 )
 def test_more_invalid_specs_name_the_field(override, path, message):
     with pytest.raises(ManifestError) as err:
-        parse_manifest(with_spec(**override))
+        parse_manifest(manifest("demo", MINIMAL, **override))
     lines = err.value.problems
     assert any(line.startswith(f"{path}:") and message in line for line in lines), lines
 
 
 def test_a_hub_model_with_its_code_pinned_to_a_commit_and_a_token_by_reference_is_valid():
     commit = "0123456789abcdef0123456789abcdef01234567"
-    m = parse_manifest(with_spec(model={"uri": f"hf://org/m@{commit}", "trustRemoteCode": True, "tokenSecret": "hf"}))
+    model = {"uri": f"hf://org/m@{commit}", "trustRemoteCode": True, "tokenSecret": "hf"}
+    m = parse_manifest(manifest("demo", MINIMAL, model=model))
     assert (m.spec.model.token_secret, m.spec.model.trust_remote_code) == ("hf", True)
 
 
 def test_missing_required_fields_are_named():
-    manifest = deep_merge(BASE, {})
-    del manifest["spec"]["output"]
+    m = manifest("demo", MINIMAL)
+    del m["spec"]["output"]
     with pytest.raises(ManifestError, match=r"spec.output: required field is missing"):
-        parse_manifest(manifest)
+        parse_manifest(m)
 
 
 def test_name_too_long_for_child_objects():
     with pytest.raises(ManifestError, match="metadata.name must be at most 40"):
-        parse_manifest(deep_merge(BASE, {"metadata": {"name": "x" * 41}}))
+        parse_manifest(manifest("x" * 41, MINIMAL))
 
 
 @pytest.mark.parametrize(
@@ -157,16 +155,15 @@ def test_validate_for_a_cluster_refuses_what_only_a_local_run_can_use():
 
 
 def test_names_a_service_cannot_carry_are_refused_for_a_cluster_only():
-    dotted = deep_merge(BASE, {"metadata": {"name": "run.v2"}})
-    dotted["spec"].update({"model": {"uri": "pvc://models/m"}, "dataset": {"train": "pvc://data/t.jsonl"},
-                           "output": {"uri": "pvc://out/run"}})  # fmt: skip
+    dotted = manifest("run.v2", MINIMAL, model={"uri": "pvc://models/m"}, dataset={"train": "pvc://data/t.jsonl"},
+                      output={"uri": "pvc://out/run"})  # fmt: skip
     parse_manifest(dotted)  # a local run's name only names its folder
     with pytest.raises(ManifestError, match=r"metadata.name must be a DNS-1035 label in a cluster"):
         parse_manifest(dotted, cluster=True)
 
 
 def test_validate_command_lists_every_problem(tmp_path: Path):
-    bad = with_spec(training={"learningRate": 0, "microBatchSize": 0}, lora={"rank": 8})
+    bad = manifest("demo", MINIMAL, training={"learningRate": 0, "microBatchSize": 0}, lora={"rank": 8})
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
     proc = run_cli("validate", str(path))

@@ -62,12 +62,12 @@ def test_a_write_that_failed_because_a_newer_attempt_took_over_is_reported_as_th
     from lorafinetune.contract import ENV_ATTEMPT
     from lorafinetune.trainer.__main__ import _superseded_or_none
     from lorafinetune.trainer.recipe import LoRAFineTuneRecipe
-    from tests.conftest import tiny_manifest
+    from tests.manifests import tiny_cpu_run
 
     run = tmp_path / "run"
     run.mkdir()
     monkeypatch.setenv(ENV_ATTEMPT, "attempt-1")
-    spec = LoRAFineTuneSpec.model_validate(tiny_manifest(tmp_path, tmp_path / "train.jsonl", run)["spec"])
+    spec = LoRAFineTuneSpec.model_validate(tiny_cpu_run(tmp_path, tmp_path / "train.jsonl", run))
     recipe = LoRAFineTuneRecipe("tiny", spec, run)
     fence.claim(run, "attempt-1")
     failure = FileNotFoundError(2, "No such file or directory", str(run / "checkpoints/step-00000004.partial"))

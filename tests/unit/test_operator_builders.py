@@ -7,15 +7,14 @@ import json
 from lorafinetune.api import parse_manifest
 from lorafinetune.operator.builders import Owner, build_config_map, build_job, build_service, master_address
 from lorafinetune.operator.settings import OperatorSettings
-from tests.conftest import deep_merge
-from tests.invalid_manifests import BASE
+from tests.manifests import MINIMAL, manifest
 
 OWNER = Owner("llama", "team-a", "uid-123")
 SETTINGS = OperatorSettings()
 
 
 def spec(**override):
-    return parse_manifest(deep_merge(BASE, {"spec": override})).spec
+    return parse_manifest(manifest("demo", MINIMAL, **override)).spec
 
 
 def env_of(job) -> dict:

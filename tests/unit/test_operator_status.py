@@ -13,15 +13,14 @@ from lorafinetune.contract import ExitCode
 from lorafinetune.operator.progress import parse_metrics
 from lorafinetune.operator.settings import OperatorSettings
 from lorafinetune.operator.status import AttemptOutcome, observe_attempt, plan
-from tests.conftest import deep_merge
-from tests.invalid_manifests import BASE
+from tests.manifests import MINIMAL, manifest
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 SETTINGS = OperatorSettings(backoff_base_seconds=10, backoff_cap_seconds=60)
 
 
 def spec(**run_policy):
-    return parse_manifest(deep_merge(BASE, {"spec": {"runPolicy": run_policy}})).spec
+    return parse_manifest(manifest("demo", MINIMAL, runPolicy=run_policy)).spec
 
 
 def job(parallelism=2, **conditions):

@@ -10,6 +10,7 @@ from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.cli import main as cli
 from lorafinetune.operator import fit
 from lorafinetune.plan import GIB, PlanError, Shape, estimate, parse_memory
+from tests.manifests import manifest
 
 SMOLLM2_135M = {
     "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
@@ -22,17 +23,18 @@ LLAMA_8B = {
 }  # fmt: skip
 
 
+# A run on one GPU whose model the `hub` fixture below serves; the expected sizes and suggestions follow from it.
+ONE_GPU_RUN = {
+    "model": {"uri": "hf://org/model"},
+    "dataset": {"train": "file:///data/train.jsonl", "maxSeqLength": 1024},
+    "training": {"maxSteps": 10, "microBatchSize": 4},
+    "resources": {"nodes": 1, "gpusPerNode": 1},
+    "output": {"uri": "file:///out"},
+}
+
+
 def spec(**override) -> LoRAFineTuneSpec:
-    s = {
-        "model": {"uri": "hf://org/model"},
-        "dataset": {"train": "file:///data/train.jsonl", "maxSeqLength": 1024},
-        "training": {"maxSteps": 10, "microBatchSize": 4},
-        "resources": {"nodes": 1, "gpusPerNode": 1},
-        "output": {"uri": "file:///out"},
-    }
-    for key, value in override.items():
-        s[key] = {**s.get(key, {}), **value}
-    return LoRAFineTuneSpec.model_validate(s)
+    return LoRAFineTuneSpec.model_validate(manifest("plan", ONE_GPU_RUN, **override)["spec"])
 
 
 def test_parameter_counts_are_those_the_trainer_reports_for_smollm2():
@@ -196,18 +198,16 @@ def test_an_unreachable_hub_means_no_check_and_is_not_asked_on_every_reconcile(m
 
 
 # ------------------------------------------------------------------------------------------------ the command
-def write(tmp_path, manifest: dict, config: dict):
+def write(tmp_path, lft: dict, config: dict):
     import yaml
 
-    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(lft))
     (tmp_path / "config.json").write_text(json.dumps(config))
     return str(tmp_path / "m.yaml"), str(tmp_path / "config.json")
 
 
 def test_plan_command_prints_the_breakdown_and_exits_1_when_it_does_not_fit(tmp_path, capsys):
-    manifest = {"apiVersion": "lorafinetune.io/v1alpha1", "kind": "LoRAFineTune", "metadata": {"name": "big"},
-                "spec": spec(training={"microBatchSize": 16}).to_manifest()}  # fmt: skip
-    path, config = write(tmp_path, manifest, LLAMA_8B)
+    path, config = write(tmp_path, manifest("big", ONE_GPU_RUN, training={"microBatchSize": 16}), LLAMA_8B)
     assert cli(["plan", path, "--model-config", config, "--gpu-memory", "80Gi"]) == 1
     out = capsys.readouterr().out
     assert "base weights (bfloat16, 8.03 B parameters)" in out and "DOES NOT FIT" in out
