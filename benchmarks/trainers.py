@@ -18,6 +18,7 @@ Writes benchmarks/results/trainers.json with the machine.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -31,7 +32,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("LFT_BENCH_DIR", "/tmp/lft-bench-trainers"))
-ARMS = ("hf-padded", "trl-packed", "ours-padded", "ours-packed")
+ARMS = ("hf-padded", "trl-packed", "ours-padded", "ours-packed", "ours-packed-nf4")
+GPU_ONLY = {"ours-packed-nf4": "QLoRA (nf4) needs bitsandbytes' CUDA kernels: minutes a step on a CPU"}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 TRAINING = {"learningRate": 0.001, "lrScheduler": "cosine", "warmupRatio": 0.1, "seed": 42, "maxGradNorm": 1.0}
 MAX_LEN = {"quickstart": 192, "varlen": 768}
@@ -77,13 +79,13 @@ def model_spec(model_dir: Path | None) -> dict:
 
 
 def manifest(name: str, train: Path, val: Path, max_len: int, micro: int, packing: bool, out: Path,
-             model_dir: Path | None, gpu: bool) -> dict:  # fmt: skip
+             model_dir: Path | None, gpu: bool, quantization: str | None = None) -> dict:  # fmt: skip
     return {
         "apiVersion": "lorafinetune.io/v1alpha1",
         "kind": "LoRAFineTune",
         "metadata": {"name": name},
         "spec": {
-            "model": model_spec(model_dir),
+            "model": model_spec(model_dir) | ({"quantization": quantization} if quantization else {}),
             "dataset": {"train": f"file://{train}", "validation": f"file://{val}", "format": "chat",
                         "maxSeqLength": max_len, "packing": packing},  # fmt: skip
             "lora": {**LORA, "targetModules": ["all-linear"]},
@@ -103,7 +105,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     out = WORK / "runs" / args.arm
     shutil.rmtree(out, ignore_errors=True)
     spec = manifest(f"bench-{args.arm}", args.train, args.validation, args.max_len, args.micro,
-                    args.arm == "ours-packed", out, args.model_dir, args.device == "cuda")  # fmt: skip
+                    args.arm.startswith("ours-packed"), out, args.model_dir, args.device == "cuda",
+                    "nf4" if args.arm.endswith("-nf4") else None)  # fmt: skip
     path = WORK / f"{args.arm}.yaml"
     path.write_text(yaml.safe_dump(spec))
     subprocess.run([sys.executable, "-m", "lorafinetune.cli", "run", str(path), "--quiet"], check=True,
@@ -121,8 +124,8 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from lorafinetune.api.spec import ModelSpec
-    from lorafinetune.evaluation import validation_loss
     from lorafinetune.trainer import data, model
+    from lorafinetune.trainer.evaluate import validation_loss
 
     source = ModelSpec.model_validate(model_spec(args.model_dir))
     model_dir = model.resolve_model_dir(source)
@@ -287,14 +290,19 @@ def main() -> None:
         return arm_main(args)
 
     WORK.mkdir(parents=True, exist_ok=True)
-    arms = [a for a in args.arms if a != "trl-packed" or trl_installed()]
+    skipped = {a: "trl is not installed" for a in args.arms if a == "trl-packed" and not trl_installed()}
+    if args.device == "cpu":
+        skipped |= {a: why for a, why in GPU_ONLY.items() if a in args.arms}
+    elif "ours-packed-nf4" in args.arms and importlib.util.find_spec("bitsandbytes") is None:
+        skipped["ours-packed-nf4"] = "bitsandbytes is not installed (benchmarks/gpu_prepare.sh carries it)"
+    arms = [a for a in args.arms if a not in skipped]
     results: dict[str, Any] = {
         "machine": machine(args.device),
         "model": f"{args.model_dir or 'SmolLM2-135M-Instruct'} ({'bf16' if args.device == 'cuda' else 'fp32'}) "
                  f"+ LoRA r=16 alpha=32 dropout 0.05 on all linear layers",
         "settings": {**TRAINING, "epochs": 1, "microBatchSize": args.micro, "rows": args.rows,
                      "maxSeqLength": args.max_len or MAX_LEN, "threads": os.cpu_count()},  # fmt: skip
-        "skipped": {a: "trl is not installed" for a in args.arms if a not in arms},
+        "skipped": skipped,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                  text=True).stdout.strip(),  # fmt: skip
         "datasets": {},

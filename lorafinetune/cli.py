@@ -60,9 +60,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from lorafinetune.evaluation import evaluate_manifest
+    from lorafinetune.api.spec import LoRAFineTuneSpec
+    from lorafinetune.contract import ADAPTER_DIR
+    from lorafinetune.local.runner import render_local_config
+    from lorafinetune.storage import local_path
+    from lorafinetune.trainer.evaluate import evaluate_adapter, print_report
 
-    return evaluate_manifest(load_manifest(args.manifest), _options(args), args.adapter, args.limit)
+    spec = LoRAFineTuneSpec.model_validate(render_local_config(load_manifest(args.manifest), _options(args))["spec"])
+    if spec.output.uri.scheme != "file":
+        print(f"output.uri {spec.output.uri}: evaluate reads the adapter from a local run (pvc:// or file://)")
+        return 2
+    run_dir = local_path(spec.output.uri)
+    adapter = args.adapter or run_dir / ADAPTER_DIR
+    if not (adapter / "adapter_config.json").is_file():
+        print(f"no adapter in {adapter}: run `lorafinetune run` first, or pass --adapter")
+        return 2
+    print_report(evaluate_adapter(spec, adapter, run_dir, args.limit))
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

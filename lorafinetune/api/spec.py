@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 
 from lorafinetune.api.base import APIModel
 from lorafinetune.api.rules import F, Rule
-from lorafinetune.api.uris import Scheme, StorageURI, parse_uri, scheme_pattern
+from lorafinetune.api.uris import Scheme, StorageURI, URIOf
 
 PositiveInt = Annotated[int, Field(ge=1)]
 K8sObject = dict[str, Any]  # a Kubernetes type (affinity, tolerations, ...) passed through to the pod unchanged
@@ -62,9 +62,7 @@ class ModelSpec(APIModel):
              "model.uri must be hf://, pvc:// or s3:// in a cluster" + CLUSTER_ONLY, cluster=True),
     )  # fmt: skip
 
-    uri: str = Field(
-        max_length=URI_MAX,
-        json_schema_extra={"pattern": scheme_pattern(MODEL_SCHEMES)},  # in Python: _uri (clearer messages)
+    uri: Annotated[StorageURI, URIOf(MODEL_SCHEMES, URI_MAX)] = Field(
         description="Where the base model is: hf://org/name[@revision] (Hugging Face Hub), pvc://claim/path, "
         "s3://bucket/prefix, file:///abs/path, or package://python_package (a model shipped in an installed "
         "Python package, local runs only).",
@@ -105,16 +103,6 @@ class ModelSpec(APIModel):
         "logs). Local runs read HF_TOKEN from your environment.",
     )
 
-    @field_validator("uri")
-    @classmethod
-    def _uri(cls, v: str) -> str:
-        parse_uri(v, MODEL_SCHEMES)
-        return v
-
-    @property
-    def location(self) -> StorageURI:
-        """`uri`, parsed (it was checked on validation; parsed on each use, as runs may rewrite `uri`)."""
-        return parse_uri(self.uri, MODEL_SCHEMES)
 
     @field_validator("gguf_file")
     @classmethod
@@ -134,15 +122,11 @@ class DatasetSpec(APIModel):
              "dataset.train and dataset.validation must be pvc:// or s3:// in a cluster" + CLUSTER_ONLY, cluster=True),
     )  # fmt: skip
 
-    train: str = Field(
-        max_length=URI_MAX,
-        json_schema_extra={"pattern": scheme_pattern(DATA_SCHEMES)},
+    train: Annotated[StorageURI, URIOf(DATA_SCHEMES, URI_MAX)] = Field(
         description="JSONL file with training rows: file://, pvc:// or s3:// URI.",
     )
-    validation: str | None = Field(
+    validation: Annotated[StorageURI, URIOf(DATA_SCHEMES, URI_MAX)] | None = Field(
         default=None,
-        max_length=URI_MAX,
-        json_schema_extra={"pattern": scheme_pattern(DATA_SCHEMES)},
         description="JSONL file with held-out rows for evaluation; same schemes as `train`.",
     )
     validation_split: float | None = Field(
@@ -173,13 +157,6 @@ class DatasetSpec(APIModel):
         default=False,
         description="Also train on prompt / user tokens. Off by default: the loss is on completions only.",
     )
-
-    @field_validator("train", "validation")
-    @classmethod
-    def _data_uri(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_uri(v, DATA_SCHEMES)
-        return v
 
     @property
     def effective_validation_split(self) -> float:
@@ -362,9 +339,7 @@ class OutputSpec(APIModel):
              cluster=True),
     )  # fmt: skip
 
-    uri: str = Field(
-        max_length=URI_MAX,
-        json_schema_extra={"pattern": scheme_pattern(OUTPUT_SCHEMES)},
+    uri: Annotated[StorageURI, URIOf(OUTPUT_SCHEMES, URI_MAX)] = Field(
         description="Output folder: pvc://claim/path, s3://bucket/prefix or file:///abs/path.",
     )
     merge_adapter: bool = Field(
@@ -375,21 +350,11 @@ class OutputSpec(APIModel):
         "needs host memory for about 4 bytes per base parameter.",
     )
 
-    @field_validator("uri")
-    @classmethod
-    def _uri(cls, v: str) -> str:
-        parse_uri(v, OUTPUT_SCHEMES)
-        return v
-
-    @property
-    def location(self) -> StorageURI:
-        return parse_uri(self.uri, OUTPUT_SCHEMES)
-
     @property
     def per_node_scratch(self) -> bool:
         """An s3:// output: each node trains in a scratch folder of its own, mirrored to S3 (no folder is shared).
         Otherwise every node shares the one folder (a PVC, or a local path)."""
-        return self.location.scheme == "s3"
+        return self.uri.scheme == "s3"
 
 
 class S3Spec(APIModel):

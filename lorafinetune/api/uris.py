@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
+
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic_core import core_schema as cs
 
 Scheme = Literal["hf", "pvc", "s3", "file", "package"]
 
@@ -31,21 +33,44 @@ FORMS = {
 }
 
 
-@dataclass(frozen=True)
-class StorageURI:
-    """A parsed storage URI. `location` is the claim, bucket, hub repository or package; `path` the rest."""
+class StorageURI(str):
+    """A storage URI, parsed: it is the string as written (so it serialises back unchanged and compares equal to it)
+    with its parts as attributes. `location` is the claim, bucket, hub repository or package; `path` the rest, no
+    leading or trailing '/' (for file://, the absolute path). Made only by parse_uri."""
 
     scheme: Scheme
     location: str
-    path: str = ""
-    revision: str | None = None
+    path: str
+    revision: str | None
 
-    def __str__(self) -> str:
-        if self.scheme == "file":
-            return f"file://{self.path}"
-        tail = f"/{self.path}" if self.path else ""
-        rev = f"@{self.revision}" if self.revision else ""
-        return f"{self.scheme}://{self.location}{tail}{rev}"
+    def __new__(cls, text: str, scheme: Scheme, location: str, path: str = "", revision: str | None = None
+                ) -> StorageURI:  # fmt: skip
+        uri = super().__new__(cls, text)
+        uri.scheme, uri.location, uri.path, uri.revision = scheme, location, path, revision
+        return uri
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled with its parts (specs cross process boundaries)
+        return StorageURI, (str(self), self.scheme, self.location, self.path, self.revision)
+
+class URIOf:
+    """Field annotation: a str field holding a StorageURI of these schemes, checked by parse_uri (its messages), a
+    string of at most `max_length` with the schemes' pattern in the JSON schema (the CRD).
+
+        uri: Annotated[StorageURI, URIOf(("pvc", "s3"))]
+    """
+
+    def __init__(self, schemes: tuple[Scheme, ...], max_length: int = 2048):
+        self.schemes, self.max_length = schemes, max_length
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> cs.CoreSchema:
+        return cs.no_info_after_validator_function(
+            lambda value: parse_uri(value, self.schemes),
+            cs.str_schema(max_length=self.max_length),
+            serialization=cs.plain_serializer_function_ser_schema(str, when_used="always"),
+        )
+
+    def __get_pydantic_json_schema__(self, schema: cs.CoreSchema, handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        return {"type": "string", "maxLength": self.max_length, "pattern": scheme_pattern(self.schemes)}
 
 
 def scheme_pattern(allowed: tuple[Scheme, ...]) -> str:
@@ -64,12 +89,12 @@ def parse_uri(value: str, allowed: tuple[Scheme, ...]) -> StorageURI:
     if scheme == "file":
         if not rest.startswith("/") or rest == "/":
             raise ValueError(f"{value!r}: file URIs need an absolute path, e.g. file:///data/train.jsonl")
-        return StorageURI("file", "", rest.rstrip("/") or "/")
+        return StorageURI(value, "file", "", rest.rstrip("/") or "/")
     if scheme == "hf":
         repo, _, revision = rest.partition("@")
         if not _HF_REPO.match(repo):
             raise ValueError(f"{value!r}: expected {FORMS['hf']}, e.g. hf://HuggingFaceTB/SmolLM2-135M-Instruct")
-        return StorageURI("hf", repo, revision=revision or None)
+        return StorageURI(value, "hf", repo, revision=revision or None)
     location, _, path = rest.partition("/")
     path = path.strip("/")
     if ".." in path.split("/"):
@@ -80,4 +105,4 @@ def parse_uri(value: str, allowed: tuple[Scheme, ...]) -> StorageURI:
         raise ValueError(f"{value!r}: {location!r} is not a valid S3 bucket name (3-63 chars, lower case)")
     if scheme == "package" and not _PACKAGE.match(location):
         raise ValueError(f"{value!r}: {location!r} is not an importable Python package name")
-    return StorageURI(scheme, location, path)  # type: ignore[arg-type]
+    return StorageURI(value, cast(Scheme, scheme), location, path)  # checked against `allowed` above

@@ -21,10 +21,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
 
 from lorafinetune.api.manifest import LoRAFineTune
-from lorafinetune.api.uris import Scheme, parse_uri
+from lorafinetune.api.uris import StorageURI, parse_uri
 from lorafinetune.contract import (
     CONFIG_FILE,
     ENV_ATTEMPT,
@@ -53,24 +52,23 @@ class LocalOptions:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
-def _local_uri(uri: str, opts: LocalOptions) -> str:
+def _local_uri(uri: StorageURI, opts: LocalOptions) -> str:
     """pvc:// -> file:// under the local mount of that claim; other schemes unchanged."""
-    parsed = parse_uri(uri, get_args(Scheme))  # any URI of the spec
-    if parsed.scheme != "pvc":
+    if uri.scheme != "pvc":
         return uri
-    base = opts.pvc_mounts.get(parsed.location, opts.pvc_root / parsed.location)
-    return f"file://{(base / parsed.path).resolve()}"
+    base = opts.pvc_mounts.get(uri.location, opts.pvc_root / uri.location)
+    return f"file://{(base / uri.path).resolve()}"
 
 
 def render_local_config(lft: LoRAFineTune, opts: LocalOptions) -> dict:
     """The trainer config for a local run: the spec with pvc:// URIs replaced by the local folders they map to."""
-    spec = lft.spec.model_copy(deep=True)
-    spec.model.uri = _local_uri(spec.model.uri, opts)
-    spec.dataset.train = _local_uri(spec.dataset.train, opts)
+    spec, config = lft.spec, lft.spec.to_manifest()
+    config["model"]["uri"] = _local_uri(spec.model.uri, opts)
+    config["dataset"]["train"] = _local_uri(spec.dataset.train, opts)
     if spec.dataset.validation is not None:
-        spec.dataset.validation = _local_uri(spec.dataset.validation, opts)
-    spec.output.uri = _local_uri(spec.output.uri, opts)
-    return {"name": lft.metadata.name, "spec": spec.to_manifest()}
+        config["dataset"]["validation"] = _local_uri(spec.dataset.validation, opts)
+    config["output"]["uri"] = _local_uri(spec.output.uri, opts)
+    return {"name": lft.metadata.name, "spec": config}
 
 
 def _free_port() -> int:

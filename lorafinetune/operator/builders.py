@@ -15,7 +15,6 @@ from typing import Any
 
 from lorafinetune.api.manifest import API_VERSION, KIND
 from lorafinetune.api.spec import LoRAFineTuneSpec
-from lorafinetune.api.uris import parse_uri
 from lorafinetune.contract import (
     CONFIG_FILE,
     ENV_ATTEMPT,
@@ -137,14 +136,13 @@ def pvc_claims(spec: LoRAFineTuneSpec) -> dict[str, bool]:
         (spec.dataset.validation, False),
         (spec.output.uri, True),
     ):
-        if uri and uri.startswith("pvc://"):
-            claim = parse_uri(uri, ("pvc",)).location
-            claims[claim] = claims.get(claim, False) or writable
+        if uri is not None and uri.scheme == "pvc":
+            claims[uri.location] = claims.get(uri.location, False) or writable
     return claims
 
 
 def run_dir(spec: LoRAFineTuneSpec) -> str:
-    out = spec.output.location
+    out = spec.output.uri
     if out.scheme == "pvc":
         return f"{POD_PVC_ROOT}/{out.location}/{out.path}".rstrip("/")
     return out.path if out.scheme == "file" else f"{CACHE_MOUNT}/run"

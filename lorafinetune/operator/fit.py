@@ -20,8 +20,8 @@ import urllib.request
 from collections.abc import Iterable
 from typing import Any
 
-from lorafinetune.api.spec import MODEL_SCHEMES, LoRAFineTuneSpec
-from lorafinetune.api.uris import parse_uri
+from lorafinetune.api.spec import LoRAFineTuneSpec
+from lorafinetune.api.uris import StorageURI
 from lorafinetune.plan import GIB, PlanError, estimate, parse_memory
 
 log = logging.getLogger(__name__)
@@ -76,16 +76,15 @@ def _gpu_memory(spec: LoRAFineTuneSpec, nodes: Iterable[dict[str, Any]]) -> tupl
     return (best[0], best[1]) if best else (None, "")
 
 
-def model_config(uri: str, hub: str) -> dict[str, Any] | None:
+def model_config(uri: StorageURI, hub: str) -> dict[str, Any] | None:
     """config.json of an hf:// model (cached; an unreadable one is retried after a while), else None."""
-    parsed = parse_uri(uri, MODEL_SCHEMES)
-    if parsed.scheme != "hf":
+    if uri.scheme != "hf":
         return None
-    key = (parsed.location, parsed.revision or "main")
+    key = (uri.location, uri.revision or "main")
     cached = _configs.get(key)
     if cached and (cached[1] is not None or time.monotonic() - cached[0] < RETRY_UNREADABLE_SECONDS):
         return cached[1]
-    url = f"{hub.rstrip('/')}/{parsed.location}/resolve/{urllib.parse.quote(key[1], safe='')}/config.json"
+    url = f"{hub.rstrip('/')}/{uri.location}/resolve/{urllib.parse.quote(key[1], safe='')}/config.json"
     config: dict[str, Any] | None = None
     try:
         with urllib.request.urlopen(url, timeout=CONFIG_TIMEOUT_SECONDS) as response:

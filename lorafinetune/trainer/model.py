@@ -36,7 +36,7 @@ def load_dtype(spec: ModelSpec, precision: str) -> torch.dtype:
 def resolve_model_dir(spec: ModelSpec, downloaded: Path | None = None) -> Path | str:
     """A local folder holding an ordinary HF checkpoint, or a Hub repo id. GGUF files are converted on first use.
     `downloaded` is where an s3:// model was fetched to (see trainer.remote)."""
-    uri = spec.location
+    uri = spec.uri
     if uri.scheme == "hf":
         source: Path | str = uri.location
     else:
@@ -187,7 +187,7 @@ def load_config(spec: ModelSpec, downloaded: Path | None = None) -> dict[str, An
     """The model's config.json as a dict, without its weights: from a folder, a GGUF file's header or the Hub."""
     from transformers import AutoConfig
 
-    uri = spec.location
+    uri = spec.uri
     if uri.scheme == "s3" and downloaded is None:
         raise ModelError(f"model.uri {spec.uri}: reading an s3:// model's config needs the model fetched; pass the "
                          f"config.json itself instead (lorafinetune plan --model-config FILE)")  # fmt: skip

@@ -104,7 +104,7 @@ class LoRAFineTuneRecipe:
             print(f"fetched checkpoint {pulled} from {spec.output.uri}", flush=True)
         downloaded = (
             remote.fetch_input(spec, spec.model.uri, model.cache_dir(), is_model=True)
-            if spec.model.location.scheme == "s3"
+            if spec.model.uri.scheme == "s3"
             else None
         )
         # GGUF conversion (file-locked, written by whichever local rank gets there first) also comes before the
@@ -115,7 +115,7 @@ class LoRAFineTuneRecipe:
             signal.signal(sig, self._request_stop)
 
         # 1. Tokenizer and data first: every rank tokenises on its own, before the next collective.
-        uri = spec.model.location
+        uri = spec.model.uri
         self.model_revision = self._pinned_hub_commit(uri) if uri.scheme == "hf" and not spec.model.gguf_file else None
         revision = self.model_revision
         self.tokenizer = model.load_tokenizer(self.model_dir, spec.model, revision)
@@ -180,7 +180,7 @@ class LoRAFineTuneRecipe:
         port = int(os.environ.get(ENV_METRICS_PORT, "0") or 0)
         self.report.started(self.schedule, self.total_steps, self.start_step, spec.model.uri, self.world, port)
 
-    def _data_path(self, uri: str) -> Path:
+    def _data_path(self, uri: StorageURI) -> Path:
         return remote.fetch_input(self.spec, uri, model.cache_dir(), is_model=False)
 
     def _load_data(self) -> None:
@@ -395,7 +395,10 @@ class LoRAFineTuneRecipe:
         merge_into = output.merged_staging_dir(self.run_dir) if self.spec.output.merge_adapter else None
         merge_dtype = str(model.load_dtype(self.spec.model, self.spec.training.precision)).removeprefix("torch.")
         output.verify_in_fresh_process(staging, self.model_dir, self.model_revision, merge_into, merge_dtype)
-        plot_loss_curves(self.state.history, staging / LOSS_PLOT_FILE, f"{self.name}: loss per trained token")
+        try:
+            plot_loss_curves(self.state.history, staging / LOSS_PLOT_FILE, f"{self.name}: loss per trained token")
+        except ImportError as err:  # a picture is not worth failing a finished run over (an image without matplotlib)
+            print(f"no {LOSS_PLOT_FILE}: {err}", flush=True)
         merged = MergedModel(uri=self._published_uri(MERGED_DIR), dtype=merge_dtype) if merge_into else None
         adapter = output.adapter_ref(staging, self._published_uri(ADAPTER_DIR), self.model_revision,
                                      merged.uri if merged else None)  # fmt: skip

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from lorafinetune.api.spec import LoRAFineTuneSpec
-from lorafinetune.api.uris import parse_uri
+from lorafinetune.api.uris import StorageURI
 from lorafinetune.contract import ADAPTER_DIR, ATTEMPT_FILE, CHECKPOINTS_DIR, COMPLETE_MARKER, MERGED_DIR
 from lorafinetune.s3 import S3Error, S3Store
 from lorafinetune.storage import StorageError, local_path
@@ -36,12 +36,11 @@ def _error(err: S3Error, kind: type[TrainerError]) -> TrainerError:
     return kind(str(err)) if err.permanent else TrainerError(str(err))
 
 
-def fetch_input(spec: LoRAFineTuneSpec, uri: str, cache: Path, is_model: bool) -> Path:
+def fetch_input(spec: LoRAFineTuneSpec, uri: StorageURI, cache: Path, is_model: bool) -> Path:
     """A local path for a model folder or a dataset file, downloading s3:// URIs into the cache first."""
-    parsed = parse_uri(uri, ("pvc", "s3", "file", "package"))
-    if parsed.scheme != "s3":
+    if uri.scheme != "s3":
         try:
-            return local_path(parsed)
+            return local_path(uri)
         except StorageError as err:
             raise ConfigError(str(err)) from None
     target = cache / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -51,7 +50,7 @@ def fetch_input(spec: LoRAFineTuneSpec, uri: str, cache: Path, is_model: bool) -
         try:
             if is_model:
                 return _store(spec).download_prefix(uri, target)
-            return _store(spec).download_file(uri, target / Path(parsed.path).name)
+            return _store(spec).download_file(uri, target / Path(uri.path).name)
         except S3Error as err:
             raise _error(err, ModelError if is_model else DataError) from None
 

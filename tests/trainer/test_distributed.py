@@ -389,13 +389,17 @@ def test_merge_adapter_writes_a_model_plain_transformers_loads_with_the_adapters
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    spec = {"training": {"maxSteps": 3, "learningRate": 0.05}, "output": {"mergeAdapter": True}}
+    # bf16 compute on the CPU: model.dtype auto then merges into bfloat16, as on a GPU
+    spec = {"training": {"maxSteps": 3, "learningRate": 0.05, "precision": "bf16"}, "output": {"mergeAdapter": True}}
     proc, out = train(tmp_path, tiny_model, chat_data, "merged", **spec)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     merged_dir = out / "merged"
     assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
     assert summary(out)["mergedModel"] == {"uri": str(merged_dir), "dtype": "bfloat16"}
+    assert summary(out)["adapter"]["mergedUri"] == str(merged_dir)
+    assert json.loads((out / "adapter" / "COMPLETE.json").read_text())["mergedUri"] == str(merged_dir)
     assert str(merged_dir) in (out / "adapter" / "README.md").read_text()
+    assert not (merged_dir / "README.md").exists(), "PEFT's adapter card would call the merged model an adapter"
 
     probe = tiny_tokenizer("the merged model answers like the adapter", return_tensors="pt")["input_ids"]
     with torch.no_grad():

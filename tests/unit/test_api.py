@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from lorafinetune.api import ManifestError, load_manifest, parse_manifest, parse_uri
+from lorafinetune.api import LoRAFineTuneSpec, ManifestError, StorageURI, load_manifest, parse_manifest, parse_uri
 from lorafinetune.generate.crd import build_crd
 from tests.conftest import REPO, run_cli
 from tests.invalid_manifests import CASES
@@ -93,6 +95,23 @@ def test_uri_parsing(uri, scheme, location, path, revision):
     parsed = parse_uri(uri, ("hf", "pvc", "s3", "file", "package"))
     assert (parsed.scheme, parsed.location, parsed.path, parsed.revision) == (scheme, location, path, revision)
     assert str(parsed) == uri
+
+
+def test_spec_uris_are_parsed_once_and_serialise_back_as_written():
+    written = {"model": {"uri": "hf://org/name@v1"}, "dataset": {"train": "pvc://data/train.jsonl"},
+               "training": {"maxSteps": 1}, "output": {"uri": "pvc://out/run-1/"}}  # fmt: skip
+    spec = LoRAFineTuneSpec.model_validate(written)
+    out = spec.output.uri
+    assert isinstance(out, StorageURI) and (out.scheme, out.location, out.path) == ("pvc", "out", "run-1")
+    assert spec.model.uri.revision == "v1" and spec.dataset.train.path == "train.jsonl"
+    assert spec.to_manifest()["output"]["uri"] == "pvc://out/run-1/", "the trailing '/' as written"
+    assert json.loads(spec.model_dump_json(by_alias=True))["model"]["uri"] == "hf://org/name@v1"
+    again = pickle.loads(pickle.dumps(spec))  # specs cross process boundaries
+    assert again == spec and again.output.uri.location == "out"
+    spec.output.uri = "s3://bucket/run"  # assigned: parsed and checked like a manifest's
+    assert spec.output.uri.scheme == "s3" and spec.output.per_node_scratch
+    with pytest.raises(ValidationError, match="unsupported scheme 'hf://'"):
+        spec.output.uri = "hf://org/name"
 
 
 def test_uri_rejects_parent_traversal():

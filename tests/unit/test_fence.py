@@ -69,8 +69,9 @@ def test_a_write_that_failed_because_a_newer_attempt_took_over_is_reported_as_th
     monkeypatch.setenv(ENV_ATTEMPT, "attempt-1")
     spec = LoRAFineTuneSpec.model_validate(tiny_cpu_run(tmp_path, tmp_path / "train.jsonl", run))
     recipe = LoRAFineTuneRecipe("tiny", spec, run)
-    fence.claim(run, "attempt-1")
     failure = FileNotFoundError(2, "No such file or directory", str(run / "checkpoints/step-00000004.partial"))
+    assert _superseded_or_none(recipe, failure) is None, "failing before any claim (a read-only PVC) is no take-over"
+    fence.claim(run, "attempt-1")
     assert _superseded_or_none(recipe, failure) is None, "a failure of the folder's owner is not a take-over"
 
     fence.claim(run, "attempt-2")

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from lorafinetune.api import parse_manifest
-from lorafinetune.api.status import LoRAFineTuneStatus, Progress
-from lorafinetune.contract import ExitCode
+from lorafinetune.api.status import AdapterRef, LoRAFineTuneStatus, Progress
+from lorafinetune.contract import ExitCode, TerminationRecord
 from lorafinetune.operator.progress import parse_metrics
 from lorafinetune.operator.settings import OperatorSettings
 from lorafinetune.operator.status import AttemptOutcome, observe_attempt, plan
@@ -83,15 +83,23 @@ def test_complete_job_is_success_and_carries_the_published_adapter(tmp_path, mon
     from lorafinetune.trainer.__main__ import _write_termination
 
     monkeypatch.setenv("LFT_TERMINATION_LOG", str(tmp_path / "termination-log"))
-    adapter = {"uri": "s3://b/run/adapter", "sizeBytes": 123, "sha256": "f" * 64, "files": 3}
+    adapter = AdapterRef(uri="s3://b/run/adapter", size_bytes=123, sha256="f" * 64, merged_uri="s3://b/run/merged")
     _write_termination(ExitCode.OK, "Completed", "the adapter is published", adapter=adapter)
     message = (tmp_path / "termination-log").read_text()
     done = pod("a-0", "Succeeded", terminated={"exitCode": 0, "message": message})
     out = observe_attempt(job(Complete="Completed"), [done])
-    assert out.state == "succeeded" and out.adapter.to_manifest() == {k: adapter[k] for k in ("uri", "sizeBytes",
-                                                                                               "sha256")}  # fmt: skip
+    assert out.state == "succeeded" and out.adapter == adapter
     p = plan(spec(), LoRAFineTuneStatus(phase="Running", attempt=1), out, NOW, SETTINGS, 1)
-    assert p.status.adapter.uri == "s3://b/run/adapter" and p.status.adapter.size_bytes == 123
+    assert p.status.adapter == adapter
+
+
+def test_an_adapter_field_this_operator_does_not_know_does_not_lose_the_record():
+    # A trainer image newer than the operator may describe the adapter with more fields
+    record = TerminationRecord(exit_code=0, reason="Completed", message="", adapter=AdapterRef(
+        uri="pvc://c/run/adapter", size_bytes=1, sha256="0" * 64)).dumps().replace('"sha256"', '"files":3,"sha256"')
+    done = pod("a-0", "Succeeded", terminated={"exitCode": 0, "message": record})
+    out = observe_attempt(job(Complete="Completed"), [done])
+    assert out.adapter is not None and out.adapter.uri == "pvc://c/run/adapter"
 
 
 def disrupted_pod(name, reason="PreemptionByScheduler"):

@@ -22,6 +22,11 @@ LLAMA_8B = {
     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
 }  # fmt: skip
 
+LLAMA_70B = {
+    "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+}  # fmt: skip
+
 
 # A run on one GPU whose model the `hub` fixture below serves; the expected sizes and suggestions follow from it.
 ONE_GPU_RUN = {
@@ -98,6 +103,15 @@ def test_when_no_single_change_is_enough_the_shortest_combination_is_suggested()
                          dataset={"maxSeqLength": 4096}), LLAMA_8B, capacity=24 * GIB)  # fmt: skip
     assert plan.fits is False
     assert plan.suggestions[0].startswith("training.gradientCheckpointing: true and deepspeed.zeroStage: 3"), plan
+
+
+def test_a_later_step_of_a_combination_keeps_the_zero3_an_earlier_one_chose():
+    # offloadOptimizer needs ZeRO >= 1; applied after "zeroStage: 3" it once set the stage back to 1, so the plan
+    # asked for a second node where ZeRO-3 on this one fits
+    plan = estimate(spec(resources={"nodes": 1, "gpusPerNode": 8}, training={"microBatchSize": 8}),
+                    LLAMA_70B, capacity=40 * GIB)  # fmt: skip
+    assert plan.fits is False and len(plan.suggestions) == 1
+    assert "deepspeed.zeroStage: 3" in plan.suggestions[0] and "resources.nodes" not in plan.suggestions[0], plan
 
 
 def test_quantized_base_weights_take_about_half_a_byte_nf4_or_one_byte_int8_per_linear_weight():

@@ -2,10 +2,11 @@
 
     lorafinetune evaluate examples/quickstart.yaml --pvc quickstart-data=examples/data
 
-The held-out rows are the manifest's validation file (or its seeded split). For each row the last assistant message
-(or completion) is the reference. When a reference is a JSON object the score is field accuracy (share of reference
-keys whose value the answer reproduces exactly, 0 for an answer that is not JSON), otherwise exact match. One
-process, no DeepSpeed: this is a check a person runs, not part of training.
+The held-out rows are the manifest's validation file (or the seeded split training held out). For each row the last
+assistant message (or completion) is the reference. When a reference is a JSON object the score is field accuracy
+(share of reference keys whose value the answer reproduces exactly, 0 for an answer that is not JSON), otherwise
+exact match. One process, no DeepSpeed: this is a check a person runs, not part of training. The loss is the one
+training minimises (trainer/loss.py), over the same batches (trainer/batching.py).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lorafinetune.api.manifest import LoRAFineTune
-from lorafinetune.api.uris import parse_uri
-from lorafinetune.contract import ADAPTER_DIR, write_json_atomic
-from lorafinetune.local.runner import LocalOptions, render_local_config
+from lorafinetune.api.spec import LoRAFineTuneSpec
+from lorafinetune.contract import write_json_atomic
 from lorafinetune.storage import local_path
+from lorafinetune.trainer import batching, data
+from lorafinetune.trainer.loss import TokenLoss
 
 REPORT_FILE = "evaluation.json"
 
@@ -71,9 +72,6 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
 def validation_loss(model: Any, examples: list, pad_id: int, batch: int = 8) -> float:
     import torch
 
-    from lorafinetune.trainer import batching
-    from lorafinetune.trainer.loss import TokenLoss
-
     total, count = 0.0, 0
     units = batching.make_units(examples, 0, packing=False)
     token_loss = TokenLoss(model)
@@ -89,33 +87,32 @@ def validation_loss(model: Any, examples: list, pad_id: int, batch: int = 8) -> 
     return total / count
 
 
-def evaluate_manifest(lft: LoRAFineTune, opts: LocalOptions, adapter: Path | None, limit: int | None) -> int:
+def held_out_rows(spec: LoRAFineTuneSpec) -> list[tuple[str, dict[str, Any]]]:
+    """The rows training held out, from local files: the validation file, else the same seeded split by index."""
+    ds = spec.dataset
+    if ds.validation:
+        return data.read_jsonl(local_path(ds.validation))
+    rows = data.read_jsonl(local_path(ds.train))
+    return data.split_validation(rows, ds.effective_validation_split, spec.training.seed)[1]
+
+
+def evaluate_adapter(spec: LoRAFineTuneSpec, adapter: Path, report_dir: Path, limit: int | None) -> dict[str, Any]:
+    """Base model and base + `adapter` on the held-out rows of `spec` (its URIs local); the report is also written
+    to report_dir/evaluation.json."""
     import torch
     import transformers
     from peft import PeftModel
 
-    from lorafinetune.api.spec import LoRAFineTuneSpec
+    from lorafinetune.trainer import model
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    from lorafinetune.trainer import data, model
-
-    spec = LoRAFineTuneSpec.model_validate(render_local_config(lft, opts)["spec"])
-    run_dir = local_path(parse_uri(spec.output.uri, ("file",)))
-    adapter = adapter or run_dir / ADAPTER_DIR
-    if not (adapter / "adapter_config.json").is_file():
-        print(f"no adapter in {adapter}: run `lorafinetune run` first, or pass --adapter")
-        return 2
     torch.manual_seed(0)
     model_dir = model.resolve_model_dir(spec.model)
     tok = model.load_tokenizer(model_dir, spec.model)
-    fmt = data.Formatter(tok, spec.dataset.format, spec.dataset.max_seq_length, spec.dataset.train_on_prompt)
     ds = spec.dataset
-    if ds.validation:
-        rows = data.read_jsonl(local_path(parse_uri(ds.validation, ("file",))))
-    else:  # the same seeded split as training: rows are split by index, like the examples
-        rows = data.read_jsonl(local_path(parse_uri(ds.train, ("file",))))
-        _, rows = data.split_validation(rows, ds.effective_validation_split, spec.training.seed)
+    fmt = data.Formatter(tok, ds.format, ds.max_seq_length, ds.train_on_prompt)
+    rows = held_out_rows(spec)
     rows = rows[:limit] if limit else rows
     examples = [fmt(where, row) for where, row in rows]
     pairs = [prompt_and_reference(row, ds.format, tok) for _, row in rows]
@@ -126,9 +123,8 @@ def evaluate_manifest(lft: LoRAFineTune, opts: LocalOptions, adapter: Path | Non
     tuned = PeftModel.from_pretrained(base, str(adapter)).eval()
     results["adapter"] = _measure(tuned, tok, examples, pairs, max_new)
     report = {"adapter": str(adapter), "heldOutRows": len(rows), **results}
-    write_json_atomic(run_dir / REPORT_FILE, report)
-    _print_report(report)
-    return 0
+    write_json_atomic(report_dir / REPORT_FILE, report)
+    return report
 
 
 def _measure(m: Any, tok: Any, examples: list, pairs: list[tuple[str, str]], max_new: int) -> dict[str, Any]:
@@ -144,7 +140,7 @@ def _measure(m: Any, tok: Any, examples: list, pairs: list[tuple[str, str]], max
     }
 
 
-def _print_report(report: dict[str, Any]) -> None:
+def print_report(report: dict[str, Any]) -> None:
     b, a = report["base"], report["adapter"]
     print(f"\nheld-out evaluation on {report['heldOutRows']} rows          base    with adapter")
     for key, label in (("validationLoss", "validation loss"), ("perplexity", "perplexity"),
