@@ -20,6 +20,9 @@ set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
 if [ -f .whl/requirements.txt ]; then
+  py=$(python3 -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+  ls .whl/pydantic_core-*-"$py"-*.whl > /dev/null 2>&1 ||
+    { echo "python3 is $py; .whl/ has wheels for cp311 and cp312 only (benchmarks/gpu_prepare.sh)" | tee "$OUT/steps.txt"; exit 1; }
   grep -v '^deepspeed==' .whl/requirements.txt > /tmp/lft-wheels.txt
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --find-links .whl --target /tmp/site \
     -r /tmp/lft-wheels.txt

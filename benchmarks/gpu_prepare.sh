@@ -19,7 +19,7 @@ mkdir -p .whl .gpu/site .gpu/smollm2-config
 # Pinned as in this project's environment, so the GPU runs the versions the tests ran.
 PACKAGES="transformers peft deepspeed accelerate safetensors pydantic pydantic-core annotated-types typing-inspection
 typing-extensions pyyaml prometheus-client huggingface-hub hf-xet tokenizers regex hjson psutil py-cpuinfo msgpack
-einops packaging filelock fsspec tqdm httpx2 httpcore2 h11 anyio idna jinja2 markupsafe"
+einops packaging filelock fsspec tqdm httpx2 httpcore2 h11 anyio idna jinja2 markupsafe truststore"
 "$VENV/bin/python" - $PACKAGES > .whl/requirements.txt <<'PY'
 import importlib.metadata as md, sys
 for name in sys.argv[1:]:

@@ -14,6 +14,7 @@ CUDA context is not an allocation). Writes benchmarks/results/memory_plan[-cuda]
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -101,6 +102,9 @@ def main() -> None:
     for name, *config in GPU_CONFIGS if gpu else CONFIGS:
         path = WORK / f"{name}.yaml"
         micro, seq, checkpointing, zero, dropout, *quantization = config
+        if quantization and importlib.util.find_spec("bitsandbytes") is None:
+            rows.append({"config": name, "skipped": "bitsandbytes is not installed (benchmarks/gpu_prepare.sh)"})
+            continue
         spec_dict = manifest(name, micro, seq, checkpointing, zero, dropout, args.model_dir if gpu else None,
                              *quantization)  # fmt: skip
         path.write_text(yaml.safe_dump(spec_dict))
@@ -109,8 +113,10 @@ def main() -> None:
         proc = subprocess.Popen([sys.executable, "-m", "lorafinetune.cli", "run", str(path), "--quiet"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status):
-            raise SystemExit(f"{name} failed: see {WORK}/runs/{name}/logs")
+        if os.waitstatus_to_exitcode(status):  # recorded, and the other configurations still run
+            rows.append({"config": name, "failed": f"see {WORK}/runs/{name}/logs"})
+            print(f"{name:<24} FAILED: see {WORK}/runs/{name}/logs", flush=True)
+            continue
         if gpu:
             summary = json.loads((WORK / "runs" / name / "adapter" / "training_summary.json").read_text())
             measured, predicted = summary["peakGpuMemoryBytes"], plan.total - RUNTIME_RESERVE["gpu"]

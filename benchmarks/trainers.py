@@ -247,6 +247,10 @@ def trl_installed() -> bool:
     return subprocess.run([sys.executable, "-c", "import trl"], capture_output=True).returncode == 0
 
 
+class ArmFailed(Exception):
+    """One arm failed: the others still run and are reported (on a borrowed GPU, a rerun may not be possible)."""
+
+
 def measure(arm: str, dataset: str, train: Path, val: Path, args: argparse.Namespace) -> dict[str, Any]:
     result = WORK / f"{arm}.result.json"
     result.unlink(missing_ok=True)
@@ -258,7 +262,8 @@ def measure(arm: str, dataset: str, train: Path, val: Path, args: argparse.Names
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
     _, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the largest of the arm's processes (ranks included)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{arm} on {dataset} failed; see {log.name}")
+        tail = Path(log.name).read_text(errors="replace").splitlines()[-5:]
+        raise ArmFailed(f"{arm} on {dataset} failed ({log.name}): " + " | ".join(tail))
     r = json.loads(result.read_text())
     r["tokensPerSecond"] = round(r["inputTokens"] / r["trainSeconds"], 1)
     r["stepSeconds"] = round(r["trainSeconds"] / r["steps"], 3)
@@ -312,12 +317,19 @@ def main() -> None:
         runs: dict[str, list[dict]] = {a: [] for a in arms}
         for rnd in range(args.rounds):
             for arm in arms if rnd % 2 == 0 else reversed(arms):
-                r = measure(arm, dataset, train, val, args)
+                try:
+                    r = measure(arm, dataset, train, val, args)
+                except ArmFailed as failure:
+                    results.setdefault("failed", {})[f"{arm}/{dataset}"] = str(failure)
+                    print(failure, flush=True)
+                    continue
                 runs[arm].append(r)
                 print(f"{dataset} round {rnd + 1} {arm}: {r['tokensPerSecond']} tok/s, {r['stepSeconds']} s/step, "
                       f"{r['peakRssMiB']} MiB, eval loss {r['evalLossAfter']}", flush=True)  # fmt: skip
         summary: dict[str, Any] = {}
         for arm, rs in runs.items():
+            if not rs:
+                continue
             best = max(rs, key=lambda r: r["tokensPerSecond"])
             summary[arm] = {**best, "tokensPerSecondAll": [r["tokensPerSecond"] for r in rs]}
             if args.device == "cuda":

@@ -112,23 +112,27 @@ def adapter_fields(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in known}
 
 
-class TerminationRecord(APIModel):
+class _Record(APIModel):
+    """A record one process writes and another reads: what a newer trainer adds does not stop an older reader."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @field_validator("adapter", mode="before", check_fields=False)
+    @classmethod
+    def _known_adapter_fields(cls, value: Any) -> Any:
+        return adapter_fields(value) if isinstance(value, dict) else value  # AdapterRef itself refuses unknown keys
+
+
+class TerminationRecord(_Record):
     """What the trainer writes to its termination log when it exits (ENV_TERMINATION_LOG; in a pod
     /dev/termination-log, which Kubernetes shows as the container's termination message): its own exit code, since
     torchrun's is always 1, why, and on success the adapter it published. Written by the trainer, read by the
     operator (status.lastFailure, status.adapter) and the local runner."""
 
-    model_config = ConfigDict(extra="ignore")  # a newer trainer's extra fields must not hide the record from us
-
     exit_code: int = Field(description="The trainer's exit code (ExitCode).")
     reason: str = Field(description="One CamelCase word: DataError, ModelError, Superseded, Completed, ...")
     message: str = Field(default="", description="What happened, for people (no secrets).")
     adapter: AdapterRef | None = Field(default=None, description="On success: the published adapter.")
-
-    @field_validator("adapter", mode="before")
-    @classmethod
-    def _known_adapter_fields(cls, value: Any) -> Any:
-        return adapter_fields(value) if isinstance(value, dict) else value
 
     @property
     def permanent(self) -> bool:
@@ -146,32 +150,31 @@ class TerminationRecord(APIModel):
             return None
 
 
-class BaseModelUsed(APIModel):
+class BaseModelUsed(_Record):
     uri: str = Field(description="spec.model.uri as written.")
     revision: str | None = Field(default=None, description="For hf://: the commit every rank loaded.")
-    resolved_path: str = Field(description="The local folder the weights were loaded from.")
+    resolved_path: str = Field(default="", description="The local folder the weights were loaded from.")
 
 
-class DatasetUsed(APIModel):
+class DatasetUsed(_Record):
     train: str
-    train_sha256: str
+    train_sha256: str = ""
     validation: str | None = None
     validation_sha256: str | None = None
     train_examples: int
     validation_examples: int
 
 
-class MergedModel(APIModel):
+class MergedModel(_Record):
     uri: str = Field(description="Folder of the base model with the adapter folded in (output.mergeAdapter).")
     dtype: str
 
 
-class TrainingSummary(APIModel):
+class TrainingSummary(_Record):
     """SUMMARY_FILE in the published adapter folder: what was trained, on what, how fast and how well. Written by
     the trainer (trainer/summary.py, with the model card made from it), read by the local runner's closing lines,
-    benchmarks and people. Every key is always present (null when it does not apply), so readers need no defaults."""
-
-    model_config = ConfigDict(extra="ignore")  # a newer trainer's summary still reads
+    benchmarks and people. The trainer writes every key (null when it does not apply); the defaults are for
+    summaries of older trainers, which lack the later keys."""
 
     name: str
     spec: dict[str, Any] = Field(description="The spec as trained (the manifest's camelCase form).")
@@ -182,23 +185,23 @@ class TrainingSummary(APIModel):
     total_steps: int
     epochs: float
     trained_tokens: int = Field(description="Tokens in the loss (the completion tokens).")
-    input_tokens: int = Field(description="Non-padding tokens fed to the model.")
-    train_seconds: float = Field(description="Time spent in optimizer steps (not evaluation or checkpoints).")
-    tokens_per_second: float = Field(description="input_tokens / train_seconds.")
-    peak_gpu_memory_bytes: int | None = Field(description="Rank 0's torch.cuda.max_memory_allocated; None on CPU.")
-    peak_rss_bytes: int = Field(description="Rank 0's peak resident memory.")
-    quantized_linear_layers: int = Field(description="model.quantization: how many linear layers were quantized.")
+    input_tokens: int = Field(default=0, description="Non-padding tokens fed to the model.")
+    train_seconds: float = Field(default=0.0, description="Time in optimizer steps (not evaluation or checkpoints).")
+    tokens_per_second: float = Field(default=0.0, description="input_tokens / train_seconds.")
+    peak_gpu_memory_bytes: int | None = Field(default=None, description="Rank 0's max_memory_allocated; CPU: None.")
+    peak_rss_bytes: int = Field(default=0, description="Rank 0's peak resident memory.")
+    quantized_linear_layers: int = Field(default=0, description="model.quantization: the linear layers quantized.")
     trainable_parameters: int
     total_parameters: int
-    adapter_tensors: int
-    duration_seconds: float
+    adapter_tensors: int = 0
+    duration_seconds: float = 0.0
     final_train_loss: float | None
     initial_eval_loss: float | None
     final_eval_loss: float | None
     best_eval_loss: float | None
     history: list[dict[str, Any]] = Field(description="Per step: step, trainLoss, learningRate, evalLoss.")
-    merged_model: MergedModel | None
-    completed_at: str = Field(description="ISO 8601, UTC.")
+    merged_model: MergedModel | None = None
+    completed_at: str = Field(default="", description="ISO 8601, UTC.")
     adapter: AdapterRef | None = Field(default=None, description="Set when published: the adapter's weights.")
 
     def dumps(self) -> dict[str, Any]:

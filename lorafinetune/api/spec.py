@@ -103,7 +103,6 @@ class ModelSpec(APIModel):
         "logs). Local runs read HF_TOKEN from your environment.",
     )
 
-
     @field_validator("gguf_file")
     @classmethod
     def _gguf(cls, v: str | None) -> str | None:

@@ -52,14 +52,15 @@ class StorageURI(str):
     def __reduce__(self) -> tuple[Any, ...]:  # pickled with its parts (specs cross process boundaries)
         return StorageURI, (str(self), self.scheme, self.location, self.path, self.revision)
 
+
 class URIOf:
     """Field annotation: a str field holding a StorageURI of these schemes, checked by parse_uri (its messages), a
     string of at most `max_length` with the schemes' pattern in the JSON schema (the CRD).
 
-        uri: Annotated[StorageURI, URIOf(("pvc", "s3"))]
+        uri: Annotated[StorageURI, URIOf(("pvc", "s3"), max_length=2048)]
     """
 
-    def __init__(self, schemes: tuple[Scheme, ...], max_length: int = 2048):
+    def __init__(self, schemes: tuple[Scheme, ...], max_length: int):
         self.schemes, self.max_length = schemes, max_length
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> cs.CoreSchema:

@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorafinetune.generate.chart import chart_files
-from lorafinetune.generate.crd import CRD_PATH, render_crd
+from lorafinetune.generate.crd import CRD_PATH, REPO, render_crd
 
-REPO = CRD_PATH.parents[1]
+__all__ = ["REPO", "generated_files"]
 
 
 def generated_files() -> dict[Path, str]:

@@ -20,10 +20,9 @@ import yaml
 from pydantic import Field
 
 from lorafinetune.api.base import APIModel
-from lorafinetune.generate.crd import render_crd
+from lorafinetune.generate.crd import REPO, render_crd
 from lorafinetune.operator.settings import OperatorSettings
 
-REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "charts" / "lorafinetune"
 DASHBOARD_PATH = REPO / "dashboards" / "lorafinetune.json"
 _DEFAULTS = OperatorSettings()

@@ -18,7 +18,8 @@ from lorafinetune.api.manifest import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR
 from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import LoRAFineTuneStatus
 
-CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / f"{GROUP}_{PLURAL}.yaml"
+REPO = Path(__file__).resolve().parents[2]  # the generated files are written into the source tree
+CRD_PATH = REPO / "crds" / f"{GROUP}_{PLURAL}.yaml"
 
 _KEPT = {
     "type", "description", "enum", "default", "minimum", "maximum", "minLength", "maxLength", "pattern",

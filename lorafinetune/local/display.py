@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from lorafinetune.api.status import Progress
 from lorafinetune.contract import ADAPTER_DIR, LOSS_PLOT_FILE, SUMMARY_FILE, read_summary
 
@@ -64,7 +66,11 @@ def print_summary(run_dir: Path, output_uri: str) -> None:
     if not path.is_file():  # the trainer exited 0 without training: the output already held this adapter
         print(f"{output_uri} already holds a complete adapter of this spec; nothing to do")
         return
-    s = read_summary(path)
+    try:
+        s = read_summary(path)
+    except ValidationError as err:  # a summary this version cannot read: the run itself is fine
+        print(f"{output_uri}: the adapter is published; {path} is not a summary this version reads ({err})")
+        return
     adapter = f"{run_dir / ADAPTER_DIR}"
     if s.adapter:
         adapter += f" ({s.adapter.size_bytes / 1e6:.1f} MB, sha256 {s.adapter.sha256[:12]}...)"

@@ -55,7 +55,7 @@ class LocalOptions:
 def _local_uri(uri: StorageURI, opts: LocalOptions) -> str:
     """pvc:// -> file:// under the local mount of that claim; other schemes unchanged."""
     if uri.scheme != "pvc":
-        return uri
+        return str(uri)  # the plain string: the config is also written as YAML
     base = opts.pvc_mounts.get(uri.location, opts.pvc_root / uri.location)
     return f"file://{(base / uri.path).resolve()}"
 

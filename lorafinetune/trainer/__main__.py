@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lorafinetune.api.status import AdapterRef
 from lorafinetune.contract import (
+    ADAPTER_DIR,
     ENV_CONFIG,
     ENV_FAIL_AT_STEP,
     ENV_RUN_DIR,
@@ -46,7 +47,9 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     from lorafinetune.trainer.remote import OutputMirror
 
-    published = published_adapter(run) or OutputMirror(spec, run).published_marker()
+    mirror = OutputMirror(spec, run)
+    # An s3:// output is published once its marker is in S3: a scratch folder's own may predate a push that failed.
+    published = mirror.published_marker() if mirror.remote else published_adapter(run)
     if published is not None:  # never retrain over, or overwrite, a published adapter
         changed = changed_sections(published.get("fingerprint", {}), spec_fingerprint(spec))
         if changed:
@@ -59,7 +62,10 @@ def main() -> int:
         if rank == 0:
             print(f"{run} already holds a complete adapter of this spec; nothing to do")
             # A retry after the adapter was published (the pod lost before it reported): report it again.
-            _write_termination(ExitCode.OK, "Completed", "the adapter was already published", adapter_of(published))
+            adapter = adapter_of(published)
+            if adapter is not None and mirror.remote:  # an older trainer's marker names the scratch folder
+                adapter = adapter.model_copy(update={"uri": f"{mirror.remote}/{ADAPTER_DIR}"})
+            _write_termination(ExitCode.OK, "Completed", "the adapter was already published", adapter)
         return ExitCode.OK
     started = time.time()
     recipe = LoRAFineTuneRecipe(config["name"], spec, run)

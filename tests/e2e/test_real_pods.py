@@ -30,6 +30,7 @@ import yaml
 from tests.conftest import REPO, wait_for
 from tests.e2e import builds
 from tests.integration.conftest import Cluster, local_cluster
+from tests.manifests import manifest
 from tests.prometheus import Prometheus, dashboard_queries, substitute
 from tests.tiny_model import build_tiny_model, chat_rows, write_jsonl
 
@@ -103,9 +104,7 @@ def _fine_tune(name: str, *, model: str = "tiny", nodes: int = 1, steps: int = 1
         "output": {"uri": f"pvc://storage/outputs/{name}"},
         "runPolicy": {"backoffLimit": 2},
     }  # fmt: skip
-    for key, value in spec.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return {"apiVersion": "lorafinetune.io/v1alpha1", "kind": "LoRAFineTune", "metadata": {"name": name}, "spec": base}
+    return manifest(name, base, **spec)
 
 
 def _stage_storage(root: Path) -> None:
@@ -389,9 +388,9 @@ def test_planted_secrets_appear_nowhere_but_in_their_secrets(real: RealCluster):
                                               "stringData": {"HF_TOKEN": markers["HF_TOKEN"]}})  # fmt: skip
     real.c.core.create_namespaced_secret(ns, {"metadata": {"name": "s3-creds"}, "stringData": {
         k: markers[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})  # fmt: skip
-    manifest = _fine_tune(name, s3={"endpointUrl": "http://s3.invalid:9000", "credentialsSecret": "s3-creds"})
-    manifest["spec"]["model"] = {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct", "tokenSecret": "hf-token"}
-    real.c.apply(manifest)
+    planted = _fine_tune(name, s3={"endpointUrl": "http://s3.invalid:9000", "credentialsSecret": "s3-creds"})
+    planted["spec"]["model"] = {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct", "tokenSecret": "hf-token"}
+    real.c.apply(planted)
     status = real.wait_phase(name, "Failed", timeout=600)
     assert status["lastFailure"]["reason"] == "ModelError", status
     pods = real.c.pods(name, 1)

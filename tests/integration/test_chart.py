@@ -24,9 +24,20 @@ from lorafinetune.generate.chart import ChartValues
 from lorafinetune.operator.settings import OperatorSettings
 from tests.conftest import REPO, wait_for
 from tests.integration.conftest import Cluster, Operator, local_cluster
+from tests.manifests import manifest
 
 pytestmark = pytest.mark.integration
 CHART = REPO / "charts" / "lorafinetune"
+# What the chart-installed operator runs: 2 nodes x 8 GPUs on kwok nodes, from and to the "adapters" claim.
+CHART_RUN = {
+    "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
+    "dataset": {"train": "pvc://adapters/data/train.jsonl"},
+    "training": {"maxSteps": 10},
+    "resources": {"nodes": 2, "gpusPerNode": 8},
+    "output": {"uri": "pvc://adapters/{name}"},
+    "runPolicy": {"backoffLimit": 1},
+    "s3": {"endpointUrl": "http://127.0.0.1:9000", "credentialsSecret": "absent"},  # preflight off
+}
 MONITORS_ON = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true"]
 
 
@@ -321,16 +332,7 @@ def test_install_run_a_fine_tune_as_the_chart_identity_upgrade_uninstall(
                      "resources": {"requests": {"storage": "1Gi"}}},
         })  # fmt: skip
         def fine_tune(name: str, **resources: Any) -> dict:
-            return {
-                "apiVersion": "lorafinetune.io/v1alpha1", "kind": "LoRAFineTune", "metadata": {"name": name},
-                "spec": {
-                    "model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},
-                    "dataset": {"train": "pvc://adapters/data/train.jsonl"},
-                    "training": {"maxSteps": 10}, "resources": {"nodes": 2, "gpusPerNode": 8, **resources},
-                    "output": {"uri": f"pvc://adapters/{name}"}, "runPolicy": {"backoffLimit": 1},
-                    "s3": {"endpointUrl": "http://127.0.0.1:9000", "credentialsSecret": "absent"},  # preflight off
-                },
-            }  # fmt: skip
+            return manifest(name, CHART_RUN, resources=resources)
 
         # Who may run what: the chart's ValidatingAdmissionPolicy, enforced by the API server (defaults: only the
         # chart's image, no ServiceAccount, no PriorityClass, tolerations of the GPU taint only).

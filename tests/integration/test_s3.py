@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lorafinetune.contract import read_termination
 from lorafinetune.s3 import S3Error, S3Location, S3Store
 from tests.conftest import REPO, free_port, run_cli, wait_for, write_manifest
 from tests.manifests import manifest, tiny_cpu_run
@@ -252,12 +253,16 @@ def test_training_reads_inputs_from_s3_mirrors_outputs_and_a_new_pod_resumes_fro
     assert len(tensors) == 2 * 7 * 2 and any(t.abs().sum() > 0 for n, t in tensors.items() if "lora_B" in n)
     summary = json.loads((local / "training_summary.json").read_text())
     assert summary["steps"] == 6 and summary["adapter"]["sha256"] == digest(local / "adapter_model.safetensors")
+    assert summary["adapter"]["uri"] == f"{out}/adapter", "the summary names where the adapter is published"
 
-    # 3. Running again finds the published adapter and does nothing.
+    # 3. Running again finds the published adapter, does nothing, and reports the adapter in S3 again.
     shutil.rmtree(scratch)
     proc = run_cli(*args, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "already holds a complete adapter of this spec" in next(scratch.rglob("node-0.log")).read_text()
+    (record,) = [read_termination(p) for p in scratch.rglob("termination-*.json")]
+    assert record.adapter is not None and record.adapter.uri == f"{out}/adapter"
+    assert record.adapter.sha256 == summary["adapter"]["sha256"]
 
 
 def test_two_nodes_with_their_own_scratch_checkpoint_to_s3_and_resume_from_it(

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafinetune.contract import ENV_LOSS_CHUNK, ExitCode
+from lorafinetune.contract import ENV_LOSS_CHUNK, ExitCode, read_termination
 from tests.conftest import REPO, free_port, run_cli, write_manifest
 from tests.manifests import manifest, tiny_cpu_run
 
@@ -106,6 +106,9 @@ def test_finished_output_is_not_trained_again(tmp_path, tiny_model, chat_data):
     assert proc.returncode == 0
     assert "already holds a complete adapter of this spec" in (out / "logs" / "node-0.log").read_text()
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    # ... and reports the published adapter again (a pod lost after publishing: the retry sets status.adapter)
+    (record,) = [read_termination(p) for p in (out / "logs").glob("termination-*.json")]
+    assert record.reason == "Completed" and record.adapter.sha256 == summary(out)["adapter"]["sha256"]
     # Another spec on the same output: refused, and the published adapter stays as it was.
     proc, _ = train(tmp_path, tiny_model, chat_data, "once", training={"maxSteps": 3})
     assert proc.returncode == ExitCode.INVALID_CONFIG

@@ -12,7 +12,7 @@ from lorafinetune.operator.metrics import OperatorMetrics
 from lorafinetune.trainer.metrics import TrainerMetrics
 from tests.conftest import REPO
 
-# The chart ships a byte copy of it (tests/unit/test_chart.py checks the copy is current).
+# The chart ships a byte copy of it (tests/unit/test_generate.py checks the copy is current).
 DASHBOARD = REPO / "dashboards" / "lorafinetune.json"
 # The series each metric type is exported as.
 SUFFIXES = {"gauge": [""], "counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "info": ["_info"]}
