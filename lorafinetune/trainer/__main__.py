@@ -25,7 +25,6 @@ from lorafinetune.contract import (
     ExitCode,
     TerminationRecord,
 )
-from lorafinetune.trainer.malloc import return_large_frees_to_the_system
 
 
 def main() -> int:
@@ -33,7 +32,6 @@ def main() -> int:
     if not config_path or not run_dir:
         print(f"the trainer needs {ENV_CONFIG} and {ENV_RUN_DIR} in its environment", file=sys.stderr)
         return ExitCode.INVALID_CONFIG
-    return_large_frees_to_the_system()
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
 

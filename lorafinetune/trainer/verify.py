@@ -20,8 +20,6 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorafinetune.trainer.malloc import return_large_frees_to_the_system
-
 # The adapter folder's files that belong to the adapter, not copied into the merged model: the weights, the config and
 # PEFT's model card (its front matter says `library_name: peft`). The rest is the tokenizer, saved by the trainer.
 _ADAPTER_ONLY = {"adapter_model.safetensors", "adapter_config.json", "README.md"}
@@ -68,7 +66,6 @@ def main(argv: list[str]) -> int:
     args.add_argument("--merge-into", type=Path)
     args.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     a = args.parse_args(argv)
-    return_large_frees_to_the_system()  # a merge holds the whole model in fp32 on the host
     base = AutoModelForCausalLM.from_pretrained(a.base_dir, dtype=torch.float32, revision=a.revision)
     model = PeftModel.from_pretrained(base, a.adapter_dir)
     problem = check_adapter(model, a.adapter_dir)
