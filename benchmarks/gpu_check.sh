@@ -75,4 +75,6 @@ cp benchmarks/results/memory_plan-cuda.json "$OUT/" 2>/dev/null
 step trainers-varlen 150 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets varlen \
   --rows 320 --micro 8 --max-len 1024 --out "$OUT/trainers-varlen.json" --arms hf-padded trl-packed ours-padded ours-packed
 tail -n 40 "$OUT"/*.log > "$OUT/tails.txt" 2>/dev/null
+# what a failed arm or configuration printed (its own logs stay on the machine, which is given back)
+tail -n 30 "$LFT_BENCH_DIR"/*.log "$LFT_BENCH_DIR"/runs/*/logs/*.log > "$OUT/arm-logs.txt" 2>/dev/null
 cat "$OUT/steps.txt"

@@ -259,7 +259,8 @@ def measure(arm: str, dataset: str, train: Path, val: Path, args: argparse.Names
            "--device", args.device] + (["--model-dir", str(args.model_dir)] if args.model_dir else [])  # fmt: skip
     log = (WORK / f"{arm}-{dataset}.log").open("w")
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep carried wheels' folder
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": path})
     _, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the largest of the arm's processes (ranks included)
     if os.waitstatus_to_exitcode(status) != 0:
         tail = Path(log.name).read_text(errors="replace").splitlines()[-5:]

@@ -41,6 +41,9 @@ from lorafinetune.local.display import ProgressDisplay, print_summary
 from lorafinetune.storage import local_path
 
 GRACE_SECONDS = 120  # time given to ranks to write a checkpoint after Ctrl-C
+# torchrun's --shutdown-timeout, as pods set it: by variable, because a torchrun older than torch 2.12 refuses the
+# flag and would not start (it ignores the variable and gives the ranks its default 30 s)
+TORCHRUN_ENV = {"PET_SHUTDOWN_TIMEOUT": str(GRACE_SECONDS - 10)}
 
 
 @dataclass
@@ -93,6 +96,7 @@ def _agent_env(run_dir: Path, node: int, threads: int, opts: LocalOptions, on_cp
         ENV_METRICS_PORT: str(opts.metrics_port if node == 0 else 0),
         "OMP_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
+        **TORCHRUN_ENV,
         **opts.extra_env,
     }
     if opts.cache_dir:
@@ -126,7 +130,7 @@ def run_local(lft: LoRAFineTune, opts: LocalOptions, show_progress: bool = True)
         cmd = [
             sys.executable, "-m", "torch.distributed.run",
             f"--nnodes={res.nodes}", f"--node-rank={node}", f"--nproc-per-node={res.procs_per_node}",
-            "--master-addr=127.0.0.1", f"--master-port={port}", f"--shutdown-timeout={GRACE_SECONDS - 10}",
+            "--master-addr=127.0.0.1", f"--master-port={port}",
             "-m", "lorafinetune.trainer",
         ]  # fmt: skip
         log = open(run_dir / "logs" / f"node-{node}.log", "ab")

@@ -1,6 +1,7 @@
 """What torchrun does to the trainer's ranks in a pod, with real torchrun and stand-in ranks at the process boundary
 (tests/trainer/stand_in_rank.py): how long the ranks get to checkpoint after SIGTERM, and which exit code the
-operator acts on. torchrun runs with the environment the operator gives the pod (builders.build_job)."""
+operator acts on. torchrun runs with the environment the operator gives the pod (builders.build_job) or the local
+runner gives its agents."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from lorafinetune.api.spec import LoRAFineTuneSpec
+from lorafinetune.local.runner import TORCHRUN_ENV
 from lorafinetune.operator.builders import Owner, build_job
 from lorafinetune.operator.settings import OperatorSettings
 from lorafinetune.operator.status import observe_attempt
@@ -53,14 +55,15 @@ def stop_after_ready(proc: subprocess.Popen, tmp_path: Path) -> float:
     return time.monotonic() - started
 
 
-@pytest.mark.parametrize("from_pod_env", [True, False], ids=["pod-env", "torchrun-default"])
-def test_after_sigterm_the_ranks_get_the_grace_period_not_30_seconds(tmp_path: Path, from_pod_env: bool):
-    env = pod_env() if from_pod_env else {}
-    assert not from_pod_env or int(env["PET_SHUTDOWN_TIMEOUT"]) > 200
+@pytest.mark.parametrize("launcher", ["pod", "local-runner", "torchrun-default"])
+def test_after_sigterm_the_ranks_get_the_grace_period_not_30_seconds(tmp_path: Path, launcher: str):
+    env = {"pod": pod_env(), "local-runner": TORCHRUN_ENV, "torchrun-default": {}}[launcher]
+    given = launcher != "torchrun-default"
+    assert not given or int(env["PET_SHUTDOWN_TIMEOUT"]) > 100
     # Each rank needs 45 s after SIGTERM to finish its step and save.
     elapsed = stop_after_ready(torchrun(tmp_path, STAND_IN="slow-stop", STOP_SECONDS="45", **env), tmp_path)
     saved = sorted(p.name for p in tmp_path.glob("rank.saved-*"))
-    if from_pod_env:
+    if given:
         assert saved == ["rank.saved-0", "rank.saved-1"] and elapsed >= 45
     else:  # what pods did before: torchrun kills ranks that are still saving after 30 s
         assert saved == [] and elapsed < 45
