@@ -8,8 +8,8 @@ The estimate counts what a rank holds at its peak, the start of the backward pas
 - LoRA parameters, their gradients, fp32 master copies and AdamW moments (ZeRO >= 1 shards the optimizer states,
   >= 2 the gradients; offloadOptimizer moves the states to CPU memory);
 - activations autograd saves per token per decoder layer, counted for a Llama-style block (RMSNorm, attention with
-  rotary embeddings via SDPA, gated MLP) with PEFT's LoRA (a dropout copy of each adapted module's input when dropout
-  > 0); with gradient checkpointing only each layer's input is kept, plus one layer recomputed;
+  rotary embeddings via SDPA, gated MLP) with PEFT's LoRA (each adapted module's input, or with dropout its own
+  dropped-out copy and mask); with gradient checkpointing only each layer's input is kept, plus one layer recomputed;
 - the output layer's logits and the loss's buffers for one chunk of targets (the trainer scores at most
   LOSS_CHUNK_ELEMENTS logits at once; under ZeRO-3 all of a micro-batch's at once), every token of the micro-batch
   taken as a target (prompts are not, so real chat and completion runs hold less);
@@ -232,7 +232,7 @@ def _estimate(spec: LoRAFineTuneSpec, shape: Shape, capacity: int | None) -> Pla
     # Activations saved for backward, per token.
     tokens = t.micro_batch_size * spec.dataset.max_seq_length
     dropped = lora.dropout > 0
-    per_layer = _saved_per_token_per_layer(shape, adapted, r, d, dropped)
+    per_layer = _saved_per_token_per_layer(shape, adapted, r, d, dropped, 1 if device == "gpu" else d)
     if t.gradient_checkpointing:
         held_acts = tokens * (shape.layers * h * d + per_layer)  # every layer's input + one layer recomputed
         how = "layer inputs + one layer recomputed (gradient checkpointing)"
@@ -255,22 +255,35 @@ def _estimate(spec: LoRAFineTuneSpec, shape: Shape, capacity: int | None) -> Pla
     return Plan(tuple(items), device, world, lora_params, base, capacity)
 
 
+# Which tensor each linear layer of a block reads: layers that share an input share one saved copy of it.
+_INPUT_OF = {"q_proj": "attention input", "k_proj": "attention input", "v_proj": "attention input",
+             "o_proj": "attention output", "gate_proj": "MLP input", "up_proj": "MLP input",
+             "down_proj": "MLP product"}  # fmt: skip
+
+
 def _saved_per_token_per_layer(shape: Shape, adapted: Mapping[str, tuple[int, int]], r: int, d: int,
-                               dropped: bool) -> int:  # fmt: skip
-    """Bytes autograd keeps per token for one decoder block (frozen base, LoRA on `adapted`)."""
+                               dropped: bool, mask_bytes: int) -> int:  # fmt: skip
+    """Bytes autograd keeps per token for one decoder block (frozen base, LoRA on `adapted`).
+
+    A frozen linear layer keeps nothing of its input; LoRA's A keeps what it reads: the layer's input itself (one
+    copy per shared input) or, with dropout, its own dropped-out copy plus the dropout mask (bool on a GPU; on a CPU
+    PyTorch keeps the mask in the input's dtype)."""
     h, i_ = shape.hidden, shape.intermediate
     q = shape.heads * shape.head_dim
     total = 2 * h * 4  # two RMSNorms keep their fp32 input
-    total += 2 * h * d  # the normalised inputs (of attention and MLP), kept by whatever consumes them
-    # SDPA keeps q, k and v (k and v repeated to every query head, as transformers passes them), its output, and
-    # the log-sum-exp.
+    # SDPA keeps q, k and v (k and v repeated to every query head, as transformers passes them), its output (o_proj's
+    # input), and the log-sum-exp.
     total += 4 * q * d + 4 * shape.heads
-    total += 4 * i_ * d  # gate output (SiLU), its activation, the up projection, their product (down's input)
-    for _name, (a, _b) in adapted.items():
+    total += 3 * i_ * d  # gate output (SiLU), its activation and the up projection (the product's factors)
+    width = {"attention input": h, "attention output": 0, "MLP input": h, "MLP product": i_}  # 0: kept anyway
+    kept_inputs = set()
+    for name, (a, _b) in adapted.items():
         total += r * d  # lora_A's output, kept by lora_B
         if dropped:
-            total += a * d + a  # the dropped-out copy of the input and its mask
-    return total
+            total += a * d + a * mask_bytes
+        else:
+            kept_inputs.add(_INPUT_OF[name])
+    return total + sum(width[i] * d for i in kept_inputs)
 
 
 Changes = dict[str, dict[str, Any]]
