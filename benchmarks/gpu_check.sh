@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # GPU check and benchmark, for a machine with one NVIDIA GPU and no network (run from the repository root); about
-# 8 minutes on one H100 or H200. Every step writes its results as it finishes, so a step cut short loses only itself.
+# 9 minutes on one H100 or H200. Every step writes its results as it finishes, so a step cut short loses only itself.
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
 # Needs: python3 with torch (CUDA) and numpy; the rest comes from .whl/ and .gpu/, which benchmarks/gpu_prepare.sh
 # fills on a machine with PyPI (carry both: they are git-ignored). The TRL arm needs trl, datasets, pandas and
-# pyarrow installed on the machine and is skipped without them; the QLoRA arm needs .gpu/site's bitsandbytes.
+# pyarrow installed on the machine (too big to carry) and is skipped without them; QLoRA needs .gpu/site's
+# bitsandbytes.
 #
 # 1. A model of Llama-3.2-1B's published shape (1.24 B parameters, 128k vocabulary) with random bf16 weights and
 #    SmolLM2's tokenizer: the point is the speed and memory of the CUDA path, not the answers.
 # 2. benchmarks/trainers.py --device cuda: HF Trainer + PEFT with padding (the baseline) beside `lorafinetune run`
 #    padded and packed (and TRL packed when installed), on the quick start's data and the long-tailed one; tokens/s,
-#    peak GPU memory, eval loss and MFU per arm. On the quick start's data also packed with an nf4 base (QLoRA): the
-#    bf16 DeepSpeed engine around bitsandbytes' 4-bit layers, and what it costs in speed and saves in memory.
+#    peak GPU memory, eval loss and MFU per arm (`--arms ours-packed-nf4` adds a packed run on an nf4 base, QLoRA).
 # 3. benchmarks/memory_plan.py --device cuda: `lorafinetune plan`'s estimate against torch.cuda.max_memory_allocated,
 #    an nf4 configuration included.
 set -uo pipefail
@@ -67,13 +67,20 @@ step() {  # name seconds command...
   if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then status=ok; else status="FAILED (exit $?)"; fi
   echo "$name: $status in $(( SECONDS - start )) s" | tee -a "$OUT/steps.txt"
 }
-step trainers-quickstart 240 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets quickstart \
-  --rows 320 --micro 8 --max-len 1024 --out "$OUT/trainers-quickstart.json" \
-  --arms hf-padded trl-packed ours-padded ours-packed ours-packed-nf4
-step memory-plan 120 python3 benchmarks/memory_plan.py --device cuda --model-dir "$MODEL"
+# Wall time is mostly per run (a `lorafinetune run` spent ~55 s around 2-9 s of steps on an H200: start-up, two
+# evaluations, the save and the adapter's check in a fresh process), so few arms; what an earlier run measured
+# (benchmarks/README: ours padded on the long tail, nf4 in trainers.py, mb4-s1024) is not repeated.
+# Packed rows of 1,024 tokens hold ~9 of these examples: a packed micro-batch of 3 is about the 32 examples of the
+# padded arms, so all arms make about as many optimizer steps over the same tokens (their eval losses compare).
+step trainers-quickstart 200 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets quickstart \
+  --rows 1280 --micro 32 --packed-micro 3 --max-len 1024 --out "$OUT/trainers-quickstart.json" \
+  --arms hf-padded trl-packed ours-padded ours-packed
+step memory-plan 150 python3 benchmarks/memory_plan.py --device cuda --model-dir "$MODEL" \
+  --configs mb8-s1024-checkpointing mb4-s2048-zero3 mb4-s1024-nf4
 cp benchmarks/results/memory_plan-cuda.json "$OUT/" 2>/dev/null
-step trainers-varlen 150 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets varlen \
-  --rows 320 --micro 8 --max-len 1024 --out "$OUT/trainers-varlen.json" --arms hf-padded trl-packed ours-padded ours-packed
+step trainers-varlen 130 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets varlen \
+  --rows 640 --micro 16 --packed-micro 2 --max-len 1024 --out "$OUT/trainers-varlen.json" \
+  --arms hf-padded trl-packed ours-packed
 tail -n 40 "$OUT"/*.log > "$OUT/tails.txt" 2>/dev/null
 # what a failed arm or configuration printed (its own logs stay on the machine, which is given back)
 tail -n 30 "$LFT_BENCH_DIR"/*.log "$LFT_BENCH_DIR"/runs/*/logs/*.log > "$OUT/arm-logs.txt" 2>/dev/null

@@ -89,6 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--model-dir", type=Path, help="with --device cuda: the model to run (bf16)")
+    ap.add_argument("--configs", nargs="+", metavar="NAME", help="only these configurations (default: all)")
     args = ap.parse_args()
     gpu = args.device == "cuda"
     if gpu and not args.model_dir:
@@ -99,7 +100,12 @@ def main() -> None:
     for split, n in (("train", 16), ("validation", 2)):
         (WORK / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text_rows(n, len(split))))
     rows = []
-    for name, *config in GPU_CONFIGS if gpu else CONFIGS:
+    configs = GPU_CONFIGS if gpu else CONFIGS
+    if args.configs and (unknown := set(args.configs) - {c[0] for c in configs}):
+        ap.error(f"--configs: unknown {sorted(unknown)}; known: {[c[0] for c in configs]}")
+    for name, *config in configs:
+        if args.configs and name not in args.configs:
+            continue
         path = WORK / f"{name}.yaml"
         micro, seq, checkpointing, zero, dropout, *quantization = config
         if quantization and importlib.util.find_spec("bitsandbytes") is None:

@@ -251,12 +251,17 @@ class ArmFailed(Exception):
     """One arm failed: the others still run and are reported (on a borrowed GPU, a rerun may not be possible)."""
 
 
+def micro_of(arm: str, args: argparse.Namespace) -> int:
+    return args.packed_micro if "packed" in arm and args.packed_micro else args.micro
+
+
 def measure(arm: str, dataset: str, train: Path, val: Path, args: argparse.Namespace) -> dict[str, Any]:
     result = WORK / f"{arm}.result.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--arm", arm, "--train", str(train), "--validation", str(val),
-           "--max-len", str(args.max_len or MAX_LEN[dataset]), "--micro", str(args.micro), "--result", str(result),
-           "--device", args.device] + (["--model-dir", str(args.model_dir)] if args.model_dir else [])  # fmt: skip
+           "--max-len", str(args.max_len or MAX_LEN[dataset]), "--micro", str(micro_of(arm, args)),
+           "--result", str(result), "--device", args.device]  # fmt: skip
+    cmd += ["--model-dir", str(args.model_dir)] if args.model_dir else []
     log = (WORK / f"{arm}-{dataset}.log").open("w")
     start = time.perf_counter()
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep carried wheels' folder
@@ -268,6 +273,7 @@ def measure(arm: str, dataset: str, train: Path, val: Path, args: argparse.Names
     r = json.loads(result.read_text())
     r["tokensPerSecond"] = round(r["inputTokens"] / r["trainSeconds"], 1)
     r["stepSeconds"] = round(r["trainSeconds"] / r["steps"], 3)
+    r["examplesPerStep"] = round(args.rows / r["steps"], 1)  # one epoch: equal across arms = as many updates
     r["peakRssMiB"] = round(usage.ru_maxrss / 1024)
     if (gpu_peak := r.pop("peakGpuMemoryBytes", None)) is not None:
         r["peakGpuMemoryGiB"] = round(gpu_peak / 1024**3, 2)
@@ -282,6 +288,9 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     ap.add_argument("--rows", type=int, default=160, help="training rows per data set (one epoch)")
     ap.add_argument("--micro", type=int, default=4, help="micro-batch size (rows per optimizer step, no accumulation)")
+    ap.add_argument("--packed-micro", type=int,
+                    help="micro-batch of the packed arms (default: --micro); a packed row of maxSeqLength tokens holds "
+                         "several examples, so a smaller one makes about as many optimizer steps as the padded arms")
     ap.add_argument("--rounds", type=int, default=1, help="repeat every arm, alternating the order")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/trainers.json")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: bf16 on one GPU (gpu_check.sh)")
@@ -306,7 +315,8 @@ def main() -> None:
         "machine": machine(args.device),
         "model": f"{args.model_dir or 'SmolLM2-135M-Instruct'} ({'bf16' if args.device == 'cuda' else 'fp32'}) "
                  f"+ LoRA r=16 alpha=32 dropout 0.05 on all linear layers",
-        "settings": {**TRAINING, "epochs": 1, "microBatchSize": args.micro, "rows": args.rows,
+        "settings": {**TRAINING, "epochs": 1, "microBatchSize": args.micro,
+                     "packedMicroBatchSize": args.packed_micro or args.micro, "rows": args.rows,
                      "maxSeqLength": args.max_len or MAX_LEN, "threads": os.cpu_count()},  # fmt: skip
         "skipped": skipped,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
