@@ -233,16 +233,22 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=10.0, help="reconcile interval in seconds (the chart's: 10)")
     ap.add_argument("--baseline-ref", default=BASELINE_REF, help="git commit of the baseline operator")
     ap.add_argument("--rest-seconds", type=float, default=60.0)
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="this checkout only: to re-measure it against the baseline numbers of an earlier run")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/operator_latency.json")
     args = ap.parse_args()
     os.environ["LFT_BENCH"] = "1"
-    baseline = Path(tempfile.mkdtemp(prefix="lft-baseline-"))
-    subprocess.run(["git", "worktree", "add", "--detach", str(baseline), args.baseline_ref], cwd=REPO, check=True,
-                   capture_output=True)  # fmt: skip
-    try:
-        arms = [run_arm(f"baseline {args.baseline_ref}", baseline, args.counts, args.interval, args.rest_seconds),
-                run_arm("this checkout", REPO, args.counts, args.interval, args.rest_seconds)]  # fmt: skip
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO, capture_output=True)
+    arms = []
+    if not args.no_baseline:
+        baseline = Path(tempfile.mkdtemp(prefix="lft-baseline-"))
+        subprocess.run(["git", "worktree", "add", "--detach", str(baseline), args.baseline_ref], cwd=REPO, check=True,
+                       capture_output=True)  # fmt: skip
+        try:
+            arms.append(run_arm(f"baseline {args.baseline_ref}", baseline, args.counts, args.interval,
+                                args.rest_seconds))  # fmt: skip
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO, capture_output=True)
+    arms.append(run_arm("this checkout", REPO, args.counts, args.interval, args.rest_seconds))
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     out = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; etcd, the API "
@@ -251,8 +257,7 @@ def main() -> None:
         "reconcileIntervalSeconds": args.interval,
         "arms": arms,
     }
-    path = REPO / "benchmarks/results/operator_latency.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 

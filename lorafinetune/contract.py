@@ -5,13 +5,14 @@ folder, and exit codes that tell a launcher whether retrying can help.
 
 Launch (one torchrun agent per node; the operator and the local runner both do exactly this):
 
-    LFT_CONFIG=/etc/lorafinetune/config.json LFT_RUN_DIR=/output/run \\
+    LFT_CONFIG=/etc/lorafinetune/config.json LFT_RUN_DIR=/output/run PET_SHUTDOWN_TIMEOUT=270 \\
     torchrun --nnodes N --node-rank R --nproc-per-node P --master-addr ADDR --master-port 29500 \\
-        --shutdown-timeout 270 -m lorafinetune.trainer
+        -m lorafinetune.trainer
 
-`--shutdown-timeout` (PET_SHUTDOWN_TIMEOUT in pods) is how long torchrun lets the ranks checkpoint after SIGTERM
+PET_SHUTDOWN_TIMEOUT (torchrun's `--shutdown-timeout`) is how long torchrun lets the ranks checkpoint after SIGTERM
 before it kills them; its default, 30 s, is shorter than a step plus a save of a large model. Launchers set it a
-margin below their own grace period. torchrun exits 1 whatever its ranks exited with, so a launcher reads the
+margin below their own grace period, as a variable: an older torchrun (torch 2.11's) refuses the flag but ignores
+the variable. torchrun exits 1 whatever its ranks exited with, so a launcher reads the
 trainer's exit code from the termination log (below), never from torchrun.
 """
 

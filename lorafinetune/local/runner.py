@@ -41,7 +41,7 @@ from lorafinetune.local.display import ProgressDisplay, print_summary
 from lorafinetune.storage import local_path
 
 GRACE_SECONDS = 120  # time given to ranks to write a checkpoint after Ctrl-C
-# torchrun's --shutdown-timeout, as pods set it: by variable, because a torchrun older than torch 2.12 refuses the
+# torchrun's --shutdown-timeout, as pods set it: by variable, because an older torchrun (torch 2.11's) refuses the
 # flag and would not start (it ignores the variable and gives the ranks its default 30 s)
 TORCHRUN_ENV = {"PET_SHUTDOWN_TIMEOUT": str(GRACE_SECONDS - 10)}
 
