@@ -66,7 +66,10 @@ def main(argv: list[str]) -> int:
     args.add_argument("--merge-into", type=Path)
     args.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     a = args.parse_args(argv)
-    base = AutoModelForCausalLM.from_pretrained(a.base_dir, dtype=torch.float32, revision=a.revision)
+    # Merging folds the adapter in fp32; the check alone loads the weights as stored (bf16 for most models: half the
+    # host memory of fp32, which for an 8B model is 32 GB beside the trainer's own).
+    dtype = torch.float32 if a.merge_into else "auto"
+    base = AutoModelForCausalLM.from_pretrained(a.base_dir, dtype=dtype, revision=a.revision)
     model = PeftModel.from_pretrained(base, a.adapter_dir)
     problem = check_adapter(model, a.adapter_dir)
     if problem is None and a.merge_into is not None:
