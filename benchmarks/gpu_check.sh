@@ -76,8 +76,7 @@ step trainers-quickstart 200 python3 benchmarks/trainers.py --device cuda --mode
   --rows 1280 --micro 32 --packed-micro 3 --max-len 1024 --out "$OUT/trainers-quickstart.json" \
   --arms hf-padded trl-packed ours-padded ours-packed
 step memory-plan 150 python3 benchmarks/memory_plan.py --device cuda --model-dir "$MODEL" \
-  --configs mb8-s1024-checkpointing mb4-s2048-zero3 mb4-s1024-nf4
-cp benchmarks/results/memory_plan-cuda.json "$OUT/" 2>/dev/null
+  --configs mb8-s1024-checkpointing mb4-s2048-zero3 mb4-s1024-nf4 --out "$OUT/memory_plan-cuda.json"
 step trainers-varlen 130 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets varlen \
   --rows 640 --micro 16 --packed-micro 2 --max-len 1024 --out "$OUT/trainers-varlen.json" \
   --arms hf-padded trl-packed ours-packed

@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--model-dir", type=Path, help="with --device cuda: the model to run (bf16)")
     ap.add_argument("--configs", nargs="+", metavar="NAME", help="only these configurations (default: all)")
+    ap.add_argument("--out", type=Path, help="default: benchmarks/results/memory_plan[-cuda].json")
     args = ap.parse_args()
     gpu = args.device == "cuda"
     if gpu and not args.model_dir:
@@ -138,7 +139,7 @@ def main() -> None:
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({where})",
            "model": f"{args.model_dir or 'SmolLM2-135M-Instruct'}, {'bf16' if gpu else 'fp32'}, LoRA r=16 "
                     f"all-linear, one process", "configs": rows}  # fmt: skip
-    target = REPO / f"benchmarks/results/memory_plan{'-cuda' if gpu else ''}.json"
+    target = args.out or REPO / f"benchmarks/results/memory_plan{'-cuda' if gpu else ''}.json"
     target.write_text(json.dumps(out, indent=2) + "\n")
 
 
