@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check and benchmark, for a machine with one NVIDIA GPU and no network (run from the repository root); about
-# 9 minutes on one H100 or H200. Every step writes its results as it finishes, so a step cut short loses only itself.
+# 10 minutes on one H100 or H200 (a 600 s limit may cut the last step). Every step writes its results as it
+# finishes, so a step cut short loses only itself.
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
@@ -11,10 +12,11 @@
 #
 # 1. A model of Llama-3.2-1B's published shape (1.24 B parameters, 128k vocabulary) with random bf16 weights and
 #    SmolLM2's tokenizer: the point is the speed and memory of the CUDA path, not the answers.
-# 2. benchmarks/trainers.py --device cuda: HF Trainer + PEFT with padding (the baseline) beside `lorafinetune run`
+# 2. benchmarks/loss_path.py --device cuda: the output layer and loss alone, fused vs chunked vs in one piece.
+# 3. benchmarks/trainers.py --device cuda: HF Trainer + PEFT with padding (the baseline) beside `lorafinetune run`
 #    padded and packed (and TRL packed when installed), on the quick start's data and the long-tailed one; tokens/s,
 #    peak GPU memory, eval loss and MFU per arm (`--arms ours-packed-nf4` adds a packed run on an nf4 base, QLoRA).
-# 3. benchmarks/memory_plan.py --device cuda: `lorafinetune plan`'s estimate against torch.cuda.max_memory_allocated,
+# 4. benchmarks/memory_plan.py --device cuda: `lorafinetune plan`'s estimate against torch.cuda.max_memory_allocated,
 #    an nf4 configuration included.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
@@ -67,19 +69,21 @@ step() {  # name seconds command...
   if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then status=ok; else status="FAILED (exit $?)"; fi
   echo "$name: $status in $(( SECONDS - start )) s" | tee -a "$OUT/steps.txt"
 }
+# The loss path alone first: seconds, not minutes, and the fused loss's first run on CUDA.
+step loss-path 60 python3 benchmarks/loss_path.py --device cuda --rounds 1 --reps 10 --out "$OUT/loss_path-cuda.json"
 # Wall time is mostly per run (a `lorafinetune run` spent ~55 s around 2-9 s of steps on an H200: start-up, two
-# evaluations, the save and the adapter's check in a fresh process), so few arms; what an earlier run measured
-# (benchmarks/README: ours padded on the long tail, nf4 in trainers.py, mb4-s1024) is not repeated.
-# Packed rows of 1,024 tokens hold ~9 of these examples: a packed micro-batch of 3 is about the 32 examples of the
-# padded arms, so all arms make about as many optimizer steps over the same tokens (their eval losses compare).
+# evaluations, the save and the adapter's check in a fresh process), so few arms, the most wanted first: ours padded
+# was 0.92x HF's on the long tail (2026-11-28, before the fused loss); the nf4 trainer arm and mb4-s1024 are not
+# repeated. Packed rows of 1,024 tokens hold ~9 quick-start examples: a packed micro-batch of 3 is about the 32
+# examples of the padded arms, so all arms make about as many optimizer steps over the same tokens.
+step trainers-varlen 190 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets varlen \
+  --rows 640 --micro 16 --packed-micro 2 --max-len 1024 --out "$OUT/trainers-varlen.json" \
+  --arms hf-padded ours-padded ours-packed trl-packed
 step trainers-quickstart 200 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets quickstart \
   --rows 1280 --micro 32 --packed-micro 3 --max-len 1024 --out "$OUT/trainers-quickstart.json" \
-  --arms hf-padded trl-packed ours-padded ours-packed
-step memory-plan 150 python3 benchmarks/memory_plan.py --device cuda --model-dir "$MODEL" \
-  --configs mb8-s1024-checkpointing mb4-s2048-zero3 mb4-s1024-nf4 --out "$OUT/memory_plan-cuda.json"
-step trainers-varlen 130 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets varlen \
-  --rows 640 --micro 16 --packed-micro 2 --max-len 1024 --out "$OUT/trainers-varlen.json" \
-  --arms hf-padded trl-packed ours-packed
+  --arms hf-padded ours-padded ours-packed trl-packed
+step memory-plan 120 python3 benchmarks/memory_plan.py --device cuda --model-dir "$MODEL" \
+  --configs mb8-s1024-checkpointing mb4-s1024-nf4 --out "$OUT/memory_plan-cuda.json"
 tail -n 40 "$OUT"/*.log > "$OUT/tails.txt" 2>/dev/null
 # what a failed arm or configuration printed (its own logs stay on the machine, which is given back)
 tail -n 30 "$LFT_BENCH_DIR"/*.log "$LFT_BENCH_DIR"/runs/*/logs/*.log > "$OUT/arm-logs.txt" 2>/dev/null

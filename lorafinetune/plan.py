@@ -11,8 +11,9 @@ The estimate counts what a rank holds at its peak, the start of the backward pas
   rotary embeddings via SDPA, gated MLP) with PEFT's LoRA (each adapted module's input, or with dropout its own
   dropped-out copy and mask); with gradient checkpointing only each layer's input is kept, plus one layer recomputed;
 - the output layer's logits and the loss's buffers for one chunk of targets (the trainer scores at most
-  LOSS_CHUNK_ELEMENTS logits at once; under ZeRO-3 all of a micro-batch's at once), every token of the micro-batch
-  taken as a target (prompts are not, so real chat and completion runs hold less);
+  LOSS_CHUNK_ELEMENTS logits at once, fusing the loss's gradient into that pass; under ZeRO-3 all of a micro-batch's
+  at once, kept for backward), every token of the micro-batch taken as a target (prompts are not, so real chat and
+  completion runs hold less);
 - DeepSpeed's gradient buckets (sized by the trainer to the trainable parameters) and a fixed runtime reserve (the
   CUDA context with cuBLAS and NCCL workspaces on a GPU; the interpreter and libraries on a CPU).
 
@@ -241,12 +242,15 @@ def _estimate(spec: LoRAFineTuneSpec, shape: Shape, capacity: int | None) -> Pla
         how = f"{per_layer / 1024:.0f} KiB per token per layer x {shape.layers} layers"
     items.append(Item(f"activations ({t.micro_batch_size} x {spec.dataset.max_seq_length} tokens; {how})", held_acts))
 
-    # Logits and loss: lm_head output (compute dtype), its fp32 copy for the loss, log-softmax kept for backward,
-    # and in backward their gradients (fp32 and compute dtype).
-    logit_bytes = d + (4 if d != 4 else 0) + 4 + 4 + d
+    # Logits and loss (trainer/loss.py). Fused (a frozen output layer, ZeRO <= 2): one chunk's fp32 logits, turned
+    # into their gradient in place, beside the compute-dtype output while it is copied (or the gradient's cast).
+    # Otherwise: lm_head output, its fp32 copy, the log-softmax kept for backward, and in backward their gradients.
+    fused = ds.zero_stage < 3 and "lm_head" not in lora.target_modules
+    logit_bytes = 4 + (d if d != 4 else 0) if fused else d + (4 if d != 4 else 0) + 4 + 4 + d
     scored = min(tokens, max(1, LOSS_CHUNK_ELEMENTS // v)) if ds.zero_stage < 3 else tokens  # ZeRO-3: one chunk
     chunked = f", in chunks of {scored}" if scored < tokens else ""
-    items.append(Item(f"logits and loss buffers ({scored} targets at once{chunked})", scored * v * logit_bytes))
+    how = "fused loss" if fused else "logits and loss buffers"
+    items.append(Item(f"{how} ({scored} targets at once{chunked})", scored * v * logit_bytes))
 
     if ds.zero_stage in (1, 2):
         items.append(Item("DeepSpeed gradient bucket", lora_params * (4 if ds.zero_stage == 1 else wb)))

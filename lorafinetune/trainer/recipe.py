@@ -128,9 +128,8 @@ class LoRAFineTuneRecipe:
         base = model.load_base_model(self.model_dir, spec.model, dtype, revision, quantized_on=device)
         self.quantized_layers = sum(1 for m in base.modules() if type(m).__name__ in model.QUANTIZED_LINEARS)
         self.peft_model = model.wrap_with_lora(base, spec.lora, spec.training.gradient_checkpointing)
-        # Under ZeRO-3 all targets are scored in one chunk (see trainer/loss.py).
-        chunk = int(os.environ.get(ENV_LOSS_CHUNK) or CHUNK_ELEMENTS) if spec.deepspeed.zero_stage < 3 else 1 << 62
-        self.token_loss = TokenLoss(self.peft_model, chunk)
+        chunk = int(os.environ.get(ENV_LOSS_CHUNK) or CHUNK_ELEMENTS)
+        self.token_loss = TokenLoss(self.peft_model, chunk, partitioned=spec.deepspeed.zero_stage == 3)
         self.adapted_modules = sum(1 for n, _ in self.peft_model.named_modules() if n.endswith("lora_A.default"))
         # PEFT's count: a 4-bit tensor packs two weights per element
         self.trainable, self.total_params = self.peft_model.get_nb_trainable_parameters()

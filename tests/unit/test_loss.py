@@ -22,17 +22,26 @@ def full_vocabulary_loss(model, batch):
     )
 
 
-@pytest.mark.parametrize(
-    "packing, chunk_tokens", [(False, None), (True, None), (False, 5)], ids=["padded", "packed", "chunks-of-5"]
-)
+# (packing, chunk_tokens, LoRA targets, ZeRO-3): the fused path (a frozen output layer), and the module path that
+# an adapted output layer or ZeRO-3 takes (chunks recomputed in backward, or all targets in one piece).
+CASES = {
+    "fused-padded": (False, None, ["all-linear"], False),
+    "fused-packed": (True, None, ["all-linear"], False),
+    "fused-chunks-of-5": (False, 5, ["all-linear"], False),
+    "adapted-output-layer-chunks-of-5": (False, 5, ["q_proj", "lm_head"], False),
+    "partitioned-one-piece": (False, 5, ["all-linear"], True),
+}
+
+
+@pytest.mark.parametrize("packing, chunk_tokens, targets, partitioned", CASES.values(), ids=CASES.keys())
 def test_the_loss_and_lora_gradients_equal_the_full_vocabulary_computation(
-    tiny_model, tiny_tokenizer, packing, chunk_tokens
+    tiny_model, tiny_tokenizer, packing, chunk_tokens, targets, partitioned
 ):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
-    model = wrap_with_lora(base, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), False)
+    model = wrap_with_lora(base, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=targets), False)
     for name, p in model.named_parameters():  # B starts at zero: give the adapter something to differentiate
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
@@ -51,7 +60,9 @@ def test_the_loss_and_lora_gradients_equal_the_full_vocabulary_computation(
 
     full, full_grads = loss_and_grads(lambda: full_vocabulary_loss(model, batch))
     vocab = model.get_output_embeddings().out_features
-    token_loss = TokenLoss(model, chunk_elements=chunk_tokens * vocab) if chunk_tokens else TokenLoss(model)
+    chunking = {"chunk_elements": chunk_tokens * vocab} if chunk_tokens else {}
+    token_loss = TokenLoss(model, partitioned=partitioned, **chunking)
+    assert token_loss.fused == (targets == ["all-linear"] and not partitioned)
     if chunk_tokens:
         assert trained > 3 * chunk_tokens, "the test needs several chunks"
     ours, our_grads = loss_and_grads(lambda: token_loss(model, batch))
@@ -76,3 +87,26 @@ def test_a_batch_without_targets_has_zero_loss(tiny_model, tiny_tokenizer):
     batch["labels"].fill_(IGNORE)  # what a rank with no evaluation rows left runs
     with torch.no_grad():
         assert TokenLoss(model)(model, batch).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_the_fused_loss_and_its_gradient_equal_autograds_in_each_dtype(dtype, tolerance):
+    """The fused function alone against F.linear + cross-entropy, with a bias, uneven chunks and a repeated target."""
+    from lorafinetune.trainer.loss import _FusedLinearCrossEntropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(23, 16, dtype=dtype)
+    weight, bias = torch.randn(50, 16, dtype=dtype) / 4, torch.randn(50, dtype=dtype)
+    targets = torch.randint(0, 50, (23,))
+    targets[3] = targets[4]
+
+    reference_input = hidden.clone().requires_grad_()
+    reference = F.cross_entropy(F.linear(reference_input, weight, bias).float(), targets, reduction="sum")
+    (reference * 0.5).backward()
+    fused_input = hidden.clone().requires_grad_()
+    fused = _FusedLinearCrossEntropy.apply(fused_input, weight, bias, targets, 7)
+    (fused * 0.5).backward()
+
+    assert fused.dtype == torch.float32 and fused_input.grad.dtype == dtype
+    torch.testing.assert_close(fused, reference, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(fused_input.grad.float(), reference_input.grad.float(), rtol=tolerance, atol=tolerance)
