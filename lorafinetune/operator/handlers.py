@@ -2,9 +2,9 @@
 
     python -m lorafinetune.operator          # or: kopf run -m lorafinetune.operator.handlers --all-namespaces
 
-kopf watches the LoRAFineTunes; the operator's own informers (informer.py) watch its Jobs and pods (by label) and the
-nodes. Every change, and the clock, puts the fine-tune's key on one work queue (workqueue.py), whose workers
-reconcile it from those caches: a reconcile makes no read request, only the writes its plan needs.
+kopf watches the LoRAFineTunes; the operator's own informers (informer.py) watch its Jobs and pods (by label), the
+PVCs and the nodes. Every change, and the clock, puts the fine-tune's key on one work queue (workqueue.py), whose
+workers reconcile it from those caches: a reconcile makes no read request, only the writes its plan needs.
 
 Every path is safe to run again: child names are deterministic, "already exists" is success, status is recomputed
 from what is observed and patched only if this reconcile saw its newest version (resourceVersion). So an operator
@@ -14,6 +14,7 @@ restart at any point neither duplicates nor loses children.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -78,7 +79,25 @@ PODS = PerNamespace(lambda ns: Informer(f"pods in {ns or 'all namespaces'}", kub
                                         on_change=_enqueue_owner("pod-event"),
                                         count=lambda verb: kube.count(verb, "pods")), SETTINGS.namespaces)  # fmt: skip
 NODES = Informer("nodes", kube.node_lister(), count=lambda verb: kube.count(verb, "nodes"))
-INFORMERS = [*JOBS.parts, *PODS.parts, NODES]
+# Every PVC of the namespaces served (they are few beside pods): the preflight reads them here, and a run held back
+# for a claim that does not exist yet is woken when it appears, not by the next tick.
+_WAITING_FOR_PVC: dict[tuple[str, str], set[str]] = {}  # (namespace, claim) -> keys of the fine-tunes waiting
+_WAITING_GUARD = threading.Lock()
+
+
+def _wake_waiting_for(pvc: dict) -> None:
+    meta = pvc.get("metadata") or {}
+    with _WAITING_GUARD:
+        keys = _WAITING_FOR_PVC.pop((meta.get("namespace", ""), meta.get("name", "")), set())
+    for key in keys:
+        QUEUE.add(key, "pvc-event")
+
+
+PVCS = PerNamespace(lambda ns: Informer(f"persistentvolumeclaims in {ns or 'all namespaces'}", kube.pvc_lister(ns),
+                                        on_change=_wake_waiting_for,
+                                        count=lambda verb: kube.count(verb, "persistentvolumeclaims")),
+                    SETTINGS.namespaces)  # fmt: skip
+INFORMERS = [*JOBS.parts, *PODS.parts, *PVCS.parts, NODES]
 
 
 @kopf.on.startup()
@@ -122,7 +141,10 @@ def _preflight(owner: builders.Owner, spec: LoRAFineTuneSpec) -> tuple[str, str]
     """Checks the CRD schema cannot express. Returns (reason, message) of the first problem, or None. A problem
     holds the run back (no pods) until it is fixed: the timer checks again."""
     for claim in builders.pvc_claims(spec):
-        if not kube.pvc_exists(owner.namespace, claim):
+        # A claim the cache lacks is asked for once: it may be newer than the watch's last event.
+        if PVCS.get(owner.namespace, claim) is None and not kube.pvc_exists(owner.namespace, claim):
+            with _WAITING_GUARD:  # woken by the claim's watch event; the clock checks again anyway
+                _WAITING_FOR_PVC.setdefault((owner.namespace, claim), set()).add(f"{owner.namespace}/{owner.name}")
             return "PVCNotFound", f"PersistentVolumeClaim {claim!r} does not exist in namespace {owner.namespace}"
     secrets = {"spec.s3.credentialsSecret": spec.s3.credentials_secret if spec.s3 else None,
                "spec.model.tokenSecret": spec.model.token_secret}  # fmt: skip
@@ -308,6 +330,9 @@ async def on_fine_tune(event: kopf.RawEvent, **_: Any) -> None:
     if event["type"] == "DELETED":
         FINE_TUNES.forget(body)
         QUEUE.forget(key)
+        with _WAITING_GUARD:
+            for waiting in _WAITING_FOR_PVC.values():
+                waiting.discard(key)
         _last_progress_poll.pop(key, None)
         OPERATOR_METRICS.set_phase(key, None)
         return

@@ -34,6 +34,12 @@ def pod_lister(namespace: str | None) -> Callable[..., Any]:
     return lambda **kwargs: client.CoreV1Api().list_namespaced_pod(namespace, **kwargs)
 
 
+def pvc_lister(namespace: str | None) -> Callable[..., Any]:
+    if namespace is None:
+        return lambda **kwargs: client.CoreV1Api().list_persistent_volume_claim_for_all_namespaces(**kwargs)
+    return lambda **kwargs: client.CoreV1Api().list_namespaced_persistent_volume_claim(namespace, **kwargs)
+
+
 def node_lister() -> Callable[..., Any]:
     return lambda **kwargs: client.CoreV1Api().list_node(**kwargs)
 
@@ -173,6 +179,7 @@ def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> Non
 
 
 def pvc_exists(namespace: str, claim: str) -> bool:
+    """Asked only when the operator's PVC cache has no such claim: it may have been created a moment ago."""
     count("get", "persistentvolumeclaims")
     return _ignore(404, client.CoreV1Api().read_namespaced_persistent_volume_claim, claim, namespace) is not None
 

@@ -244,13 +244,19 @@ def test_a_gang_that_does_not_fit_says_why_in_status(cluster: Cluster):
     assert "Insufficient nvidia.com/gpu" in ready["message"]
 
 
-def test_a_missing_pvc_is_reported_and_creates_no_pods(cluster: Cluster):
+def test_a_missing_pvc_is_reported_and_creates_no_pods_until_it_exists(cluster: Cluster):
     c = cluster
     c.apply(manifest("nopvc", CLUSTER_RUN, output={"uri": "pvc://adapters/run1"}))
     wait_for(lambda: any("PersistentVolumeClaim 'adapters' does not exist" in e.message for e in c.events("nopvc")),
              30, "a PVCNotFound event")  # fmt: skip
     assert not c.jobs("nopvc") and phase(c, "nopvc") == "Pending"
     assert condition(c.get("nopvc")["status"], "Ready")["reason"] == "PVCNotFound"
+    c.bind_claim("adapters")
+    try:
+        wait_phase(c, "nopvc", "Running", timeout=30)
+        assert [job.metadata.name for job in c.jobs("nopvc")] == ["nopvc-a1"]
+    finally:
+        c.core.delete_persistent_volume(f"{c.ns}-adapters")
 
 
 def test_a_run_that_cannot_fit_in_the_nodes_gpu_memory_holds_no_gpu_until_the_spec_makes_it_fit(cluster: Cluster):

@@ -58,3 +58,14 @@ def test_per_namespace_informers_read_as_one():
     assert [o["metadata"]["name"] for o in both.indexed("team-b", "b")] == ["b-a1"]
     assert sorted(o["metadata"]["name"] for o in both.all()) == ["a-a1", "b-a1"]
     assert len(both.parts) == 2 and made["team-a"].get("team-a", "a-a1") is not None
+
+
+def test_a_claim_that_appears_wakes_the_runs_held_back_for_it_once():
+    from lorafinetune.operator import handlers
+
+    handlers._WAITING_FOR_PVC[("ns1", "data")] = {"ns1/a", "ns1/b"}
+    handlers._wake_waiting_for({"metadata": {"namespace": "ns2", "name": "data"}})  # another namespace's claim
+    assert handlers.QUEUE.depth() == 0
+    handlers._wake_waiting_for({"metadata": {"namespace": "ns1", "name": "data"}})
+    handlers._wake_waiting_for({"metadata": {"namespace": "ns1", "name": "data"}})  # its next change: nobody left
+    assert handlers.QUEUE.depth() == 2 and ("ns1", "data") not in handlers._WAITING_FOR_PVC
