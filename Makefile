@@ -15,7 +15,7 @@ quickstart:  ## fine-tune the packaged SmolLM2 on 2 CPU ranks, then compare base
 test:  ## every test: unit, multi-process training, operator on a real control plane, Prometheus, the quick start
 	scripts/test-deps.sh
 	VENV=$$(scripts/env.sh)
-	"$$VENV/bin/python" -m pytest -v -p no:cacheprovider $(PYTEST_ARGS)
+	"$$VENV/bin/python" -m pytest -v -p no:cacheprovider --durations=30 $(PYTEST_ARGS)  # where the time went, at the end
 
 test-unit:  ## the fast ones only
 	VENV=$$(scripts/env.sh)

@@ -156,12 +156,21 @@ def load_base_model(source: Path | str, spec: ModelSpec, dtype: torch.dtype, rev
     if quantized_on is not None and spec.quantization:
         kw = {"quantization_config": _bnb_config(spec.quantization, dtype), "device_map": {"": quantized_on}}
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        loaded = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, revision=revision, trust_remote_code=spec.trust_remote_code,
             attn_implementation="sdpa", **kw,
         )  # fmt: skip
     except (OSError, ValueError) as err:
         raise _hub_error(source, err) from None
+    for module in loaded.modules() if kw else ():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            # bitsandbytes (0.50.2) repacks a 4-bit weight for its AVX512-BF16 CPU kernel the first time the layer
+            # runs in eval mode without grad, i.e. at the first evaluation, and that kernel has no backward: every
+            # later training step would pass no gradient through the frozen layers (layers narrower than a
+            # quantization block fail outright). Found on an AMD EPYC with avx512_bf16; the trainer evaluates
+            # between steps, so the repacking is off.
+            module.support_avx512bf16_for_cpu = False
+    return loaded
 
 
 QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' layer classes, by name: it loads only if used

@@ -51,7 +51,8 @@ STAGES = {
     "zero3-offload-all": {"zeroStage": 3, "offloadOptimizer": True, "offloadParams": True},
     "zero2-chunked-loss": {"zeroStage": 2},
 }
-# Targets scored about 3 at a time, each chunk's logits recomputed in backward (trainer/loss.py): the same adapter.
+# Targets scored about 3 at a time, each chunk's gradient fused into its forward (trainer/loss.py), against ZeRO-3's
+# logits kept whole: the same adapter.
 STAGE_ENV = {"zero2-chunked-loss": {ENV_LOSS_CHUNK: str(3 * 400)}}  # the tiny vocabulary: <= 400
 
 

@@ -50,3 +50,29 @@ def test_lora_wraps_the_requested_modules(tiny_model: Path, targets, expected):
     adapted = [n for n, _ in wrapped.named_modules() if n.endswith("lora_A.default")]
     assert len(adapted) == expected
     assert all(not p.requires_grad for n, p in wrapped.named_parameters() if "lora_" not in n)
+
+
+def test_an_evaluation_pass_leaves_a_4_bit_base_differentiable(tiny_model: Path):
+    """The trainer evaluates between steps. On a CPU with AVX512-BF16, bitsandbytes would repack 4-bit weights for an
+    inference-only kernel at the first evaluation, and no gradient would reach the layers below afterwards (or, for
+    layers narrower than a quantization block, as in this tiny model, the evaluation itself would fail)."""
+    import torch
+
+    base = model.load_base_model(tiny_model, ModelSpec(uri=f"file://{tiny_model}", quantization="nf4"),
+                                 torch.float32, quantized_on=torch.device("cpu"))  # fmt: skip
+    wrapped = model.wrap_with_lora(base, LoRASpec(r=4, dropout=0.0), gradient_checkpointing=False)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+
+    def embedding_gradient() -> torch.Tensor:
+        embeds = wrapped.get_input_embeddings()(ids).detach().requires_grad_()
+        wrapped(inputs_embeds=embeds).logits.float().pow(2).mean().backward()
+        assert embeds.grad is not None
+        return embeds.grad
+
+    wrapped.train()
+    before = embedding_gradient()
+    wrapped.eval()
+    with torch.no_grad():
+        wrapped(input_ids=ids)
+    wrapped.train()
+    torch.testing.assert_close(embedding_gradient(), before)
