@@ -14,9 +14,8 @@ Every arm gets the same hidden states (requiring grad, as under LoRA), frozen ou
   forward pass, so the output layer runs once.
 
 Reported per shape and arm: seconds per forward + backward (median over rounds; arms alternate, each round in a fresh
-process) and the peak memory above the inputs (GPU: `max_memory_allocated`; CPU: the process's peak resident set
-less its resident set before the first pass, with glibc's mmap threshold at 128 KiB so that freed buffers leave the
-resident set). Writes benchmarks/results/loss_path[-cuda].json with the machine.
+process) and the peak memory above the inputs (GPU: `max_memory_allocated`; CPU: the peak resident set from the first pass on, VmHWM after
+resetting it, less the resident set then, with glibc's mmap threshold at 128 KiB so that freed buffers leave it). Writes benchmarks/results/loss_path[-cuda].json with the machine.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -78,29 +76,30 @@ def worker(arm: str, shape: str, device: str, reps: int) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     hidden = torch.randn(tokens, hidden_size, dtype=dtype, device=device)
-    weight = (torch.randn(vocab, hidden_size, dtype=dtype, device=device) / hidden_size**0.5).requires_grad_(False)
+    weight = torch.randn(vocab, hidden_size, dtype=dtype, device=device).div_(hidden_size**0.5)
     targets = torch.randint(0, vocab, (tokens,), device=device)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before = _resident_bytes()
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current one
+        before = _status_bytes("VmRSS")
     loss = one_pass(arm, hidden, weight, targets, LOSS_CHUNK_ELEMENTS)
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         one_pass(arm, hidden, weight, targets, LOSS_CHUNK_ELEMENTS)
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _status_bytes("VmHWM")
     return {"seconds": statistics.median(times), "peakAboveInputsMiB": round((peak - before) / 2**20),
             "loss": round(loss.item() / tokens, 4), "tokens": tokens}  # fmt: skip
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (its peak) from /proc/self/status, in bytes."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def machine(device: str) -> str:

@@ -105,17 +105,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             end = min(start + chunk, len(targets))
             y = targets[start:end]
             logits = F.linear(hidden[start:end], weight, bias).float()  # the compute-dtype output is freed here
-            # loss = log-sum-exp - target logit. Every step works in place on the one fp32 buffer: a chunk is
-            # hundreds of MB, and each fresh buffer of that size costs page faults on a CPU.
+            # loss = log-sum-exp - target logit. Every step works in place on this one fp32 buffer (a chunk is
+            # hundreds of MB, and each fresh buffer of that size costs page faults on a CPU): exponentials, then
+            # d loss / d logits = softmax - one-hot.
             target_logit = logits.gather(1, y[:, None])
             peak = logits.amax(dim=1, keepdim=True)
-            exps = logits.sub_(peak).exp_()
-            sums = exps.sum(dim=1, keepdim=True)
+            sums = logits.sub_(peak).exp_().sum(dim=1, keepdim=True)
             total += (peak + sums.log() - target_logit).sum()
-            if grad is not None:  # d loss / d logits = softmax - one-hot
-                probs = exps.div_(sums)
-                probs[torch.arange(len(y), device=y.device), y] -= 1.0
-                grad[start:end] = probs.to(weight.dtype) @ weight
+            if grad is not None:
+                logits.div_(sums)[torch.arange(len(y), device=y.device), y] -= 1.0
+                grad[start:end] = logits.to(weight.dtype) @ weight
+            del logits  # before the next chunk's exist: one chunk's at a time, not two
         ctx.save_for_backward(grad)
         return total
 
