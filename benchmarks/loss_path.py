@@ -14,8 +14,9 @@ Every arm gets the same hidden states (requiring grad, as under LoRA), frozen ou
   forward pass, so the output layer runs once.
 
 Reported per shape and arm: seconds per forward + backward (median over rounds; arms alternate, each round in a fresh
-process) and the peak memory above the inputs (GPU: `max_memory_allocated`; CPU: the peak resident set from the first pass on, VmHWM after
-resetting it, less the resident set then, with glibc's mmap threshold at 128 KiB so that freed buffers leave it). Writes benchmarks/results/loss_path[-cuda].json with the machine.
+process) and the peak memory above the inputs (GPU: `max_memory_allocated`; CPU: the peak resident set from the
+first pass on, VmHWM after resetting it, less the resident set then, with glibc's mmap threshold at 128 KiB so that
+freed buffers leave it). Writes benchmarks/results/loss_path[-cuda].json with the machine.
 """
 
 from __future__ import annotations
