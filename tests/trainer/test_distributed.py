@@ -319,7 +319,7 @@ def test_a_paused_run_that_wakes_after_a_newer_one_took_over_publishes_nothing(t
         new = run_cli("run", str(path), "--quiet")  # the next attempt, on the same folder
         assert new.returncode == 0, new.stdout + new.stderr
         adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
-        checkpoints = sorted((p.name, (p / "COMPLETE.json").read_text()) for p in (out / "checkpoints").iterdir())
+        checkpoints = _complete_checkpoints(out)
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
         output, _ = old.communicate(timeout=150)
@@ -334,8 +334,14 @@ def test_a_paused_run_that_wakes_after_a_newer_one_took_over_publishes_nothing(t
     assert old.returncode == ExitCode.FAILED, output
     assert "has taken over" in output
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter, "the stale run overwrote it"
-    after = sorted((p.name, (p / "COMPLETE.json").read_text()) for p in (out / "checkpoints").iterdir())
-    assert after == checkpoints, "the stale run changed the checkpoints"
+    assert _complete_checkpoints(out) == checkpoints, "the stale run changed the checkpoints"
+    # Frozen mid-save, its ranks may finish writing shards into a .partial folder on waking: never marked complete,
+    # so never resumed from, and removed by the next save.
+    assert not list((out / "checkpoints").glob("*.partial/COMPLETE.json")), "the stale run completed a checkpoint"
+
+
+def _complete_checkpoints(out: Path) -> list[tuple[str, str]]:
+    return sorted((p.parent.name, p.read_text()) for p in (out / "checkpoints").glob("step-????????/COMPLETE.json"))
 
 
 def test_a_failure_after_the_last_step_resumes_there_instead_of_training_again(tmp_path, tiny_model, chat_data):
