@@ -89,7 +89,8 @@ def test_kueue_admits_one_gang_at_a_time_and_its_preemption_is_a_disruption(clus
     first = wait_for(lambda: (s := c.get("first")["status"]).get("disruptions") == 1 and s, 60, "first preempted")
     assert first["phase"] == "Queued" and first["failedAttempts"] == 0, first
     assert first["lastDisruption"]["reason"] == "Preempted", first["lastDisruption"]
-    assert any(e.reason == "Preempted" and e.type == "Warning" for e in c.events("first"))
+    wait_for(lambda: any(e.reason == "Preempted" and e.type == "Warning" for e in c.events("first")), 30,
+             "a Preempted warning")  # events are posted after the status patch that the line above saw
     wait_phase(c, "urgent", "Running")
 
     # Finish whatever runs; Kueue admits the others one gang at a time, and never two at once.
