@@ -5,15 +5,19 @@ Layout under <run>/checkpoints/:
         ds/ ...               are excluded), one RNG file per rank, and COMPLETE.json, written last
         rng-rank0.pt ...
         COMPLETE.json
-    step-00000060.partial/    being written, or left by a crash: never resumed from, removed on the next save
+    step-00000060.partial-<attempt>/  being written, or left by a crash: never resumed from, removed on the next save
 
-The folder is renamed from `.partial` only after every rank has written its part (a barrier), so a partial
-checkpoint is never picked. Resuming needs the same world size: ZeRO shards optimizer state per rank.
+The folder is renamed from `.partial-<attempt>` only after every rank has written its part (a barrier), so a partial
+checkpoint is never picked. Each attempt stages into its own folder: a rank of an older attempt that wakes up
+mid-save (a frozen process, a partitioned node) finishes writing into that attempt's folder, which nobody completes,
+and never into a newer attempt's staging of the same step. Resuming needs the same world size: ZeRO shards optimizer
+state per rank.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import os
 import pickle
@@ -116,7 +120,7 @@ def save(
     `attempt`: this attempt's fencing token; the leader writes nothing once a newer attempt holds the folder."""
     root = run_dir / CHECKPOINTS_DIR
     final = root / f"step-{step:08d}"
-    staging = root / f"step-{step:08d}.partial"
+    staging = staging_dir(root, step, attempt)
     if leader:
         fence.check(run_dir, attempt, f"saving checkpoint step {step}")
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash mid-save
@@ -133,10 +137,16 @@ def save(
         os.replace(staging, final)
         for old in complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old.path, ignore_errors=True)
-        for stale in root.glob("*.partial"):
+        for stale in root.glob("step-*.partial*"):  # other attempts' (and older releases') staging
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def staging_dir(root: Path, step: int, attempt: str | None) -> Path:
+    """Where `attempt` writes checkpoint `step` before completing it (tokens hold '/': named by a digest)."""
+    own = hashlib.sha256(attempt.encode()).hexdigest()[:12] if attempt else "local"
+    return root / f"step-{step:08d}.partial-{own}"
 
 
 def load(engine: Any, ckpt: Checkpoint, rank: int) -> None:

@@ -129,12 +129,14 @@ def test_crash_and_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_pat
     ckpts = sorted(p.name for p in (resumed / "checkpoints").iterdir())
     assert ckpts == ["step-00000002", "step-00000004"]
     # 2. Debris a crash mid-save could leave: never picked for resume.
-    (resumed / "checkpoints" / "step-00000006.partial").mkdir()
+    (resumed / "checkpoints" / "step-00000006.partial").mkdir()  # an older release's staging name
+    (resumed / "checkpoints" / "step-00000006.partial-0123456789ab").mkdir()  # another attempt's
     (resumed / "checkpoints" / "step-00000008").mkdir()  # no COMPLETE.json
 
     proc, _ = train(tmp_path, tiny_model, chat_data, "resumed", **spec)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resuming from step 4" in (resumed / "logs" / "node-0.log").read_text()
+    assert not list((resumed / "checkpoints").glob("*.partial*")), "staging debris outlived the next save"
     a, b = adapter_tensors(straight), adapter_tensors(resumed)
     assert a.keys() == b.keys()
     for name in a:
@@ -337,7 +339,7 @@ def test_a_paused_run_that_wakes_after_a_newer_one_took_over_publishes_nothing(t
     assert _complete_checkpoints(out) == checkpoints, "the stale run changed the checkpoints"
     # Frozen mid-save, its ranks may finish writing shards into a .partial folder on waking: never marked complete,
     # so never resumed from, and removed by the next save.
-    assert not list((out / "checkpoints").glob("*.partial/COMPLETE.json")), "the stale run completed a checkpoint"
+    assert not list((out / "checkpoints").glob("*.partial*/COMPLETE.json")), "the stale run completed a checkpoint"
 
 
 def _complete_checkpoints(out: Path) -> list[tuple[str, str]]:

@@ -69,7 +69,8 @@ def test_a_write_that_failed_because_a_newer_attempt_took_over_is_reported_as_th
     monkeypatch.setenv(ENV_ATTEMPT, "attempt-1")
     spec = LoRAFineTuneSpec.model_validate(tiny_cpu_run(tmp_path, tmp_path / "train.jsonl", run))
     recipe = LoRAFineTuneRecipe("tiny", spec, run)
-    failure = FileNotFoundError(2, "No such file or directory", str(run / "checkpoints/step-00000004.partial"))
+    staging = run / "checkpoints/step-00000004.partial-0123456789ab"
+    failure = FileNotFoundError(2, "No such file or directory", str(staging))
     assert _superseded_or_none(recipe, failure) is None, "failing before any claim (a read-only PVC) is no take-over"
     fence.claim(run, "attempt-1")
     assert _superseded_or_none(recipe, failure) is None, "a failure of the folder's owner is not a take-over"
@@ -78,4 +79,18 @@ def test_a_write_that_failed_because_a_newer_attempt_took_over_is_reported_as_th
     superseded = _superseded_or_none(recipe, failure)
     assert isinstance(superseded, fence.Superseded)
     assert "attempt attempt-2 has taken over" in str(superseded)
-    assert "FileNotFoundError" in str(superseded) and "step-00000004.partial" in str(superseded)
+    assert "FileNotFoundError" in str(superseded) and "step-00000004.partial-0123456789ab" in str(superseded)
+
+
+def test_each_attempt_stages_a_checkpoint_in_its_own_folder_that_never_counts_as_complete(tmp_path):
+    """A stale rank finishing its shards on waking must land in its own attempt's folder, not in a newer attempt's
+    staging of the same step (which that attempt would then mark complete: a checkpoint of two trainings)."""
+    from lorafinetune.trainer.checkpoint import complete_checkpoints, staging_dir
+
+    root = tmp_path / "checkpoints"
+    old, new = staging_dir(root, 8, "uid-1/1"), staging_dir(root, 8, "uid-1/2")
+    assert old != new and old.parent == new.parent == root, "the token's '/' must not make a subfolder"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+        (folder / "COMPLETE.json").write_text('{"step": 8}')
+    assert complete_checkpoints(tmp_path) == [], "a staging folder is never resumed from, marker or not"
