@@ -1,10 +1,14 @@
 """Pure builders: a LoRAFineTune spec -> the Kubernetes objects of one attempt (no API calls, unit-tested as data).
 
-Per fine-tune:  ConfigMap <name>-config (the rendered trainer config) and a headless Service <name> (stable DNS).
-Per attempt:    Indexed Job <name>-a<attempt>, one pod per node. Pod i runs torchrun with node rank i (the completion
-                index) and rendezvous at <name>-a<attempt>-0.<name>.<namespace>.svc.cluster.local. The Job never
+Per attempt:    Indexed Job <name>-a<attempt>, one pod per node, carrying the rendered trainer config in its pod
+                template (an annotation the pods read as a file through the downward API: each attempt runs with the
+                spec as it was when the attempt started, and `kubectl get job -o yaml` shows which). The Job never
                 retries pods (backoffLimit 0): a failed pod fails the gang, and the operator retries the whole gang as
                 a new attempt that resumes from the last complete checkpoint on the output volume.
+Multi-node:     a headless Service <name> (stable DNS): pod i runs torchrun with node rank i (the completion index)
+                and rendezvous at <name>-a<attempt>-0.<name>.<namespace>.svc.cluster.local. A one-pod gang
+                rendezvous inside its pod and needs no Service.
+With operator.networkPolicy: a NetworkPolicy <name> admitting only the gang and the metrics readers.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ LABEL_ATTEMPT = "lorafinetune.io/attempt"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 CONFIG_MOUNT = "/etc/lorafinetune"
+CONFIG_ANNOTATION = "lorafinetune.io/config"
+# The API server refuses an object whose annotations exceed 256 KiB in all; the rest is Kubernetes' own.
+CONFIG_MAX_BYTES = 200 * 1024
 CACHE_MOUNT = "/var/cache/lorafinetune"
 TERMINATION_LOG = "/dev/termination-log"
 RUN_AS_USER = 1000
@@ -66,27 +73,34 @@ class Owner:
         }
 
 
-def config_map_name(name: str) -> str:
-    return f"{name}-config"
-
-
 def job_name(name: str, attempt: int) -> str:
     return f"{name}-a{attempt}"
 
 
-def master_address(owner: Owner, attempt: int) -> str:
+def needs_service(spec: LoRAFineTuneSpec) -> bool:
+    """Only a gang of several pods rendezvous over the network (through the headless Service's DNS)."""
+    return spec.resources.nodes > 1
+
+
+def master_address(owner: Owner, attempt: int, spec: LoRAFineTuneSpec) -> str:
+    if not needs_service(spec):
+        return "127.0.0.1"  # torchrun's store is served by this very pod
     # Fully qualified: a short name fails from pods whose DNS search path differs (a classic peer complaint).
     return f"{job_name(owner.name, attempt)}-0.{owner.name}.{owner.namespace}.svc.cluster.local"
 
 
-def build_config_map(owner: Owner, spec: LoRAFineTuneSpec) -> dict[str, Any]:
-    config = {"name": owner.name, "spec": spec.to_manifest()}  # secrets appear only by name (spec.s3)
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": owner.metadata(config_map_name(owner.name)),
-        "data": {CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True)},
-    }
+def render_config(owner: Owner, spec: LoRAFineTuneSpec) -> str:
+    """The trainer's config file (secrets appear only by name: spec.s3, spec.model.tokenSecret)."""
+    return json.dumps({"name": owner.name, "spec": spec.to_manifest()}, indent=2, sort_keys=True)
+
+
+def config_too_large(owner: Owner, spec: LoRAFineTuneSpec) -> str | None:
+    """Why the rendered config cannot travel in the pod template, or None."""
+    size = len(render_config(owner, spec).encode())
+    if size <= CONFIG_MAX_BYTES:
+        return None
+    return (f"the rendered spec is {size / 1024:.0f} KiB, more than the {CONFIG_MAX_BYTES // 1024} KiB a pod "
+            "template annotation can carry; shorten the longest fields (e.g. inline prompts or templates)")
 
 
 def build_service(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
@@ -148,9 +162,10 @@ def run_dir(spec: LoRAFineTuneSpec) -> str:
     return out.path if out.scheme == "file" else f"{CACHE_MOUNT}/run"
 
 
-def _volumes(owner: Owner, spec: LoRAFineTuneSpec) -> tuple[list[dict], list[dict]]:
+def _volumes(spec: LoRAFineTuneSpec) -> tuple[list[dict], list[dict]]:
     volumes: list[dict[str, Any]] = [
-        {"name": "config", "configMap": {"name": config_map_name(owner.name)}},
+        {"name": "config", "downwardAPI": {"items": [
+            {"path": CONFIG_FILE, "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"}}]}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and dataloaders need more than 64 MiB of shm
         {"name": "cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
@@ -179,7 +194,7 @@ def _env(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: OperatorS
                 "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
             },
         },
-        {"name": "PET_MASTER_ADDR", "value": master_address(owner, attempt)},
+        {"name": "PET_MASTER_ADDR", "value": master_address(owner, attempt, spec)},
         {"name": "PET_MASTER_PORT", "value": str(settings.master_port)},
         {"name": ENV_CONFIG, "value": f"{CONFIG_MOUNT}/{CONFIG_FILE}"},
         {"name": ENV_RUN_DIR, "value": run_dir(spec)},
@@ -205,7 +220,7 @@ def _env(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: OperatorS
 
 def build_job(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: OperatorSettings) -> dict[str, Any]:
     res = spec.resources
-    volumes, mounts = _volumes(owner, spec)
+    volumes, mounts = _volumes(spec)
     resources = json.loads(json.dumps(res.resources or {}))  # a copy: never mutate the spec
     if res.gpus_per_node:
         for part in ("requests", "limits"):
@@ -230,7 +245,6 @@ def build_job(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: Oper
         },
     }
     pod_spec: dict[str, Any] = {
-        "subdomain": owner.name,  # with the headless Service: <pod hostname>.<name>.<ns>.svc resolves
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         "securityContext": {
@@ -251,6 +265,8 @@ def build_job(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: Oper
         "serviceAccountName": res.service_account_name,
     }
     pod_spec.update({k: v for k, v in optional.items() if v})
+    if needs_service(spec):
+        pod_spec["subdomain"] = owner.name  # with the headless Service: <pod hostname>.<name>.<ns>.svc resolves
     if not res.service_account_name:
         pod_spec["automountServiceAccountToken"] = False  # the trainer never talks to the API server
     labels = {LABEL_ATTEMPT: str(attempt)}
@@ -277,7 +293,8 @@ def build_job(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: Oper
                 "rules": [{"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
             },
             "template": {
-                "metadata": {"labels": {LABEL_NAME: owner.name, **labels}},
+                "metadata": {"labels": {LABEL_NAME: owner.name, **labels},
+                             "annotations": {CONFIG_ANNOTATION: render_config(owner, spec)}},
                 "spec": pod_spec,
             },
         },

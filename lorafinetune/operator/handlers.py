@@ -140,6 +140,8 @@ def stop_workers(**_: Any) -> None:
 def _preflight(owner: builders.Owner, spec: LoRAFineTuneSpec) -> tuple[str, str] | None:
     """Checks the CRD schema cannot express. Returns (reason, message) of the first problem, or None. A problem
     holds the run back (no pods) until it is fixed: the timer checks again."""
+    if (too_large := builders.config_too_large(owner, spec)) is not None:
+        return "SpecTooLarge", too_large
     for claim in builders.pvc_claims(spec):
         # A claim the cache lacks is asked for once: it may be newer than the watch's last event.
         if PVCS.get(owner.namespace, claim) is None and not kube.pvc_exists(owner.namespace, claim):
@@ -176,14 +178,14 @@ def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
     if p.delete_job is not None:
         kube.delete("Job", owner.namespace, builders.job_name(owner.name, p.delete_job))
     if p.delete_children:
-        children = [("ConfigMap", builders.config_map_name(owner.name)), ("Service", owner.name)]
-        for kind, name in children + ([("NetworkPolicy", owner.name)] if SETTINGS.network_policy else []):
-            kube.delete(kind, owner.namespace, name)
+        # The Service whatever the gang's size: an earlier release made one for every fine-tune.
+        for kind in ["Service"] + ["NetworkPolicy"] * SETTINGS.network_policy:
+            kube.delete(kind, owner.namespace, owner.name)
         for attempt in range(1, p.status.attempt + 1):
             kube.delete("Job", owner.namespace, builders.job_name(owner.name, attempt))
-    if p.create_attempt is not None:
-        kube.create(builders.build_config_map(owner, spec), refresh_data=True)  # mutable fields reach this attempt
-        kube.create(builders.build_service(owner, SETTINGS))
+    if p.create_attempt is not None:  # the Job carries the config: mutable fields as they are now reach this attempt
+        if builders.needs_service(spec):
+            kube.create(builders.build_service(owner, SETTINGS))
         if SETTINGS.network_policy:  # before the pods: no moment without it
             kube.create(builders.build_network_policy(owner, SETTINGS))
         if (job := kube.create(builders.build_job(owner, spec, p.create_attempt, SETTINGS))) is not None:
@@ -191,13 +193,14 @@ def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
             OPERATOR_METRICS.attempts.inc()
 
 
-def _poll_progress(owner: builders.Owner, status: LoRAFineTuneStatus) -> None:
+def _poll_progress(owner: builders.Owner, status: LoRAFineTuneStatus, pods: list[dict[str, Any]]) -> None:
+    """Rank 0's metrics, read at its pod's IP from the cache (no DNS lookup; a one-pod gang has no Service)."""
     key = f"{owner.namespace}/{owner.name}"
     now = time.monotonic()
-    if now - _last_progress_poll.get(key, 0.0) < SETTINGS.progress_interval_seconds:
+    address = next((pod.get("status", {}).get("podIP") for pod in pods if _completion_index(pod) == "0"), None)
+    if not address or now - _last_progress_poll.get(key, 0.0) < SETTINGS.progress_interval_seconds:
         return
     _last_progress_poll[key] = now
-    address = builders.master_address(owner, status.attempt)
     fresh = progress_reader.fetch(address, SETTINGS.trainer_metrics_port, status.progress)
     if fresh is not None:
         status.progress = fresh
@@ -240,7 +243,7 @@ def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFi
     except kube.OwnedByAnother as conflict:  # wait for garbage collection (or a person) to free the name
         return plan_waiting(current, NAME_IN_USE, f"{conflict}; waiting for it to be deleted", now, generation)
     if p.status.phase == "Running":
-        _poll_progress(owner, p.status)
+        _poll_progress(owner, p.status, pods)
     return p
 
 
@@ -263,6 +266,10 @@ def _of_unrecorded_attempt(pod: dict[str, Any], owner: builders.Owner, recorded:
     job_ref = next((r for r in pod["metadata"].get("ownerReferences") or [] if r.get("kind") == "Job"), None)
     job = JOBS.get(owner.namespace, job_ref["name"]) if job_ref else None
     return job is not None and kube.controller_uid(job) == owner.uid
+
+
+def _completion_index(pod: dict[str, Any]) -> str | None:
+    return (pod["metadata"].get("annotations") or {}).get("batch.kubernetes.io/job-completion-index")
 
 
 def _attempt_of(pod: dict[str, Any]) -> int:

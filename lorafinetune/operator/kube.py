@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 from lorafinetune.api.manifest import GROUP, KIND, PLURAL, VERSION
 from lorafinetune.operator.metrics import OPERATOR_METRICS
 
-RESOURCES = {"ConfigMap": "configmaps", "Service": "services", "NetworkPolicy": "networkpolicies", "Job": "jobs"}
+RESOURCES = {"Service": "services", "NetworkPolicy": "networkpolicies", "Job": "jobs"}
 
 
 def count(verb: str, resource: str) -> None:
@@ -81,15 +81,13 @@ def controller_uid(obj: dict[str, Any]) -> str | None:
     return next((ref.get("uid") for ref in refs if ref.get("controller")), None)
 
 
-def create(obj: dict[str, Any], refresh_data: bool = False) -> dict[str, Any] | None:
+def create(obj: dict[str, Any]) -> dict[str, Any] | None:
     """Create a namespaced child; one of that name that this owner controls counts as success (deterministic names
     make a repeated create harmless). Returns the new object as the API server stored it, or None if it existed.
-    `refresh_data`: a ConfigMap that exists gets this object's data (the next attempt reads the spec as it is now).
     Raises OwnedByAnother for a foreign one."""
     ns, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
     core, batch, net = client.CoreV1Api(), client.BatchV1Api(), client.NetworkingV1Api()
     create_call, read_call = {
-        "ConfigMap": (core.create_namespaced_config_map, core.read_namespaced_config_map),
         "Service": (core.create_namespaced_service, core.read_namespaced_service),
         "NetworkPolicy": (net.create_namespaced_network_policy, net.read_namespaced_network_policy),
         "Job": (batch.create_namespaced_job, batch.read_namespaced_job),
@@ -108,9 +106,6 @@ def create(obj: dict[str, Any], refresh_data: bool = False) -> dict[str, Any] | 
         refs = existing["metadata"].get("ownerReferences") or [{"kind": "nobody"}]
         holder = f"{refs[0].get('kind')} {refs[0].get('name', '')} (uid {refs[0].get('uid', '-')})".strip()
         raise OwnedByAnother(f"{kind} {name} already exists and belongs to {holder}")
-    if refresh_data and existing.get("data") != obj.get("data"):
-        count("patch", RESOURCES[kind])
-        core.patch_namespaced_config_map(name, ns, {"data": obj["data"]})
     return None
 
 
@@ -119,7 +114,6 @@ def delete(kind: str, namespace: str, name: str) -> None:
     count("delete", RESOURCES[kind])
     body = client.V1DeleteOptions(propagation_policy="Background")
     call = {
-        "ConfigMap": client.CoreV1Api().delete_namespaced_config_map,
         "Service": client.CoreV1Api().delete_namespaced_service,
         "NetworkPolicy": client.NetworkingV1Api().delete_namespaced_network_policy,
         "Job": client.BatchV1Api().delete_namespaced_job,

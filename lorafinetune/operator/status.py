@@ -166,7 +166,7 @@ def observe_attempt(job: dict | None, pods: list[dict], failed_create: str = "",
 @dataclass
 class Plan:
     status: LoRAFineTuneStatus
-    create_attempt: int | None = None  # create this attempt's Job (and the shared ConfigMap/Service)
+    create_attempt: int | None = None  # create this attempt's Job (and the Service and NetworkPolicy it needs)
     delete_job: int | None = None  # delete this attempt's Job (its pods get SIGTERM and checkpoint)
     delete_children: bool = False  # TTL: remove every child, keep the LoRAFineTune
     requeue_after: float | None = None

@@ -303,8 +303,8 @@ def test_two_pod_fine_tune_runs_in_real_containers_and_publishes_an_adapter(real
                                 dataset={"maxSeqLength": 192}, evaluation={"everySteps": 3},
                                 checkpointing={"everySteps": 3}))  # fmt: skip
         real.wait_phase(name, "Running", timeout=300)
-        # Progress, loss and eval loss come from rank 0's metrics endpoint, read by the operator in its pod through
-        # the headless Service's DNS name: the same numbers `kubectl get lft` shows.
+        # Progress, loss and eval loss come from rank 0's metrics endpoint, read by the operator in its pod at rank
+        # 0's pod IP (through the NetworkPolicy): the same numbers `kubectl get lft` shows.
         progress = wait_for(lambda: (p := real.status(name).get("progress", {})).get("evalLoss")
                             and p.get("trainLoss") and p, 900, "progress with train and eval loss")  # fmt: skip
         assert progress["totalSteps"] == 6 and 0 < progress["step"] <= 6

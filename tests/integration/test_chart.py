@@ -174,7 +174,6 @@ EXPECTED_RULES = {
     "lorafinetune.io/lorafinetunes/status": {"patch"},
     "lorafinetune.io/lorafinetunes/finalizers": {"update"},
     "batch/jobs": {"create", "get", "delete", "list", "watch"},
-    "core/configmaps": {"create", "delete", "get", "patch"},
     "core/services": {"create", "delete", "get"},
     "core/pods": {"list", "watch"},
     "core/persistentvolumeclaims": {"get", "list", "watch"},
@@ -301,8 +300,8 @@ def test_install_run_a_fine_tune_as_the_chart_identity_upgrade_uninstall(
                "list nodes", "watch nodes", "create events -n ns1", "list pods -n ns1", "watch pods -n ns1",
                "get persistentvolumeclaims -n ns1", "watch persistentvolumeclaims -n ns1",
                "create networkpolicies.networking.k8s.io -n ns1"]
-    denied = ["get secrets -n ns1", "list secrets -n ns1", "delete pods -n ns1", "create pods -n ns1",
-              "create pods/exec -n ns1", "update lorafinetunes.lorafinetune.io -n ns1",
+    denied = ["get secrets -n ns1", "list secrets -n ns1", "create configmaps -n ns1", "delete pods -n ns1",
+              "create pods -n ns1", "create pods/exec -n ns1", "update lorafinetunes.lorafinetune.io -n ns1",
               "patch lorafinetunes.lorafinetune.io -n ns1", "get lorafinetunes.lorafinetune.io -n ns1",
               "delete lorafinetunes.lorafinetune.io -n ns1", "create clusterrolebindings", "patch nodes"]
     for check in allowed + denied:

@@ -33,8 +33,7 @@ def test_create_runs_the_gang_and_success_is_reported(cluster: Cluster):
     assert job.metadata.owner_references[0].uid == lft["metadata"]["uid"]
     svc = c.core.read_namespaced_service("ok", c.ns)
     assert svc.spec.cluster_ip == "None" and svc.spec.publish_not_ready_addresses
-    config = json.loads(c.core.read_namespaced_config_map("ok-config", c.ns).data["config.json"])
-    assert config["spec"]["training"]["maxSteps"] == 100
+    assert _config(job)["spec"]["training"]["maxSteps"] == 100
     policy = client.NetworkingV1Api(c.api).read_namespaced_network_policy("ok", c.ns)
     assert policy.spec.pod_selector.match_labels == {"lorafinetune.io/name": "ok"}
     assert policy.metadata.owner_references[0].uid == lft["metadata"]["uid"]
@@ -53,6 +52,17 @@ def test_create_runs_the_gang_and_success_is_reported(cluster: Cluster):
     assert condition(status, "Running")["status"] == "False"
     expected = {"AttemptCreated", "AllPodsRunning", "TrainingComplete"}  # events are posted after the status
     wait_for(lambda: expected <= {e.reason for e in c.events("ok")}, 30, f"events {expected}")
+
+
+def test_a_one_pod_fine_tune_needs_no_service(cluster: Cluster):
+    """One pod rendezvous inside itself: no Service to create (one write fewer before its Job)."""
+    c = cluster
+    c.apply(manifest("solo", CLUSTER_RUN, resources={"nodes": 1}))
+    wait_phase(c, "solo", "Running")
+    assert [job.metadata.name for job in c.jobs("solo")] == ["solo-a1"]
+    assert not c.core.list_namespaced_service(c.ns, label_selector="lorafinetune.io/name=solo").items
+    [pod] = c.pods("solo", 1)
+    assert {e.name: e.value for e in pod.spec.containers[0].env}["PET_MASTER_ADDR"] == "127.0.0.1"
 
 
 def test_a_failed_pod_fails_the_gang_which_is_retried_then_given_up(cluster: Cluster):
@@ -157,7 +167,7 @@ def test_ttl_removes_the_children_of_a_finished_run(cluster: Cluster):
     wait_phase(c, "short", "Succeeded")
     wait_for(lambda: not c.jobs("short"), 30, "TTL to delete the Job")
     with pytest.raises(ApiException, match="Not Found"):
-        c.core.read_namespaced_config_map("short-config", c.ns)
+        c.core.read_namespaced_service("short", c.ns)
     assert phase(c, "short") == "Succeeded", "the resource itself stays"
 
 
@@ -167,9 +177,10 @@ def test_deleting_the_resource_leaves_nothing_behind(cluster: Cluster):
     wait_phase(c, "gone", "Running")
     c.delete("gone")
     wait_for(lambda: not c.jobs("gone") and not c.pods("gone", 1), 60, "garbage collection of Jobs and pods")
-    wait_for(lambda: not c.core.list_namespaced_config_map(c.ns, label_selector="lorafinetune.io/name=gone").items
-             and not c.core.list_namespaced_service(c.ns, label_selector="lorafinetune.io/name=gone").items,
-             60, "garbage collection of the ConfigMap and Service")  # fmt: skip
+    policies = client.NetworkingV1Api(c.api)
+    wait_for(lambda: not c.core.list_namespaced_service(c.ns, label_selector="lorafinetune.io/name=gone").items
+             and not policies.list_namespaced_network_policy(c.ns, label_selector="lorafinetune.io/name=gone").items,
+             60, "garbage collection of the Service and NetworkPolicy")  # fmt: skip
 
 
 def test_more_gpus_than_any_node_has_is_a_warning_and_the_pods_wait_for_an_autoscaler(cluster: Cluster):
@@ -413,6 +424,11 @@ def _owner_uid(obj) -> str:
     return next(ref.uid for ref in obj.metadata.owner_references if ref.controller)
 
 
+def _config(job) -> dict:
+    """The trainer config an attempt's pods read (their downward API volume projects this annotation)."""
+    return json.loads(job.spec.template.metadata.annotations["lorafinetune.io/config"])
+
+
 def test_a_recreated_fine_tune_waits_for_the_old_ones_pods_and_adopts_nothing_of_it(cluster: Cluster):
     c = cluster
     old = c.apply(manifest("again", CLUSTER_RUN))
@@ -441,22 +457,24 @@ def test_a_recreated_fine_tune_waits_for_the_old_ones_pods_and_adopts_nothing_of
     assert reasons & {"PreviousAttemptStopping", "NameInUse"}, reasons
     [job] = c.jobs("again")
     assert _owner_uid(job) == new["metadata"]["uid"]
-    assert _owner_uid(c.core.read_namespaced_config_map("again-config", c.ns)) == new["metadata"]["uid"]
+    assert _owner_uid(c.core.read_namespaced_service("again", c.ns)) == new["metadata"]["uid"]
 
 
 def test_a_child_name_held_by_another_object_is_not_adopted(cluster: Cluster):
     c = cluster
-    squatter = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="squat-config"), data={"config.json": "{}"})
-    c.core.create_namespaced_config_map(c.ns, squatter)
+    squatter = client.V1Service(metadata=client.V1ObjectMeta(name="squat"),
+                                spec=client.V1ServiceSpec(cluster_ip="None", ports=[client.V1ServicePort(port=80)]))
+    c.core.create_namespaced_service(c.ns, squatter)
     c.apply(manifest("squat", CLUSTER_RUN))
     ready = wait_for(lambda: (r := condition(c.get("squat")["status"], "Ready"))["reason"] == "NameInUse" and r, 30,
                      "NameInUse")  # fmt: skip
-    assert "ConfigMap squat-config already exists and belongs to nobody" in ready["message"]
+    assert "Service squat already exists and belongs to nobody" in ready["message"]
     assert not c.jobs("squat") and c.get("squat")["status"]["attempt"] == 0
-    c.core.delete_namespaced_config_map("squat-config", c.ns)
+    c.core.delete_namespaced_service("squat", c.ns)
     wait_phase(c, "squat", "Running")
-    config = json.loads(c.core.read_namespaced_config_map("squat-config", c.ns).data["config.json"])
-    assert config["name"] == "squat"
+    [job] = c.jobs("squat")
+    assert _config(job)["name"] == "squat"
+    assert _owner_uid(c.core.read_namespaced_service("squat", c.ns)) == job.metadata.owner_references[0].uid
 
 
 def test_an_edited_mutable_field_reaches_the_next_attempt(cluster: Cluster):
@@ -470,8 +488,9 @@ def test_an_edited_mutable_field_reaches_the_next_attempt(cluster: Cluster):
     c.patch_spec("moved", {"s3": {"endpointUrl": "http://new-endpoint:9000"}})
     c.finish_pods("moved", 1, "Failed", only=0, exit_code="1")  # e.g. the old endpoint went away
     wait_for(lambda: c.get("moved")["status"]["attempt"] == 2, 60, "attempt 2")
-    config = json.loads(c.core.read_namespaced_config_map("moved-config", c.ns).data["config.json"])
-    assert config["spec"]["s3"]["endpointUrl"] == "http://new-endpoint:9000"
+    first, second = sorted(c.jobs("moved"), key=lambda job: job.metadata.name)
+    assert _config(second)["spec"]["s3"]["endpointUrl"] == "http://new-endpoint:9000"
+    assert _config(first)["spec"]["s3"]["endpointUrl"] == "http://old-endpoint:9000", "attempt 1 ran with the old"
 
 
 def test_two_replicas_one_acts_and_the_other_takes_over_when_it_dies(cluster: Cluster, operator, kubeconfig,

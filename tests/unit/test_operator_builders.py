@@ -1,11 +1,11 @@
-"""What the operator creates for an attempt, as data: ConfigMap, headless Service, Indexed Job."""
+"""What the operator creates for an attempt, as data: the Indexed Job with its config, the headless Service."""
 
 from __future__ import annotations
 
 import json
 
 from lorafinetune.api import parse_manifest
-from lorafinetune.operator.builders import Owner, build_config_map, build_job, build_service, master_address
+from lorafinetune.operator.builders import Owner, build_job, build_service, config_too_large, master_address
 from lorafinetune.operator.settings import OperatorSettings
 from tests.manifests import MINIMAL, manifest
 
@@ -15,6 +15,16 @@ SETTINGS = OperatorSettings()
 
 def spec(**override):
     return parse_manifest(manifest("demo", MINIMAL, **override)).spec
+
+
+def config_of(job) -> dict:
+    """The trainer's config file as the pods see it: the annotation their downward API volume projects."""
+    template = job["spec"]["template"]
+    [volume] = [v for v in template["spec"]["volumes"] if v["name"] == "config"]
+    [item] = volume["downwardAPI"]["items"]
+    assert item["path"] == "config.json"
+    annotation = item["fieldRef"]["fieldPath"].removeprefix("metadata.annotations['").removesuffix("']")
+    return json.loads(template["metadata"]["annotations"][annotation])
 
 
 def env_of(job) -> dict:
@@ -37,7 +47,8 @@ def test_torchrun_gets_its_topology_from_the_environment():
     job = build_job(OWNER, spec(resources={"nodes": 2, "gpusPerNode": 4}), attempt=1, settings=SETTINGS)
     env = env_of(job)
     assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"], env["PET_MASTER_PORT"]) == ("2", "4", "29500")
-    assert env["PET_MASTER_ADDR"] == "llama-a1-0.llama.team-a.svc.cluster.local" == master_address(OWNER, 1)
+    two = spec(resources={"nodes": 2, "gpusPerNode": 4})
+    assert env["PET_MASTER_ADDR"] == "llama-a1-0.llama.team-a.svc.cluster.local" == master_address(OWNER, 1, two)
     assert env["PET_NODE_RANK"] == {
         "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
     }
@@ -89,7 +100,7 @@ def test_s3_credentials_are_passed_by_reference_only():
     job = build_job(OWNER, s, 1, SETTINGS)
     secret_ref = {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}
     assert env_of(job)["AWS_SECRET_ACCESS_KEY"] == secret_ref
-    config = json.loads(build_config_map(OWNER, s)["data"]["config.json"])
+    config = config_of(job)
     assert config["spec"]["s3"] == {"endpointUrl": "http://s3:9000", "credentialsSecret": "s3-creds"}
 
 
@@ -97,7 +108,7 @@ def test_a_hub_token_is_passed_by_reference_only():
     s = spec(model={"uri": "hf://org/private-model", "tokenSecret": "hf-token"})
     assert env_of(build_job(OWNER, s, 1, SETTINGS))["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token",
                                                                                       "key": "HF_TOKEN"}}  # fmt: skip
-    config = json.loads(build_config_map(OWNER, s)["data"]["config.json"])
+    config = config_of(build_job(OWNER, s, 1, SETTINGS))
     assert config["spec"]["model"]["tokenSecret"] == "hf-token"
     assert "HF_TOKEN" not in env_of(build_job(OWNER, spec(), 1, SETTINGS))
 
@@ -129,7 +140,31 @@ def test_headless_service_publishes_not_ready_addresses():
 def test_builders_are_deterministic():
     s = spec()
     assert build_job(OWNER, s, 3, SETTINGS) == build_job(OWNER, s, 3, SETTINGS)
-    assert build_config_map(OWNER, s) == build_config_map(OWNER, s)
+
+
+
+def test_each_attempt_carries_the_spec_it_runs_with():
+    job = build_job(OWNER, spec(training={"maxSteps": 77}), 2, SETTINGS)
+    config = config_of(job)
+    assert config["name"] == "llama" and config["spec"]["training"]["maxSteps"] == 77
+    mount = next(m for m in job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] if m["name"] == "config")
+    assert env_of(job)["LFT_CONFIG"] == f"{mount['mountPath']}/config.json" and mount["readOnly"]
+
+
+def test_a_one_pod_gang_rendezvous_inside_its_pod_without_a_service():
+    job = build_job(OWNER, spec(resources={"nodes": 1, "gpusPerNode": 8}), 1, SETTINGS)
+    assert env_of(job)["PET_MASTER_ADDR"] == "127.0.0.1"
+    assert "subdomain" not in job["spec"]["template"]["spec"]
+
+
+def test_a_spec_too_large_for_a_pod_template_is_refused_with_its_size():
+    assert config_too_large(OWNER, spec()) is None
+    values = [f"gpu-{i:05d}-" + "x" * 50 for i in range(4000)]
+    terms = [{"matchExpressions": [{"key": "pool", "operator": "In", "values": values}]}]
+    big = spec(resources={"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": terms}}}})  # fmt: skip
+    message = config_too_large(OWNER, big)
+    assert message and "KiB" in message and "200 KiB" in message, message
 
 
 def test_a_queued_run_gives_kueue_a_suspended_labelled_gang():
