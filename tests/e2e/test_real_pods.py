@@ -401,7 +401,7 @@ def test_planted_secrets_appear_nowhere_but_in_their_secrets(real: RealCluster):
     written = {
         "the fine-tune (status)": real.k("-n", ns, "get", "lft", name, "-o", "yaml").stdout,
         "events": real.k("-n", ns, "get", "events", "-o", "yaml").stdout,
-        "ConfigMaps": real.k("-n", ns, "get", "configmaps", "-o", "yaml").stdout,
+        "Jobs (each attempt's config)": real.k("-n", ns, "get", "jobs", "-o", "yaml").stdout,
         "pods (termination messages)": real.k("-n", ns, "get", "pods", "-o", "yaml").stdout,
         "operator logs": real.k("-n", "lft-system", "logs", "-l", "app.kubernetes.io/instance=lft", "--tail=-1",
                                 "--prefix").stdout,  # every replica's, the standby's too
