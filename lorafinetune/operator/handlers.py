@@ -29,7 +29,7 @@ from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import LoRAFineTuneStatus
 from lorafinetune.operator import builders, fit, kube
 from lorafinetune.operator import progress as progress_reader
-from lorafinetune.operator.informer import Informer, PerNamespace, wait_synced
+from lorafinetune.operator.informer import Informer, PerNamespace, by_label, wait_synced
 from lorafinetune.operator.metrics import OPERATOR_METRICS
 from lorafinetune.operator.settings import OperatorSettings
 from lorafinetune.operator.status import (
@@ -51,9 +51,8 @@ QUEUE = WorkQueue(on_wait=OPERATOR_METRICS.queue_wait.observe)
 log = logging.getLogger("lorafinetune.operator")
 CRD_WAIT_SECONDS = 60  # a chart installs the CRD and the operator together; the CRD may take a moment to be served
 SYNC_WAIT_SECONDS = 120  # the informers' first lists; no reconcile before (a half-filled cache would mislead it)
-FAILED_CREATE_AFTER = timedelta(seconds=3)
+PROGRESS_THREADS = 4  # reads of trainers' metrics at once (each bounded by its timeout)
 QUEUED_REFRESH_SECONDS = 60.0  # a run Kueue holds: admission comes as a Job event; this only refreshes the reason
-_last_progress_poll: dict[str, float] = {}
 
 
 def _enqueue_owner(source: str) -> Callable[[dict], None]:
@@ -71,11 +70,11 @@ def _enqueue_owner(source: str) -> Callable[[dict], None]:
 # Jobs and pods by the operator's label (server-side: not every pod of the cluster).
 FINE_TUNES = Informer("lorafinetunes", kube.no_lister)  # fed by kopf's events, never started
 JOBS = PerNamespace(lambda ns: Informer(f"jobs in {ns or 'all namespaces'}", kube.job_lister(ns),
-                                        label_selector=builders.LABEL_NAME, index_label=builders.LABEL_NAME,
+                                        label_selector=builders.LABEL_NAME, index_by=by_label(builders.LABEL_NAME),
                                         on_change=_enqueue_owner("job-event"),
                                         count=lambda verb: kube.count(verb, "jobs")), SETTINGS.namespaces)  # fmt: skip
 PODS = PerNamespace(lambda ns: Informer(f"pods in {ns or 'all namespaces'}", kube.pod_lister(ns),
-                                        label_selector=builders.LABEL_NAME, index_label=builders.LABEL_NAME,
+                                        label_selector=builders.LABEL_NAME, index_by=by_label(builders.LABEL_NAME),
                                         on_change=_enqueue_owner("pod-event"),
                                         count=lambda verb: kube.count(verb, "pods")), SETTINGS.namespaces)  # fmt: skip
 NODES = Informer("nodes", kube.node_lister(), count=lambda verb: kube.count(verb, "nodes"))
@@ -97,7 +96,26 @@ PVCS = PerNamespace(lambda ns: Informer(f"persistentvolumeclaims in {ns or 'all 
                                         on_change=_wake_waiting_for,
                                         count=lambda verb: kube.count(verb, "persistentvolumeclaims")),
                     SETTINGS.namespaces)  # fmt: skip
-INFORMERS = [*JOBS.parts, *PODS.parts, *PVCS.parts, NODES]
+
+
+def _enqueue_job_owner(event: dict) -> None:
+    """A FailedCreate event: reconcile the fine-tune of that Job, if it is one of ours."""
+    involved = event.get("involvedObject") or {}
+    job = JOBS.get(involved.get("namespace", ""), involved.get("name", ""))  # the cache holds only our Jobs
+    if job is not None and job["metadata"].get("uid") == involved.get("uid"):
+        _enqueue_owner("failed-create-event")(job)
+
+
+# Why a Job has fewer pods than it wants, by Job UID (a Job of the same name deleted earlier has its own events).
+FAILED_CREATES = PerNamespace(lambda ns: Informer(f"FailedCreate events in {ns or 'all namespaces'}",
+                                                  kube.event_lister(ns), field_selector=kube.FAILED_CREATE_EVENTS,
+                                                  index_by=lambda event: event["involvedObject"].get("uid"),
+                                                  on_change=_enqueue_job_owner,
+                                                  count=lambda verb: kube.count(verb, "events")),
+                              SETTINGS.namespaces)  # fmt: skip
+INFORMERS = [*JOBS.parts, *PODS.parts, *PVCS.parts, *FAILED_CREATES.parts, NODES]
+PROGRESS = progress_reader.Poller(PROGRESS_THREADS, SETTINGS.progress_interval_seconds, SETTINGS.trainer_metrics_port,
+                                  on_fresh=lambda key: QUEUE.add(key, "progress"))  # fmt: skip
 
 
 @kopf.on.startup()
@@ -194,16 +212,13 @@ def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
 
 
 def _poll_progress(owner: builders.Owner, status: LoRAFineTuneStatus, pods: list[dict[str, Any]]) -> None:
-    """Rank 0's metrics, read at its pod's IP from the cache (no DNS lookup; a one-pod gang has no Service)."""
+    """Record the progress read since the last reconcile, and ask for the next read of rank 0's metrics, at its pod's
+    IP from the cache (no DNS lookup; a one-pod gang has no Service)."""
     key = f"{owner.namespace}/{owner.name}"
-    now = time.monotonic()
-    address = next((pod.get("status", {}).get("podIP") for pod in pods if _completion_index(pod) == "0"), None)
-    if not address or now - _last_progress_poll.get(key, 0.0) < SETTINGS.progress_interval_seconds:
-        return
-    _last_progress_poll[key] = now
-    fresh = progress_reader.fetch(address, SETTINGS.trainer_metrics_port, status.progress)
-    if fresh is not None:
+    if (fresh := PROGRESS.take(key)) is not None:
         status.progress = fresh
+    if address := next((pod.get("status", {}).get("podIP") for pod in pods if _completion_index(pod) == "0"), None):
+        PROGRESS.request(key, address, status.progress)
 
 
 def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, now: datetime,
@@ -224,16 +239,15 @@ def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFi
     pods = [pod for pod in every_pod if _attempt_of(pod) == current.attempt] if job else []
     active = sum(_may_still_write(pod, now) and not _of_unrecorded_attempt(pod, owner, current.attempt)
                  for pod in every_pod)  # fmt: skip
-    # Fewer pods than the Job wants, a few seconds after its creation (the Job controller creates them within a
-    # second; a burst of new fine-tunes would otherwise list events for each): ask the Job's events why.
+    # Fewer pods than the Job wants: the Job controller's FailedCreate events (from the cache) say why, if any.
     missing = (
         job is not None
         and len(pods) < job["spec"].get("parallelism", 1)
         and not (job.get("status") or {}).get("conditions")
-        and now - datetime.fromisoformat(job["metadata"]["creationTimestamp"]) > FAILED_CREATE_AFTER
     )
     queued = job is not None and bool(job["spec"].get("suspend"))  # held by Kueue: its Workload says why
-    failed_create = kube.failed_create_message(job) if job is not None and missing else ""
+    refusals = FAILED_CREATES.indexed(namespace, job["metadata"]["uid"]) if job is not None and missing else []
+    failed_create = kube.newest_message(refusals)
     workload = kube.read_workload(job) if job is not None and queued else None
     outcome = observe_attempt(job, pods, failed_create=failed_create, workload=workload)
     warning = _capacity_warning(spec) if first else None
@@ -340,7 +354,7 @@ async def on_fine_tune(event: kopf.RawEvent, **_: Any) -> None:
         with _WAITING_GUARD:
             for waiting in _WAITING_FOR_PVC.values():
                 waiting.discard(key)
-        _last_progress_poll.pop(key, None)
+        PROGRESS.forget(key)
         OPERATOR_METRICS.set_phase(key, None)
         return
     FINE_TUNES.put(body)

@@ -22,17 +22,20 @@ WATCH_SECONDS = 240  # the server ends each watch after this; the informer resum
 
 
 class Informer:
-    """Objects of one kind, by (namespace, name), and by (namespace, value of `index_label`).
+    """Objects of one kind, by (namespace, name), and by (namespace, `index_by(object)`): e.g. `by_label(name)`.
 
-    `list_call(**kwargs)` is a list method of the official client (e.g. CoreV1Api.list_pod_for_all_namespaces);
+    `list_call(**kwargs)` is a list method of the official client (e.g. CoreV1Api.list_pod_for_all_namespaces),
+    narrowed server-side by `label_selector` and `field_selector`;
     `on_change(obj)` runs on the informer's thread for every object added, changed or deleted (deleted objects carry
     `metadata.deletionTimestamp` or are passed as they were last seen). Callers must not mutate the objects."""
 
     def __init__(self, name: str, list_call: Callable[..., Any], *, label_selector: str = "",
-                 index_label: str = "", on_change: Callable[[dict], None] | None = None,
+                 field_selector: str = "", index_by: Callable[[dict], str | None] | None = None,
+                 on_change: Callable[[dict], None] | None = None,
                  count: Callable[[str], None] | None = None) -> None:  # fmt: skip
-        self.name, self._list_call, self._selector = name, list_call, label_selector
-        self._index_label, self._on_change, self._count = index_label, on_change, count or (lambda verb: None)
+        self.name, self._list_call = name, list_call
+        self._selectors = {"label_selector": label_selector, "field_selector": field_selector}
+        self._index_by, self._on_change, self._count = index_by, on_change, count or (lambda verb: None)
         self._objects: dict[tuple[str, str], dict] = {}
         self._by_label: dict[tuple[str, str], dict[str, dict]] = {}
         self._guard = threading.Lock()
@@ -47,7 +50,7 @@ class Informer:
             return self._objects.get((namespace, name))
 
     def indexed(self, namespace: str, value: str) -> list[dict]:
-        """Objects whose `index_label` is `value`, in `namespace`."""
+        """Objects whose `index_by` is `value`, in `namespace`."""
         with self._guard:
             return list(self._by_label.get((namespace, value), {}).values())
 
@@ -73,7 +76,7 @@ class Informer:
         meta = obj.get("metadata") or {}
         meta.pop("managedFields", None)
         key = (meta.get("namespace", ""), meta["name"])
-        label = (meta.get("labels") or {}).get(self._index_label) if self._index_label else None
+        label = self._index_by(obj) if self._index_by else None
         with self._guard:
             old = self._objects.get(key)
             if not deleted and old is not None and _version(old) > _version(obj):
@@ -82,7 +85,7 @@ class Informer:
                 self._objects.pop(key, None)
             else:
                 self._objects[key] = obj
-            old_label = ((old or {}).get("metadata", {}).get("labels") or {}).get(self._index_label) if old else None
+            old_label = self._index_by(old) if old and self._index_by else None
             if old_label is not None and (deleted or old_label != label):
                 self._by_label.get((key[0], old_label), {}).pop(key[1], None)
             if label is not None and not deleted:
@@ -113,7 +116,7 @@ class Informer:
 
     def _relist(self) -> str:
         self._count("list")
-        response = self._list_call(label_selector=self._selector, _preload_content=False, _request_timeout=60)
+        response = self._list_call(**self._selectors, _preload_content=False, _request_timeout=60)
         listing = json.loads(response.data)
         fresh = {(o["metadata"].get("namespace", ""), o["metadata"]["name"]): o for o in listing.get("items") or []}
         with self._guard:
@@ -128,7 +131,7 @@ class Informer:
 
     def _watch(self, version: str) -> str | None:
         self._count("watch")
-        response = self._list_call(label_selector=self._selector, watch=True, resource_version=version,
+        response = self._list_call(**self._selectors, watch=True, resource_version=version,
                                    allow_watch_bookmarks=True, timeout_seconds=WATCH_SECONDS,
                                    _preload_content=False, _request_timeout=WATCH_SECONDS + 30)  # fmt: skip
         try:
@@ -154,6 +157,11 @@ class Informer:
                 self._on_change(obj)
             except Exception:  # noqa: BLE001 - a callback's error must not stop the cache
                 log.exception("informer %s: change callback failed", self.name)
+
+
+def by_label(label: str) -> Callable[[dict], str | None]:
+    """An `index_by`: the value of one label."""
+    return lambda obj: ((obj.get("metadata") or {}).get("labels") or {}).get(label)
 
 
 def _lines(response: Any) -> Iterator[dict]:

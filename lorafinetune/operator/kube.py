@@ -121,15 +121,23 @@ def delete(kind: str, namespace: str, name: str) -> None:
     _ignore(404, call, name, namespace, body=body, _preload_content=False)
 
 
-def failed_create_message(job: dict[str, Any]) -> str:
-    """The newest FailedCreate event of this Job (its pods refused by a ResourceQuota, a LimitRange or an admission
-    webhook), else "". Matched by the Job's UID: a Job of the same name deleted earlier has its own events."""
-    meta = job["metadata"]
-    selector = f"involvedObject.uid={meta['uid']},reason=FailedCreate"
-    count("list", "events")
-    events = client.CoreV1Api().list_namespaced_event(meta["namespace"], field_selector=selector).items
-    newest = max(events, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp, default=None)
-    return (newest.message or "") if newest is not None else ""
+# The Job controller's FailedCreate events (a Job's pods refused by a ResourceQuota, a LimitRange or an admission
+# webhook): events carry no labels of ours, so the field selector narrows them to these, of every Job.
+FAILED_CREATE_EVENTS = "reason=FailedCreate,involvedObject.kind=Job"
+
+
+def event_lister(namespace: str | None) -> Callable[..., Any]:
+    if namespace is None:
+        return lambda **kwargs: client.CoreV1Api().list_event_for_all_namespaces(**kwargs)
+    return lambda **kwargs: client.CoreV1Api().list_namespaced_event(namespace, **kwargs)
+
+
+def newest_message(events: list[dict[str, Any]]) -> str:
+    """The message of the newest event (by when it last happened), else ""."""
+    def when(event: dict[str, Any]) -> str:
+        return event.get("lastTimestamp") or event.get("eventTime") or event["metadata"].get("creationTimestamp", "")
+
+    return (max(events, key=when).get("message") or "") if events else ""
 
 
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"

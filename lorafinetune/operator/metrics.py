@@ -16,7 +16,8 @@ class OperatorMetrics:
         r = self.registry = CollectorRegistry()
         self.reconciles = Counter(
             "lorafinetune_operator_reconciles",
-            "Reconciles run, by what queued them (change, job-event, pod-event, clock, retry, requeue)",
+            "Reconciles run, by what queued them (change, job-event, pod-event, pvc-event, failed-create-event, "
+            "progress, clock, retry, requeue)",
             ["handler"], registry=r,
         )
         self.errors = Counter(

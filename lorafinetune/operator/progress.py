@@ -2,14 +2,18 @@
 
 The operator polls at a bounded rate (settings.progress_interval_seconds per resource), and a missing, unreachable,
 slow, oversized or malformed endpoint only means "no progress yet": it never changes the phase. The endpoint is served
-from inside a tenant's pod, so the whole exchange is bounded in seconds and bytes, not just each socket read.
+from inside a tenant's pod, so the whole exchange is bounded in seconds and bytes, not just each socket read, and it
+runs on the Poller's own threads: a reconcile never waits on a trainer.
 """
 
 from __future__ import annotations
 
 import math
 import socket
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 from lorafinetune.api.status import Progress
@@ -90,3 +94,50 @@ def _get_metrics(address: str, port: int, timeout: float, max_bytes: int) -> byt
     head, sep, body = bytes(data).partition(b"\r\n\r\n")
     status = head.split(b"\r\n", 1)[0].split()
     return body if sep and len(status) >= 2 and status[1] == b"200" else None
+
+
+class Poller:
+    """Reads progress on threads of its own. An endpoint that hangs (a partitioned node, a policy dropping packets)
+    holds one of them for up to the fetch's timeout, never a reconcile worker: with hundreds of runs it is their
+    progress that gets staler, not every other fine-tune's reconcile. `on_fresh(key)` runs when a read brought
+    progress for the next reconcile to `take`."""
+
+    def __init__(self, threads: int, interval: float, port: int, on_fresh: Callable[[str], None],
+                 fetch: Callable[[str, int, Progress | None], Progress | None] = fetch) -> None:  # fmt: skip
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lft-progress")
+        self._interval, self._port, self._on_fresh, self._fetch = interval, port, on_fresh, fetch
+        self._guard = threading.Lock()
+        self._asked: dict[str, float] = {}  # when each key was last read
+        self._in_flight: set[str] = set()
+        self._fresh: dict[str, Progress] = {}
+
+    def take(self, key: str) -> Progress | None:
+        """The newest progress read for `key` and not taken yet."""
+        with self._guard:
+            return self._fresh.pop(key, None)
+
+    def request(self, key: str, address: str, previous: Progress | None) -> None:
+        """Read `key`'s progress at `address` unless one read is under way or the last began under `interval` ago."""
+        now = time.monotonic()
+        with self._guard:
+            if key in self._in_flight or now - self._asked.get(key, -math.inf) < self._interval:
+                return
+            self._in_flight.add(key)
+            self._asked[key] = now
+        self._pool.submit(self._read, key, address, previous)
+
+    def forget(self, key: str) -> None:
+        with self._guard:
+            self._asked.pop(key, None)
+            self._fresh.pop(key, None)
+
+    def _read(self, key: str, address: str, previous: Progress | None) -> None:
+        try:
+            fresh = self._fetch(address, self._port, previous)
+        finally:
+            with self._guard:
+                self._in_flight.discard(key)
+        if fresh is not None:
+            with self._guard:
+                self._fresh[key] = fresh
+            self._on_fresh(key)

@@ -3,7 +3,7 @@ where every reconcile reads from it)."""
 
 from __future__ import annotations
 
-from lorafinetune.operator.informer import Informer, PerNamespace
+from lorafinetune.operator.informer import Informer, PerNamespace, by_label
 
 
 def obj(name, version, owner=None, namespace="ns"):
@@ -12,7 +12,7 @@ def obj(name, version, owner=None, namespace="ns"):
 
 
 def informer():
-    return Informer("pods", lambda **_: None, index_label="lorafinetune.io/name")
+    return Informer("pods", lambda **_: None, index_by=by_label("lorafinetune.io/name"))
 
 
 def test_objects_are_found_by_name_and_by_their_owner_label():
@@ -48,7 +48,7 @@ def test_per_namespace_informers_read_as_one():
     made = {}
 
     def make(ns):
-        made[ns] = Informer(f"jobs in {ns}", lambda **_: None, index_label="lorafinetune.io/name")
+        made[ns] = Informer(f"jobs in {ns}", lambda **_: None, index_by=by_label("lorafinetune.io/name"))
         return made[ns]
 
     both = PerNamespace(make, ["team-a", "team-b"])
@@ -69,3 +69,19 @@ def test_a_claim_that_appears_wakes_the_runs_held_back_for_it_once():
     handlers._wake_waiting_for({"metadata": {"namespace": "ns1", "name": "data"}})
     handlers._wake_waiting_for({"metadata": {"namespace": "ns1", "name": "data"}})  # its next change: nobody left
     assert handlers.QUEUE.depth() == 2 and ("ns1", "data") not in handlers._WAITING_FOR_PVC
+
+
+def test_events_are_indexed_by_the_job_they_are_about_and_the_newest_message_wins():
+    from lorafinetune.operator.kube import newest_message
+
+    def event(name, job_uid, when, message, version):
+        meta = {"name": name, "namespace": "ns", "resourceVersion": str(version)}
+        return {"metadata": meta, "involvedObject": {"kind": "Job", "uid": job_uid}, "lastTimestamp": when,
+                "message": message}  # fmt: skip
+
+    i = Informer("events", lambda **_: None, index_by=lambda e: e["involvedObject"].get("uid"))
+    i.put(event("e1", "job-1", "2026-11-28T10:00:05Z", "exceeded quota: old", 1))
+    i.put(event("e2", "job-1", "2026-11-28T10:00:09Z", "exceeded quota: new", 2))
+    i.put(event("e3", "job-2", "2026-11-28T10:00:20Z", "denied by webhook", 3))
+    assert newest_message(i.indexed("ns", "job-1")) == "exceeded quota: new"
+    assert newest_message(i.indexed("ns", "job-3")) == "", "a Job of the same name deleted earlier had other events"
