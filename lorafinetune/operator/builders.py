@@ -38,6 +38,7 @@ LABEL_ATTEMPT = "lorafinetune.io/attempt"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 CONFIG_MOUNT = "/etc/lorafinetune"
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # the Job controller's annotation: the pod's node rank
 CONFIG_ANNOTATION = "lorafinetune.io/config"
 # The API server refuses an object whose annotations exceed 256 KiB in all; the rest is Kubernetes' own.
 CONFIG_MAX_BYTES = 200 * 1024
@@ -191,7 +192,7 @@ def _env(owner: Owner, spec: LoRAFineTuneSpec, attempt: int, settings: OperatorS
         {
             "name": "PET_NODE_RANK",
             "valueFrom": {
-                "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+                "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}
             },
         },
         {"name": "PET_MASTER_ADDR", "value": master_address(owner, attempt, spec)},

@@ -283,7 +283,7 @@ def _of_unrecorded_attempt(pod: dict[str, Any], owner: builders.Owner, recorded:
 
 
 def _completion_index(pod: dict[str, Any]) -> str | None:
-    return (pod["metadata"].get("annotations") or {}).get("batch.kubernetes.io/job-completion-index")
+    return (pod["metadata"].get("annotations") or {}).get(builders.COMPLETION_INDEX)
 
 
 def _attempt_of(pod: dict[str, Any]) -> int:
