@@ -29,6 +29,7 @@ from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import LoRAFineTuneStatus
 from lorafinetune.operator import builders, fit, kube
 from lorafinetune.operator import progress as progress_reader
+from lorafinetune.operator.events import EventSender
 from lorafinetune.operator.informer import Informer, PerNamespace, by_label, wait_synced
 from lorafinetune.operator.metrics import OPERATOR_METRICS
 from lorafinetune.operator.settings import OperatorSettings
@@ -48,6 +49,7 @@ from lorafinetune.operator.workqueue import WorkQueue
 
 SETTINGS = OperatorSettings.from_env()
 QUEUE = WorkQueue(on_wait=OPERATOR_METRICS.queue_wait.observe)
+EVENTS = EventSender(kube.post_event, on_drop=OPERATOR_METRICS.events_dropped.inc)
 log = logging.getLogger("lorafinetune.operator")
 CRD_WAIT_SECONDS = 60  # a chart installs the CRD and the operator together; the CRD may take a moment to be served
 SYNC_WAIT_SECONDS = 120  # the informers' first lists; no reconcile before (a half-filled cache would mislead it)
@@ -145,12 +147,14 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # if its Job were gone.
     if not wait_synced(INFORMERS, SYNC_WAIT_SECONDS):
         raise kopf.PermanentError(f"the Job, pod and node caches were not filled in {SYNC_WAIT_SECONDS} s")
+    EVENTS.start()
     QUEUE.start(SETTINGS.workers, reconcile)
 
 
 @kopf.on.cleanup()
 def stop_workers(**_: Any) -> None:
     QUEUE.stop()
+    EVENTS.stop()
     for informer in INFORMERS:
         informer.stop()
 
@@ -321,7 +325,7 @@ def reconcile(key: str, source: str = "") -> None:
         OPERATOR_METRICS.set_phase(key, p.status.phase)
         QUEUE.schedule(key, _next_tick(p, ttl, now))
         for kind, reason, message in p.events:
-            kube.post_event(body, kind, reason, message[:1000])
+            EVENTS.send(body, kind, reason, message[:1000])
             log.log(logging.WARNING if kind == "Warning" else logging.INFO, "%s: %s: %s", key, reason, message,
                     extra={"namespace": namespace, "finetune": name, "reason": reason})  # fmt: skip
 
@@ -358,4 +362,5 @@ async def on_fine_tune(event: kopf.RawEvent, **_: Any) -> None:
         OPERATOR_METRICS.set_phase(key, None)
         return
     FINE_TUNES.put(body)
-    QUEUE.add(key, "change")
+    # A fine-tune without an attempt yet is waiting for its Job: first in line (see workqueue.py).
+    QUEUE.add(key, "change", new=not (body.get("status") or {}).get("attempt"))

@@ -37,6 +37,9 @@ class OperatorMetrics:
             "lorafinetune_operator_api_requests", "Kubernetes API requests made by reconciles, by verb and resource",
             ["verb", "resource"], registry=r,
         )  # fmt: skip
+        self.events_dropped = Counter(
+            "lorafinetune_operator_events_dropped", "Events not posted because the buffer was full", registry=r
+        )
         self.queue_depth = Gauge(
             "lorafinetune_operator_queue_depth", "Fine-tunes waiting for a worker in the work queue", registry=r
         )

@@ -2,8 +2,10 @@
 
 - A key ("namespace/name") is queued at most once, and never processed by two workers at once: a key added while it
   is being processed runs once more afterwards (the change may have come too late for the running pass).
-- First in, first out: a burst of new fine-tunes queues behind the work that was already waiting, and a resource
-  that changes often cannot overtake the others, because it is queued once however many events it gets.
+- First in, first out within two lanes. New fine-tunes (no Job yet) take the first lane: in a burst of applies their
+  Jobs are what users wait for, while the pod and Job events of the runs just started (status patches only) can
+  wait a moment. That lane gets NEW_PER_OTHER turns for each turn of the other whenever both have work, so neither
+  starves. A resource that changes often cannot overtake the others: it is queued once however many events it gets.
 - Delayed adds are the operator's clock: live runs come back when their plan says (a backoff expiring, a pending
   bound, a progress poll, a TTL due); a key with nothing to wait for is not scheduled at all, so finished runs cost
   nothing at rest. (A kopf timer would tick instead, but puts a finalizer on every fine-tune, which makes deleting
@@ -22,15 +24,19 @@ from collections.abc import Callable
 
 log = logging.getLogger("lorafinetune.operator")
 RETRY_BASE_SECONDS, RETRY_CAP_SECONDS = 1.0, 60.0
+NEW_PER_OTHER = 3  # while both lanes have work: turns of the new fine-tunes' lane per turn of the other
 
 
 class WorkQueue:
     def __init__(self, resolution: float = 0.1,
                  on_wait: Callable[[float], None] | None = None) -> None:  # fmt: skip
-        self._ready: deque[str] = deque()
-        self._queued_at: dict[str, tuple[float, str]] = {}  # keys in _ready: when queued, and by what
+        self._lanes: tuple[deque[str], deque[str]] = (deque(), deque())  # new fine-tunes, the rest
+        # Keys waiting: when queued, by what, and in which lane (a lane may also hold a key's stale entry from before
+        # it moved to the first lane; taking skips it).
+        self._queued_at: dict[str, tuple[float, str, int]] = {}
+        self._turn = 0  # turns the first lane had in a row while the other waited
         self._processing: set[str] = set()
-        self._dirty: set[str] = set()  # added while processing: run again after
+        self._dirty: dict[str, bool] = {}  # added while processing (whether as new): run again after
         self._due: dict[str, tuple[float, str]] = {}  # delayed keys: when they become ready, and why
         self._failures: dict[str, int] = {}
         self._cond = threading.Condition()
@@ -41,19 +47,24 @@ class WorkQueue:
 
     # ------------------------------------------------------------------ adding
 
-    def add(self, key: str, source: str = "") -> None:
-        """Reconcile `key` as soon as a worker is free. `source` (what asked) is passed to the run, for metrics."""
+    def add(self, key: str, source: str = "", new: bool = False) -> None:
+        """Reconcile `key` as soon as a worker is free. `source` (what asked) is passed to the run, for metrics;
+        `new`: a fine-tune with no Job yet, which takes the first lane."""
         with self._cond:
-            self._add_locked(key, source)
+            self._add_locked(key, source, new)
 
-    def _add_locked(self, key: str, source: str) -> None:
+    def _add_locked(self, key: str, source: str, new: bool = False) -> None:
         self._due.pop(key, None)  # running now covers a later tick; the run schedules the next one
+        lane = 0 if new else 1
         if key in self._processing:
-            self._dirty.add(key)
-        elif key not in self._queued_at:
-            self._queued_at[key] = (time.monotonic(), source)
-            self._ready.append(key)
+            self._dirty[key] = self._dirty.get(key, False) or new
+        elif (queued := self._queued_at.get(key)) is None:
+            self._queued_at[key] = (time.monotonic(), source, lane)
+            self._lanes[lane].append(key)
             self._cond.notify()
+        elif lane < queued[2]:  # waiting in the other lane and now known new: move up, keeping when it was queued
+            self._queued_at[key] = (queued[0], queued[1], lane)
+            self._lanes[lane].append(key)
 
     def schedule(self, key: str, after: float | None, source: str = "clock") -> None:
         """Reconcile `key` in `after` seconds (replacing an earlier schedule); None: only when an event asks."""
@@ -78,7 +89,7 @@ class WorkQueue:
     def depth(self) -> int:
         """Keys waiting for a worker."""
         with self._cond:
-            return len(self._ready)
+            return len(self._queued_at)
 
     # ------------------------------------------------------------------ running
 
@@ -106,15 +117,25 @@ class WorkQueue:
 
     def _next(self) -> tuple[str, str] | None:
         with self._cond:
-            while not self._ready:
+            while (key := self._take_locked()) is None:
                 if self._stop.is_set():
                     return None
                 self._cond.wait(0.5)
-            key = self._ready.popleft()
-            queued_at, source = self._queued_at.pop(key)
+            queued_at, source, _ = self._queued_at.pop(key)
             self._on_wait(time.monotonic() - queued_at)
             self._processing.add(key)
             return key, source
+
+    def _take_locked(self) -> str | None:
+        new, other = self._lanes
+        for lane in (new, other):
+            while lane and self._queued_at.get(lane[0], (0, "", -1))[2] != (0 if lane is new else 1):
+                lane.popleft()  # an entry left behind when its key moved lanes, or already taken
+        if new and (not other or self._turn < NEW_PER_OTHER):
+            self._turn = self._turn + 1 if other else 0
+            return new.popleft()
+        self._turn = 0
+        return other.popleft() if other else None
 
     def _work(self, run: Callable[[str, str], None]) -> None:
         while (item := self._next()) is not None:
@@ -136,6 +157,6 @@ class WorkQueue:
                 with self._cond:
                     self._processing.discard(key)
                     if key in self._dirty:
-                        self._dirty.discard(key)
+                        new = self._dirty.pop(key)
                         if not failed:  # a failed run waits for its retry: events must not skip the backoff
-                            self._add_locked(key, "requeue")
+                            self._add_locked(key, "requeue", new)

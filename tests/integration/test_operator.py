@@ -124,7 +124,7 @@ def test_suspend_stops_the_attempt_and_resume_starts_a_new_one(cluster: Cluster)
     status = wait_phase(c, "pause", "Running", timeout=60)
     assert not c.pods("pause", 1), "attempt 2 started only after attempt 1's pods were gone"
     assert status["attempt"] == 2 and [j.metadata.name for j in c.jobs("pause")] == ["pause-a2"]
-    assert "PreviousAttemptStopping" in {e.reason for e in c.events("pause")}
+    wait_for(lambda: "PreviousAttemptStopping" in {e.reason for e in c.events("pause")}, 30, "its event")
 
 
 def test_pods_stuck_terminating_on_a_lost_node_do_not_hold_back_the_next_attempt(cluster: Cluster):
@@ -281,7 +281,7 @@ def test_a_run_that_cannot_fit_in_the_nodes_gpu_memory_holds_no_gpu_until_the_sp
     assert "GiB per GPU but node gpu-node-" in ready["message"], ready["message"]
     assert "(nvidia.com/gpu.memory=81559 MiB) gives 79.6 GiB" in ready["message"]
     assert "create it again with training.gradientCheckpointing: true and deepspeed.zeroStage: 3" in ready["message"]
-    assert any(e.reason == "WontFit" for e in c.events("too-big"))
+    wait_for(lambda: any(e.reason == "WontFit" for e in c.events("too-big")), 30, "the WontFit event")  # posted after
     time.sleep(3)  # several reconciles later: still nothing holds a GPU
     assert not c.jobs("too-big") and not c.pods("too-big", 1)
     # Training settings are immutable; resources.gpuMemory is not, and overrules the estimate: the run starts.

@@ -1,4 +1,5 @@
-"""The operator's work queue: one run per key at a time, coalesced adds, FIFO, delayed adds, retries with backoff."""
+"""The operator's work queue: one run per key at a time, coalesced adds, FIFO in two lanes, delayed adds, retries with
+backoff."""
 
 from __future__ import annotations
 
@@ -93,5 +94,62 @@ def test_a_failing_key_backs_off_and_does_not_stop_the_others():
         assert 1.0 < q.due("ns/bad") <= 2.0, "the second failure waits twice as long"
         q.forget("ns/bad")
         assert q.due("ns/bad") is None
+    finally:
+        q.stop()
+
+
+def test_new_fine_tunes_go_first_three_turns_to_one_and_neither_lane_starves():
+    q, ran = WorkQueue(resolution=0.01), []
+    for i in range(4):
+        q.add(f"ns/started-{i}", "pod-event")
+    for i in range(7):
+        q.add(f"ns/new-{i}", "change", new=True)
+    q.start(1, lambda key, source: ran.append(key))
+    try:
+        assert _wait(lambda: len(ran) == 11)
+        assert ran == ["ns/new-0", "ns/new-1", "ns/new-2", "ns/started-0", "ns/new-3", "ns/new-4", "ns/new-5",
+                       "ns/started-1", "ns/new-6", "ns/started-2", "ns/started-3"]  # fmt: skip
+    finally:
+        q.stop()
+
+
+def test_a_key_known_new_while_waiting_moves_to_the_first_lane_once():
+    ran, waits = [], []
+    q = WorkQueue(resolution=0.01, on_wait=waits.append)
+    for i in range(3):
+        q.add(f"ns/other-{i}", "pod-event")
+    q.add("ns/x", "pvc-event")
+    time.sleep(0.05)
+    q.add("ns/x", "change", new=True)
+    assert q.depth() == 4
+    q.start(1, lambda key, source: ran.append((key, source)))
+    try:
+        assert _wait(lambda: len(ran) == 4)
+        time.sleep(0.05)
+        assert ran[0] == ("ns/x", "pvc-event"), "it keeps what first queued it"
+        assert [k for k, _ in ran].count("ns/x") == 1
+        assert waits[0] >= 0.05, "its wait counts from when it was first queued"
+    finally:
+        q.stop()
+
+
+def test_a_new_fine_tune_changed_during_its_run_runs_again_in_the_first_lane():
+    q, ran = WorkQueue(resolution=0.01), []
+    release = threading.Event()
+
+    def run(key, source):
+        ran.append(key)
+        if key == "ns/new":
+            release.wait(5)
+
+    q.add("ns/new", "change", new=True)
+    q.start(1, run)
+    try:
+        assert _wait(lambda: ran == ["ns/new"])
+        q.add("ns/new", "change", new=True)  # during its run
+        q.add("ns/other", "pod-event")
+        release.set()
+        assert _wait(lambda: len(ran) == 3)
+        assert ran == ["ns/new", "ns/new", "ns/other"]
     finally:
         q.stop()

@@ -1,0 +1,66 @@
+"""Kubernetes Events are posted from their own thread, as client-go's event broadcaster does: a reconcile hands an
+event over and goes on. In a burst of new fine-tunes each brings two or three events; posted inline, they held the
+reconcile workers (and the API server) while the next fine-tunes waited for their Jobs. One thread posts them in the
+order given, so one object's events stay in order and they never take more than one request slot of the API server.
+
+Best effort: the status already says what an event says. A post that fails is logged and skipped; when the buffer is
+full (the API server far behind) new events are dropped and counted (lorafinetune_operator_events_dropped_total).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+log = logging.getLogger("lorafinetune.operator")
+Post = Callable[[dict[str, Any], str, str, str], None]  # (object, type, reason, message)
+
+
+class EventSender:
+    def __init__(self, post: Post, capacity: int = 5000, on_drop: Callable[[], None] | None = None) -> None:
+        self._post = post
+        self._pending: queue.Queue[tuple[dict[str, Any], str, str, str] | None] = queue.Queue(capacity)
+        self._on_drop = on_drop or (lambda: None)
+        self._thread: threading.Thread | None = None
+
+    def send(self, obj: dict[str, Any], kind: str, reason: str, message: str) -> bool:
+        """Queue an event about `obj`; False if the buffer was full and it was dropped."""
+        try:
+            self._pending.put_nowait((obj, kind, reason, message))
+        except queue.Full:
+            self._on_drop()
+            log.warning("event buffer full: dropped %s %s about %s", kind, reason, obj["metadata"].get("name"))
+            return False
+        return True
+
+    def pending(self) -> int:
+        return self._pending.qsize()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lft-events", daemon=True)
+        self._thread.start()
+
+    def stop(self, flush_seconds: float = 5.0) -> None:
+        """Post what is queued, for up to `flush_seconds`, then stop."""
+        if self._thread is None:
+            return
+        try:
+            self._pending.put(None, timeout=flush_seconds)
+        except queue.Full:
+            return  # the daemon thread goes with the process
+        self._thread.join(timeout=flush_seconds)
+        self._thread = None
+
+    def _run(self) -> None:
+        while (item := self._pending.get()) is not None:
+            obj, kind, reason, message = item
+            try:
+                self._post(obj, kind, reason, message)
+            except Exception as err:  # noqa: BLE001 - one failed post must not stop the ones after it
+                why = f"{err.status} {err.reason}" if isinstance(err, ApiException) else repr(err)  # no response body
+                log.warning("could not post event %s about %s: %s", reason, obj["metadata"].get("name"), why)
