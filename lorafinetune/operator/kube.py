@@ -4,6 +4,7 @@ calls its informers follow. Every request is counted (lorafinetune_operator_api_
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -15,6 +16,27 @@ from lorafinetune.api.manifest import GROUP, KIND, PLURAL, VERSION
 from lorafinetune.operator.metrics import OPERATOR_METRICS
 
 RESOURCES = {"Service": "services", "NetworkPolicy": "networkpolicies", "Job": "jobs"}
+
+
+# Connections kept open to the API server for the reconciles' requests: the workers and the event thread at once
+# (urllib3 opens more when all are busy, and closes those after use).
+POOL_CONNECTIONS = 32
+_SHARED: client.ApiClient | None = None
+_SHARED_GUARD = threading.Lock()
+
+
+def api() -> client.ApiClient:
+    """The one client that reconciles and the event thread send their requests with. A `client.CoreV1Api()`
+    made without one builds its own ApiClient, whose fresh connection pool pays a TCP and TLS handshake (and loads
+    the certificates again) for every request: CPU on both sides that a burst of new fine-tunes waits for. Informers
+    keep their own (a watch holds its connection for a minute). Made on first use, after load_config."""
+    global _SHARED
+    with _SHARED_GUARD:
+        if _SHARED is None:
+            configuration = client.Configuration.get_default_copy()
+            configuration.connection_pool_maxsize = POOL_CONNECTIONS
+            _SHARED = client.ApiClient(configuration)
+        return _SHARED
 
 
 def count(verb: str, resource: str) -> None:
@@ -58,7 +80,7 @@ def load_config() -> None:
 def resource_served() -> bool:
     """Whether the API server serves LoRAFineTunes (a discovery read, which RBAC allows every client)."""
     count("get", "discovery")
-    found = _ignore(404, client.CustomObjectsApi().get_api_resources, GROUP, VERSION)
+    found = _ignore(404, client.CustomObjectsApi(api()).get_api_resources, GROUP, VERSION)
     return found is not None and any(r.name == PLURAL for r in found.resources)
 
 
@@ -86,7 +108,7 @@ def create(obj: dict[str, Any]) -> dict[str, Any] | None:
     make a repeated create harmless). Returns the new object as the API server stored it, or None if it existed.
     Raises OwnedByAnother for a foreign one."""
     ns, kind, name = obj["metadata"]["namespace"], obj["kind"], obj["metadata"]["name"]
-    core, batch, net = client.CoreV1Api(), client.BatchV1Api(), client.NetworkingV1Api()
+    core, batch, net = client.CoreV1Api(api()), client.BatchV1Api(api()), client.NetworkingV1Api(api())
     create_call, read_call = {
         "Service": (core.create_namespaced_service, core.read_namespaced_service),
         "NetworkPolicy": (net.create_namespaced_network_policy, net.read_namespaced_network_policy),
@@ -101,7 +123,7 @@ def create(obj: dict[str, Any]) -> dict[str, Any] | None:
         if err.status != 409:
             raise
     count("get", RESOURCES[kind])
-    existing = client.ApiClient().sanitize_for_serialization(read_call(name, ns))
+    existing = api().sanitize_for_serialization(read_call(name, ns))
     if controller_uid(existing) != controller_uid(obj):
         refs = existing["metadata"].get("ownerReferences") or [{"kind": "nobody"}]
         holder = f"{refs[0].get('kind')} {refs[0].get('name', '')} (uid {refs[0].get('uid', '-')})".strip()
@@ -114,9 +136,9 @@ def delete(kind: str, namespace: str, name: str) -> None:
     count("delete", RESOURCES[kind])
     body = client.V1DeleteOptions(propagation_policy="Background")
     call = {
-        "Service": client.CoreV1Api().delete_namespaced_service,
-        "NetworkPolicy": client.NetworkingV1Api().delete_namespaced_network_policy,
-        "Job": client.BatchV1Api().delete_namespaced_job,
+        "Service": client.CoreV1Api(api()).delete_namespaced_service,
+        "NetworkPolicy": client.NetworkingV1Api(api()).delete_namespaced_network_policy,
+        "Job": client.BatchV1Api(api()).delete_namespaced_job,
     }[kind]
     _ignore(404, call, name, namespace, body=body, _preload_content=False)
 
@@ -149,7 +171,7 @@ def read_workload(job: dict[str, Any]) -> dict[str, Any] | None:
     meta = job["metadata"]
     count("list", "workloads")
     try:
-        found = client.CustomObjectsApi().list_namespaced_custom_object(
+        found = client.CustomObjectsApi(api()).list_namespaced_custom_object(
             KUEUE_GROUP, KUEUE_VERSION, meta["namespace"], "workloads",
             label_selector=f"kueue.x-k8s.io/job-uid={meta['uid']}",
         )  # fmt: skip
@@ -174,7 +196,7 @@ def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> Non
     }  # fmt: skip
     count("create", "events")
     try:
-        client.CoreV1Api().create_namespaced_event(meta["namespace"], event, _preload_content=False)
+        client.CoreV1Api(api()).create_namespaced_event(meta["namespace"], event, _preload_content=False)
     except ApiException as err:  # an event is best effort: the status already says it
         if err.status not in (403, 404, 409):
             raise
@@ -183,13 +205,13 @@ def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> Non
 def pvc_exists(namespace: str, claim: str) -> bool:
     """Asked only when the operator's PVC cache has no such claim: it may have been created a moment ago."""
     count("get", "persistentvolumeclaims")
-    return _ignore(404, client.CoreV1Api().read_namespaced_persistent_volume_claim, claim, namespace) is not None
+    return _ignore(404, client.CoreV1Api(api()).read_namespaced_persistent_volume_claim, claim, namespace) is not None
 
 
 def secret_exists(namespace: str, name: str) -> bool:
     # Only existence is used, but `get` returns the values: hence settings.secret_preflight (off in the chart).
     count("get", "secrets")
-    return _ignore(404, client.CoreV1Api().read_namespaced_secret, name, namespace) is not None
+    return _ignore(404, client.CoreV1Api(api()).read_namespaced_secret, name, namespace) is not None
 
 
 def patch_status(namespace: str, name: str, resource_version: str, status: dict[str, Any]) -> dict[str, Any] | None:
@@ -198,8 +220,8 @@ def patch_status(namespace: str, name: str, resource_version: str, status: dict[
     count("patch", f"{PLURAL}/status")
     body = {"metadata": {"resourceVersion": resource_version}, "status": status}
     try:
-        return client.CustomObjectsApi().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL,
-                                                                               name, body)  # fmt: skip
+        return client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(GROUP, VERSION, namespace,
+                                                                                    PLURAL, name, body)  # fmt: skip
     except ApiException as err:
         if err.status in (404, 409):
             return None
