@@ -13,28 +13,34 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
 log = logging.getLogger("lorafinetune.operator")
-Post = Callable[[dict[str, Any], str, str, str], None]  # (object, type, reason, message)
+Post = Callable[[dict[str, Any], str, str, str, datetime], None]  # (object, type, reason, message, when)
+WARN_EVERY_DROPS = 1000  # a full buffer logs its first drop and then one line per this many, not one per event
 
 
 class EventSender:
     def __init__(self, post: Post, capacity: int = 5000, on_drop: Callable[[], None] | None = None) -> None:
         self._post = post
-        self._pending: queue.Queue[tuple[dict[str, Any], str, str, str] | None] = queue.Queue(capacity)
+        self._pending: queue.Queue[tuple[dict[str, Any], str, str, str, datetime] | None] = queue.Queue(capacity)
         self._on_drop = on_drop or (lambda: None)
+        self._dropped = 0
         self._thread: threading.Thread | None = None
 
     def send(self, obj: dict[str, Any], kind: str, reason: str, message: str) -> bool:
-        """Queue an event about `obj`; False if the buffer was full and it was dropped."""
+        """Queue an event about `obj`, stamped now; False if the buffer was full and it was dropped."""
         try:
-            self._pending.put_nowait((obj, kind, reason, message))
+            self._pending.put_nowait((obj, kind, reason, message, datetime.now(UTC)))
         except queue.Full:
             self._on_drop()
-            log.warning("event buffer full: dropped %s %s about %s", kind, reason, obj["metadata"].get("name"))
+            self._dropped += 1
+            if self._dropped % WARN_EVERY_DROPS == 1:
+                log.warning("event buffer full (the API server is far behind): %d event(s) dropped so far, the latest "
+                            "%s about %s", self._dropped, reason, obj["metadata"].get("name"))  # fmt: skip
             return False
         return True
 
@@ -58,9 +64,9 @@ class EventSender:
 
     def _run(self) -> None:
         while (item := self._pending.get()) is not None:
-            obj, kind, reason, message = item
+            obj, kind, reason, message, when = item
             try:
-                self._post(obj, kind, reason, message)
+                self._post(obj, kind, reason, message, when)
             except Exception as err:  # noqa: BLE001 - one failed post must not stop the ones after it
                 why = f"{err.status} {err.reason}" if isinstance(err, ApiException) else repr(err)  # no response body
                 log.warning("could not post event %s about %s: %s", reason, obj["metadata"].get("name"), why)

@@ -140,7 +140,15 @@ def delete(kind: str, namespace: str, name: str) -> None:
         "NetworkPolicy": client.NetworkingV1Api(api()).delete_namespaced_network_policy,
         "Job": client.BatchV1Api(api()).delete_namespaced_job,
     }[kind]
-    _ignore(404, call, name, namespace, body=body, _preload_content=False)
+    _release(_ignore(404, call, name, namespace, body=body, _preload_content=False))
+
+
+def _release(response: Any) -> None:
+    """Read a raw response to its end, which gives its connection back to the shared pool (unread, the pool would
+    drop it and the next request would pay a new handshake)."""
+    if response is not None:
+        response.read()
+        response.release_conn()
 
 
 # The Job controller's FailedCreate events (a Job's pods refused by a ResourceQuota, a LimitRange or an admission
@@ -182,11 +190,14 @@ def read_workload(job: dict[str, Any]) -> dict[str, Any] | None:
     return next(iter(found.get("items") or []), None)
 
 
-def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> None:
-    """A core/v1 Event about `obj` (what `kubectl describe` lists). Posted here rather than with kopf.event, which
-    works only inside kopf's handler contexts, not from the operator's clock threads."""
+EVENT_TIMEOUT = (5, 15)  # seconds to connect, to answer: the one event thread must not hang on a half-open connection
+
+
+def post_event(obj: dict[str, Any], kind: str, reason: str, message: str, when: datetime | None = None) -> None:
+    """A core/v1 Event about `obj` (what `kubectl describe` lists), that happened `when` (default: now). Posted here
+    rather than with kopf.event, which works only inside kopf's handler contexts, not from the operator's threads."""
     meta = obj["metadata"]
-    now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    now = (when or datetime.now(UTC)).isoformat(timespec="seconds").replace("+00:00", "Z")
     event = {
         "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
         "involvedObject": {"apiVersion": obj.get("apiVersion", f"{GROUP}/{VERSION}"), "kind": obj.get("kind", KIND),
@@ -196,7 +207,8 @@ def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> Non
     }  # fmt: skip
     count("create", "events")
     try:
-        client.CoreV1Api(api()).create_namespaced_event(meta["namespace"], event, _preload_content=False)
+        _release(client.CoreV1Api(api()).create_namespaced_event(meta["namespace"], event, _preload_content=False,
+                                                                 _request_timeout=EVENT_TIMEOUT))
     except ApiException as err:  # an event is best effort: the status already says it
         if err.status not in (403, 404, 409):
             raise

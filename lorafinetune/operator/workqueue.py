@@ -16,28 +16,42 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple
 
 log = logging.getLogger("lorafinetune.operator")
 RETRY_BASE_SECONDS, RETRY_CAP_SECONDS = 1.0, 60.0
 NEW_PER_OTHER = 3  # while both lanes have work: turns of the new fine-tunes' lane per turn of the other
 
 
+class _Waiting(NamedTuple):
+    since: float  # monotonic time first queued
+    source: str  # what queued it
+    new: bool  # in the new fine-tunes' lane
+    ticket: int  # which lane entry is this key's: an entry with another ticket is left over from a move
+
+
+class _Due(NamedTuple):
+    at: float
+    source: str
+    new: bool
+
+
 class WorkQueue:
     def __init__(self, resolution: float = 0.1,
                  on_wait: Callable[[float], None] | None = None) -> None:  # fmt: skip
-        self._lanes: tuple[deque[str], deque[str]] = (deque(), deque())  # new fine-tunes, the rest
-        # Keys waiting: when queued, by what, and in which lane (a lane may also hold a key's stale entry from before
-        # it moved to the first lane; taking skips it).
-        self._queued_at: dict[str, tuple[float, str, int]] = {}
-        self._turn = 0  # turns the first lane had in a row while the other waited
-        self._processing: set[str] = set()
+        self._lanes: tuple[deque[tuple[int, str]], deque[tuple[int, str]]] = (deque(), deque())  # new, the rest
+        self._waiting: dict[str, _Waiting] = {}  # keys in a lane
+        self._tickets = itertools.count()
+        self._turn = 0  # turns the new lane had in a row while the other waited
+        self._processing: dict[str, bool] = {}  # keys being reconciled, and whether they were taken as new
         self._dirty: dict[str, bool] = {}  # added while processing (whether as new): run again after
-        self._due: dict[str, tuple[float, str]] = {}  # delayed keys: when they become ready, and why
+        self._due: dict[str, _Due] = {}  # delayed keys
         self._failures: dict[str, int] = {}
         self._cond = threading.Condition()
         self._resolution = resolution
@@ -55,24 +69,25 @@ class WorkQueue:
 
     def _add_locked(self, key: str, source: str, new: bool = False) -> None:
         self._due.pop(key, None)  # running now covers a later tick; the run schedules the next one
-        lane = 0 if new else 1
         if key in self._processing:
             self._dirty[key] = self._dirty.get(key, False) or new
-        elif (queued := self._queued_at.get(key)) is None:
-            self._queued_at[key] = (time.monotonic(), source, lane)
-            self._lanes[lane].append(key)
+        elif (waiting := self._waiting.get(key)) is None:
+            self._enter_locked(key, _Waiting(time.monotonic(), source, new, next(self._tickets)))
             self._cond.notify()
-        elif lane < queued[2]:  # waiting in the other lane and now known new: move up, keeping when it was queued
-            self._queued_at[key] = (queued[0], queued[1], lane)
-            self._lanes[lane].append(key)
+        elif new and not waiting.new:  # known new while in the other lane: move up, keeping when it was queued
+            self._enter_locked(key, waiting._replace(new=True, ticket=next(self._tickets)))
 
-    def schedule(self, key: str, after: float | None, source: str = "clock") -> None:
+    def _enter_locked(self, key: str, waiting: _Waiting) -> None:
+        self._waiting[key] = waiting
+        self._lanes[0 if waiting.new else 1].append((waiting.ticket, key))
+
+    def schedule(self, key: str, after: float | None, source: str = "clock", new: bool = False) -> None:
         """Reconcile `key` in `after` seconds (replacing an earlier schedule); None: only when an event asks."""
         with self._cond:
             if after is None:
                 self._due.pop(key, None)
             else:
-                self._due[key] = (time.monotonic() + max(0.0, after), source)
+                self._due[key] = _Due(time.monotonic() + max(0.0, after), source, new)
 
     def forget(self, key: str) -> None:
         """The resource is gone: drop its schedule and its failure count (a queued run finds it gone and stops)."""
@@ -84,12 +99,12 @@ class WorkQueue:
         """Seconds until `key` is due (None: not scheduled)."""
         with self._cond:
             due = self._due.get(key)
-        return None if due is None else due[0] - time.monotonic()
+        return None if due is None else due.at - time.monotonic()
 
     def depth(self) -> int:
         """Keys waiting for a worker."""
         with self._cond:
-            return len(self._queued_at)
+            return len(self._waiting)
 
     # ------------------------------------------------------------------ running
 
@@ -112,8 +127,8 @@ class WorkQueue:
         while not self._stop.wait(self._resolution):
             now = time.monotonic()
             with self._cond:
-                for key, (_, source) in [(k, d) for k, d in self._due.items() if d[0] <= now]:
-                    self._add_locked(key, source)
+                for key, due in [(k, d) for k, d in self._due.items() if d.at <= now]:
+                    self._add_locked(key, due.source, due.new)
 
     def _next(self) -> tuple[str, str] | None:
         with self._cond:
@@ -121,21 +136,25 @@ class WorkQueue:
                 if self._stop.is_set():
                     return None
                 self._cond.wait(0.5)
-            queued_at, source, _ = self._queued_at.pop(key)
-            self._on_wait(time.monotonic() - queued_at)
-            self._processing.add(key)
-            return key, source
+            waiting = self._waiting.pop(key)
+            self._on_wait(time.monotonic() - waiting.since)
+            self._processing[key] = waiting.new
+            return key, waiting.source
 
     def _take_locked(self) -> str | None:
         new, other = self._lanes
         for lane in (new, other):
-            while lane and self._queued_at.get(lane[0], (0, "", -1))[2] != (0 if lane is new else 1):
-                lane.popleft()  # an entry left behind when its key moved lanes, or already taken
+            while lane and not self._current_locked(*lane[0]):
+                lane.popleft()  # the entry a key left behind when it moved up
         if new and (not other or self._turn < NEW_PER_OTHER):
             self._turn = self._turn + 1 if other else 0
-            return new.popleft()
+            return new.popleft()[1]
         self._turn = 0
-        return other.popleft() if other else None
+        return other.popleft()[1] if other else None
+
+    def _current_locked(self, ticket: int, key: str) -> bool:
+        waiting = self._waiting.get(key)
+        return waiting is not None and waiting.ticket == ticket
 
     def _work(self, run: Callable[[str, str], None]) -> None:
         while (item := self._next()) is not None:
@@ -149,13 +168,15 @@ class WorkQueue:
                     failures = self._failures[key] = self._failures.get(key, 0) + 1
                 delay = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2 ** (failures - 1))
                 log.exception("%s: reconcile failed (%d in a row); trying again in %.0f s", key, failures, delay)
-                self.schedule(key, delay, "retry")
+                with self._cond:  # a new fine-tune's retry keeps its place in the new lane
+                    new = self._processing[key] or self._dirty.get(key, False)
+                self.schedule(key, delay, "retry", new)
             else:
                 with self._cond:
                     self._failures.pop(key, None)
             finally:
                 with self._cond:
-                    self._processing.discard(key)
+                    self._processing.pop(key, None)
                     if key in self._dirty:
                         new = self._dirty.pop(key)
                         if not failed:  # a failed run waits for its retry: events must not skip the backoff

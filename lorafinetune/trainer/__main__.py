@@ -34,6 +34,9 @@ def main() -> int:
         return ExitCode.INVALID_CONFIG
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must be set before deepspeed is imported
+        from lorafinetune.trainer.heap import release_freed_buffers
+
+        release_freed_buffers()  # the resident set follows the live tensors, as the memory plan counts them
 
     from lorafinetune.api.spec import LoRAFineTuneSpec
     from lorafinetune.trainer.errors import TrainerError

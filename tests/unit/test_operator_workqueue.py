@@ -153,3 +153,43 @@ def test_a_new_fine_tune_changed_during_its_run_runs_again_in_the_first_lane():
         assert ran == ["ns/new", "ns/new", "ns/other"]
     finally:
         q.stop()
+
+
+def test_a_key_that_moved_up_and_is_queued_again_waits_its_turn_behind_the_others():
+    """The entry a key leaves in the other lane when it moves up is never taken for a later add of that key."""
+    q, ran = WorkQueue(resolution=0.01), []
+    q.add("ns/x", "pvc-event")
+    for i in range(3):
+        q.add(f"ns/other-{i}", "pod-event")
+    q.add("ns/x", "change", new=True)  # moves up, leaving its first entry behind
+    q.start(1, lambda key, source: ran.append(key))
+    try:
+        assert _wait(lambda: ran == ["ns/x"] or len(ran) > 1)
+        q.add("ns/x", "job-event")  # its run created the Job: queued again, at the back
+        assert _wait(lambda: len(ran) == 5)
+        time.sleep(0.05)
+        assert ran == ["ns/x", "ns/other-0", "ns/other-1", "ns/other-2", "ns/x"]
+    finally:
+        q.stop()
+
+
+def test_a_new_fine_tune_whose_reconcile_failed_is_retried_in_the_new_lane():
+    q, ran = WorkQueue(resolution=0.01), []
+
+    def run(key, source):
+        ran.append((key, source))
+        if (key, source) == ("ns/new", "change"):
+            raise RuntimeError("429 Too Many Requests")
+        if key.startswith("ns/other"):
+            time.sleep(0.3)  # status-only work, still waiting when the 1 s backoff ends
+
+    q.add("ns/new", "change", new=True)
+    for i in range(6):
+        q.add(f"ns/other-{i}", "pod-event")
+    q.start(1, run)
+    try:
+        assert _wait(lambda: len(ran) == 7, timeout=10)
+        # In the other lane it would have come after all six, queued before its retry was due.
+        assert ran.index(("ns/new", "retry")) < 6, ran
+    finally:
+        q.stop()
