@@ -5,7 +5,7 @@ the memory plan): more than `lorafinetune plan` says, or than a memory limit siz
 
 A threshold fixed at 4 MiB sends the large buffers (a 4 x 512 x 576 fp32 hidden state is 4.5 MiB, an MLP activation
 3x that) to mmap, which gives them back when freed, and leaves the many smaller ones in the heap. Measured side by
-side (benchmarks/README): the 4 x 512 peaks fell 21-58 % to within 11 % of the plan, with no loss of speed on the
+side (benchmarks/README): the 4 x 512 peaks fell 21-58 % to within 12 % of the plan, with no loss of speed on the
 quick start; 1 MiB was within 15 % everywhere but 6 % slower there, and 128 KiB 10-35 % slower (page faults on every
 buffer).
 """
