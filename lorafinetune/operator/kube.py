@@ -18,6 +18,10 @@ from lorafinetune.operator.metrics import OPERATOR_METRICS
 RESOURCES = {"Service": "services", "NetworkPolicy": "networkpolicies", "Job": "jobs"}
 
 
+# Seconds to connect and to answer, for every request a reconcile sends: a half-open connection (an API server
+# restarted, a node's network gone) fails the reconcile, which is retried with backoff, instead of holding one of the
+# workers until the kernel gives up on it. A create that timed out but was stored is "already exists" on the retry.
+REQUEST_TIMEOUT = (5, 30)
 # Connections kept open to the API server for the reconciles' requests: the workers and the event thread at once
 # (urllib3 opens more when all are busy, and closes those after use).
 POOL_CONNECTIONS = 32
@@ -80,7 +84,8 @@ def load_config() -> None:
 def resource_served() -> bool:
     """Whether the API server serves LoRAFineTunes (a discovery read, which RBAC allows every client)."""
     count("get", "discovery")
-    found = _ignore(404, client.CustomObjectsApi(api()).get_api_resources, GROUP, VERSION)
+    found = _ignore(404, client.CustomObjectsApi(api()).get_api_resources, GROUP, VERSION,
+                    _request_timeout=REQUEST_TIMEOUT)  # fmt: skip
     return found is not None and any(r.name == PLURAL for r in found.resources)
 
 
@@ -116,14 +121,14 @@ def create(obj: dict[str, Any]) -> dict[str, Any] | None:
     }[kind]
     count("create", RESOURCES[kind])
     try:  # raw JSON back: the client's model classes cost more CPU than the rest of a reconcile
-        return json.loads(create_call(ns, obj, _preload_content=False).data)
+        return json.loads(create_call(ns, obj, _preload_content=False, _request_timeout=REQUEST_TIMEOUT).data)
     except ApiException as err:
         if err.status == 403 and "NamespaceTerminating" in (err.body or ""):
             return None  # the namespace is being deleted, and the fine-tune with it
         if err.status != 409:
             raise
     count("get", RESOURCES[kind])
-    existing = api().sanitize_for_serialization(read_call(name, ns))
+    existing = api().sanitize_for_serialization(read_call(name, ns, _request_timeout=REQUEST_TIMEOUT))
     if controller_uid(existing) != controller_uid(obj):
         refs = existing["metadata"].get("ownerReferences") or [{"kind": "nobody"}]
         holder = f"{refs[0].get('kind')} {refs[0].get('name', '')} (uid {refs[0].get('uid', '-')})".strip()
@@ -140,7 +145,7 @@ def delete(kind: str, namespace: str, name: str) -> None:
         "NetworkPolicy": client.NetworkingV1Api(api()).delete_namespaced_network_policy,
         "Job": client.BatchV1Api(api()).delete_namespaced_job,
     }[kind]
-    _release(_ignore(404, call, name, namespace, body=body, _preload_content=False))
+    _release(_ignore(404, call, name, namespace, body=body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT))
 
 
 def _release(response: Any) -> None:
@@ -181,7 +186,7 @@ def read_workload(job: dict[str, Any]) -> dict[str, Any] | None:
     try:
         found = client.CustomObjectsApi(api()).list_namespaced_custom_object(
             KUEUE_GROUP, KUEUE_VERSION, meta["namespace"], "workloads",
-            label_selector=f"kueue.x-k8s.io/job-uid={meta['uid']}",
+            label_selector=f"kueue.x-k8s.io/job-uid={meta['uid']}", _request_timeout=REQUEST_TIMEOUT,
         )  # fmt: skip
     except ApiException as err:
         if err.status in (403, 404):  # Kueue absent, or the chart installed without its Workload read permission
@@ -217,13 +222,15 @@ def post_event(obj: dict[str, Any], kind: str, reason: str, message: str, when: 
 def pvc_exists(namespace: str, claim: str) -> bool:
     """Asked only when the operator's PVC cache has no such claim: it may have been created a moment ago."""
     count("get", "persistentvolumeclaims")
-    return _ignore(404, client.CoreV1Api(api()).read_namespaced_persistent_volume_claim, claim, namespace) is not None
+    return _ignore(404, client.CoreV1Api(api()).read_namespaced_persistent_volume_claim, claim, namespace,
+                   _request_timeout=REQUEST_TIMEOUT) is not None  # fmt: skip
 
 
 def secret_exists(namespace: str, name: str) -> bool:
     # Only existence is used, but `get` returns the values: hence settings.secret_preflight (off in the chart).
     count("get", "secrets")
-    return _ignore(404, client.CoreV1Api(api()).read_namespaced_secret, name, namespace) is not None
+    return _ignore(404, client.CoreV1Api(api()).read_namespaced_secret, name, namespace,
+                   _request_timeout=REQUEST_TIMEOUT) is not None  # fmt: skip
 
 
 def patch_status(namespace: str, name: str, resource_version: str, status: dict[str, Any]) -> dict[str, Any] | None:
@@ -232,8 +239,9 @@ def patch_status(namespace: str, name: str, resource_version: str, status: dict[
     count("patch", f"{PLURAL}/status")
     body = {"metadata": {"resourceVersion": resource_version}, "status": status}
     try:
-        return client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(GROUP, VERSION, namespace,
-                                                                                    PLURAL, name, body)  # fmt: skip
+        return client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=REQUEST_TIMEOUT
+        )
     except ApiException as err:
         if err.status in (404, 409):
             return None

@@ -90,3 +90,24 @@ def test_importing_the_trainer_and_peft_prints_no_bitsandbytes_kernel_warning():
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "kernels-community" not in done.stderr + done.stdout
+
+
+def test_wrapping_a_model_in_peft_prints_no_transformers_deprecation_warning():
+    """PEFT reads a property transformers 5 deprecates; the quick start's evaluation printed the FutureWarning."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = """
+import lorafinetune.trainer
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=2, vocab_size=64)
+get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"]))
+"""
+    done = subprocess.run([sys.executable, "-W", "default", "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "is_gradient_checkpointing" not in done.stderr + done.stdout, done.stderr
