@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check and benchmark, for a machine with one NVIDIA GPU and no network (run from the repository root); about
-# 10 minutes on one H100 or H200 (a 600 s limit may cut the last step). Every step writes its results as it
-# finishes, so a step cut short loses only itself.
+# 9 minutes on one H100 or H200 (run it with a 590 s limit: a cut loses the last step only). Every step writes its
+# results as it finishes, so a step cut short loses only itself.
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
@@ -12,12 +12,14 @@
 #
 # 1. A model of Llama-3.2-1B's published shape (1.24 B parameters, 128k vocabulary) with random bf16 weights and
 #    SmolLM2's tokenizer: the point is the speed and memory of the CUDA path, not the answers.
-# 2. benchmarks/loss_path.py --device cuda: the output layer and loss alone, fused vs chunked vs in one piece.
+# 2. benchmarks/step_profile.py --device cuda: the trainer's own steps at a batch that fills the GPU, timed (MFU)
+#    and profiled (GPU time by kernel kind, GPU idle share), varlen attention against the 4-D masks.
 # 3. benchmarks/trainers.py --device cuda: HF Trainer + PEFT with padding (the baseline) beside `lorafinetune run`
-#    padded and packed (and TRL packed when installed), on the quick start's data and the long-tailed one; tokens/s,
-#    peak GPU memory, eval loss and MFU per arm (`--arms ours-packed-nf4` adds a packed run on an nf4 base, QLoRA).
+#    padded and packed, on the long-tailed data and the quick start's; tokens/s, peak GPU memory, eval loss and MFU
+#    per arm (more arms: TRL packed when installed, `ours-packed-nf4` on an nf4 base, `ours-packed-masks`).
 # 4. benchmarks/memory_plan.py --device cuda: `lorafinetune plan`'s estimate against torch.cuda.max_memory_allocated,
 #    an nf4 configuration included.
+# benchmarks/loss_path.py --device cuda (the output layer and loss alone) is left out for time; run it by hand.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -63,28 +65,40 @@ for f in src.iterdir():
 print("built", sum(p.numel() for p in model.parameters()) / 1e9, "B parameters")
 PY
 
+# The device tool returns at most 8 files: results JSON per step, steps.txt, machine.txt and logs.txt, which gets
+# each step's output tail, the attention each trainer run chose, and a failed run's own log tail.
+LOGS=/tmp/gpu-check-logs
+mkdir -p "$LOGS"
 step() {  # name seconds command...
-  local name=$1 limit=$2 start=$SECONDS
+  local name=$1 limit=$2 start=$SECONDS status f
   shift 2
-  if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then status=ok; else status="FAILED (exit $?)"; fi
+  touch "$LOGS/.start-$name"
+  if timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1; then status=ok; else status="FAILED (exit $?)"; fi
   echo "$name: $status in $(( SECONDS - start )) s" | tee -a "$OUT/steps.txt"
+  {
+    echo "===== $name: $status"
+    tail -n 40 "$LOGS/$name.log"
+    for f in "$LFT_BENCH_DIR"/*.log "$LFT_BENCH_DIR"/runs/*/logs/*.log; do
+      [ -f "$f" ] && [ "$f" -nt "$LOGS/.start-$name" ] || continue
+      echo "--- $f"
+      grep -h "^attention:" "$f"
+      [ "$status" = ok ] || tail -n 25 "$f"
+    done
+  } >> "$OUT/logs.txt" 2>&1
 }
-# The loss path alone first: seconds, not minutes, and the fused loss's first run on CUDA.
-step loss-path 60 python3 benchmarks/loss_path.py --device cuda --rounds 1 --reps 10 --out "$OUT/loss_path-cuda.json"
-# Wall time is mostly per run (a `lorafinetune run` spent ~55 s around 2-9 s of steps on an H200: start-up, two
-# evaluations, the save and the adapter's check in a fresh process), so few arms, the most wanted first: ours padded
-# was 0.92x HF's on the long tail (2026-11-28, before the fused loss); the nf4 trainer arm and mb4-s1024 are not
-# repeated. Packed rows of 1,024 tokens hold ~9 quick-start examples: a packed micro-batch of 3 is about the 32
-# examples of the padded arms, so all arms make about as many optimizer steps over the same tokens.
-step trainers-varlen 190 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets varlen \
+# Most wanted first: a step cut short by the device tool's limit loses only itself and what follows.
+# Where an optimizer step's time goes (our trainer's own steps, 16 packed rows of 1,024 tokens: enough work to fill
+# the GPU), varlen attention against the 4-D masks; then MFU at that batch.
+step step-profile 110 python3 benchmarks/step_profile.py --device cuda --model-dir "$MODEL" --micro 16 \
+  --max-len 1024 --steps 10 --out "$OUT/step_profile-cuda.json"
+# Side by side with HF on the long tail (ours padded was 0.92x HF's on 2026-11-28, before the fused loss and varlen
+# attention). Packed rows of 1,024 tokens hold ~9 examples: a packed micro-batch of 2 is about the 16 examples of
+# the padded arms, so all arms make about as many optimizer steps over the same tokens.
+step trainers-varlen 175 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets varlen \
   --rows 640 --micro 16 --packed-micro 2 --max-len 1024 --out "$OUT/trainers-varlen.json" \
-  --arms hf-padded ours-padded ours-packed trl-packed
-step trainers-quickstart 200 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets quickstart \
-  --rows 1280 --micro 32 --packed-micro 3 --max-len 1024 --out "$OUT/trainers-quickstart.json" \
-  --arms hf-padded ours-padded ours-packed trl-packed
-step memory-plan 120 python3 benchmarks/memory_plan.py --device cuda --model-dir "$MODEL" \
+  --arms hf-padded ours-padded ours-packed
+step memory-plan 115 python3 benchmarks/memory_plan.py --device cuda --model-dir "$MODEL" \
   --configs mb8-s1024-checkpointing mb4-s1024-nf4 --out "$OUT/memory_plan-cuda.json"
-tail -n 40 "$OUT"/*.log > "$OUT/tails.txt" 2>/dev/null
-# what a failed arm or configuration printed (its own logs stay on the machine, which is given back)
-tail -n 30 "$LFT_BENCH_DIR"/*.log "$LFT_BENCH_DIR"/runs/*/logs/*.log > "$OUT/arm-logs.txt" 2>/dev/null
+step trainers-quickstart 110 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets quickstart \
+  --rows 1280 --micro 32 --max-len 1024 --out "$OUT/trainers-quickstart.json" --arms hf-padded ours-padded
 cat "$OUT/steps.txt"

@@ -32,7 +32,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("LFT_BENCH_DIR", "/tmp/lft-bench-trainers"))
-ARMS = ("hf-padded", "trl-packed", "ours-padded", "ours-packed", "ours-packed-nf4")
+ARMS = ("hf-padded", "trl-packed", "ours-padded", "ours-packed", "ours-packed-masks", "ours-packed-nf4")
+# ours-packed-masks: packed with the 4-D block-diagonal masks, where ours-packed takes varlen attention (on a GPU)
+ARM_ENV = {"ours-packed-masks": {"LFT_ATTENTION": "sdpa"}}
 GPU_ONLY = {"ours-packed-nf4": "QLoRA (nf4) needs bitsandbytes' CUDA kernels: minutes a step on a CPU"}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 TRAINING = {"learningRate": 0.001, "lrScheduler": "cosine", "warmupRatio": 0.1, "seed": 42, "maxGradNorm": 1.0}
@@ -110,11 +112,11 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     path = WORK / f"{args.arm}.yaml"
     path.write_text(yaml.safe_dump(spec))
     subprocess.run([sys.executable, "-m", "lorafinetune.cli", "run", str(path), "--quiet"], check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
+                   stdout=subprocess.DEVNULL, env={**os.environ, **ARM_ENV.get(args.arm, {})})  # fmt: skip
     s = json.loads((out / "adapter" / "training_summary.json").read_text())
     return {"steps": s["steps"], "inputTokens": s["inputTokens"], "trainSeconds": s["trainSeconds"],
             "evalLossBefore": s["initialEvalLoss"], "evalLossAfter": s["finalEvalLoss"],
-            "peakGpuMemoryBytes": s.get("peakGpuMemoryBytes")}  # fmt: skip
+            "peakGpuMemoryBytes": s.get("peakGpuMemoryBytes"), "attention": s.get("attention")}  # fmt: skip
 
 
 def run_hf(args: argparse.Namespace) -> dict[str, Any]:

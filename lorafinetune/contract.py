@@ -192,6 +192,8 @@ class TrainingSummary(_Record):
     peak_gpu_memory_bytes: int | None = Field(default=None, description="Rank 0's max_memory_allocated; CPU: None.")
     peak_rss_bytes: int = Field(default=0, description="Rank 0's peak resident memory.")
     quantized_linear_layers: int = Field(default=0, description="model.quantization: the linear layers quantized.")
+    attention: str | None = Field(default=None, description="The attention implementation trained with: "
+                                  "lft_varlen (no masks, on a GPU) or sdpa.")  # fmt: skip
     trainable_parameters: int
     total_parameters: int
     adapter_tensors: int = 0

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from lorafinetune.trainer import attention
 from lorafinetune.trainer.data import IGNORE, Example
 
 
@@ -87,8 +89,10 @@ class Schedule:
         return perm[start : start + self.micro].tolist()
 
 
-def collate(units: list[Unit], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
-    """Right-padded tensors. Packed batches carry a 4-D additive mask (block-diagonal, causal) and position ids."""
+def collate(units: list[Unit], pad_id: int, packing: bool, varlen: bool = False) -> dict[str, Any]:
+    """Right-padded tensors. Packed batches carry a 4-D additive mask (block-diagonal, causal) and position ids.
+    With `varlen` (the model's attention is attention.VARLEN), no mask: every batch carries position ids and its
+    examples' boundaries in the flattened batch, as that attention takes them."""
     width = max(u.length for u in units)
     ids = torch.full((len(units), width), pad_id, dtype=torch.long)
     labels = torch.full((len(units), width), IGNORE, dtype=torch.long)
@@ -104,7 +108,12 @@ def collate(units: list[Unit], pad_id: int, packing: bool) -> dict[str, torch.Te
             positions[row, at : at + n] = torch.arange(n)
             segment[row, at : at + n] = seg
             at += n
-    batch = {"input_ids": ids, "labels": labels}
+    batch: dict[str, Any] = {"input_ids": ids, "labels": labels}
+    if varlen:
+        starts, longest = attention.boundaries([[len(e.input_ids) for e in u.examples] for u in units], width)
+        batch |= {"position_ids": positions, "cu_seq_lens_q": starts, "cu_seq_lens_k": starts,
+                  "max_length_q": longest, "max_length_k": longest}  # fmt: skip
+        return batch
     if not packing:
         batch["attention_mask"] = (segment >= 0).long()
         return batch
@@ -118,6 +127,6 @@ def collate(units: list[Unit], pad_id: int, packing: bool) -> dict[str, torch.Te
     return batch
 
 
-def trained_token_count(batch: dict[str, torch.Tensor]) -> int:
+def trained_token_count(batch: dict[str, Any]) -> int:
     """Targets in a batch after the causal shift (the loss's denominator)."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -35,7 +35,7 @@ from lorafinetune.contract import (
     MergedModel,
 )
 from lorafinetune.plots import plot_loss_curves
-from lorafinetune.trainer import batching, checkpoint, data, engine, fence, model, output, remote, summary
+from lorafinetune.trainer import attention, batching, checkpoint, data, engine, fence, model, output, remote, summary
 from lorafinetune.trainer.errors import ConfigError, DataError, TrainerError
 from lorafinetune.trainer.fingerprint import spec_fingerprint
 from lorafinetune.trainer.loss import CHUNK_ELEMENTS, TokenLoss
@@ -126,6 +126,7 @@ class LoRAFineTuneRecipe:
         dtype = model.load_dtype(spec.model, spec.training.precision)
         device = torch.device("cuda", self.local_rank) if self.on_gpu else torch.device("cpu")
         base = model.load_base_model(self.model_dir, spec.model, dtype, revision, quantized_on=device)
+        self.attention = self._use_attention(base, device, dtype)
         self.quantized_layers = sum(1 for m in base.modules() if type(m).__name__ in model.QUANTIZED_LINEARS)
         self.peft_model = model.wrap_with_lora(base, spec.lora, spec.training.gradient_checkpointing)
         chunk = int(os.environ.get(ENV_LOSS_CHUNK) or CHUNK_ELEMENTS)
@@ -211,10 +212,26 @@ class LoRAFineTuneRecipe:
         self.stop_requested = True  # acted on at the next step boundary, by all ranks together
 
     # ---------------------------------------------------------------- train
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {k: v.to(self.device) for k, v in batch.items()}
-        if out["attention_mask"].dim() == 4:  # additive packing mask must match the compute dtype
-            out["attention_mask"] = out["attention_mask"].to(self.compute_dtype)
+    def _use_attention(self, base: Any, device: torch.device, dtype: torch.dtype) -> str:
+        """Varlen attention where it can run (see attention.py), else SDPA with masks; logged either way."""
+        chosen, why = attention.choose(device, dtype, base.config.to_dict())
+        if chosen == attention.VARLEN:
+            attention.register()
+            base.set_attn_implementation(attention.VARLEN)
+            if base.config._attn_implementation != attention.VARLEN:  # a model that cannot switch: masks, as before
+                chosen, why = attention.SDPA, f"{type(base).__name__} cannot switch its attention implementation"
+        if self.is_main:
+            print(f"attention: {chosen} ({why})", flush=True)
+        return chosen
+
+    def _collate(self, units: list[batching.Unit], packing: bool) -> dict[str, Any]:
+        return batching.collate(units, self.tokenizer.pad_token_id, packing, varlen=self.attention == attention.VARLEN)
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        mask = out.get("attention_mask")
+        if mask is not None and mask.dim() == 4:  # additive packing mask must match the compute dtype
+            out["attention_mask"] = mask.to(self.compute_dtype)
         return out
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -226,14 +243,13 @@ class LoRAFineTuneRecipe:
         accum = spec.training.gradient_accumulation_steps
         if self.start_step == 0 and self.val_units:
             self.evaluate(step=0)
-        pad_id = self.tokenizer.pad_token_id
         self.engine.train()
         step = self.start_step
         # Resumed from the checkpoint of the step early stopping ended on (publishing failed after it): done.
         while step < self.total_steps and not (step and self._early_stop()):
             t0 = time.perf_counter()
             units = [[self.train_units[i] for i in sched.micro_batch(step, k, self.rank)] for k in range(accum)]
-            micro = [self._to_device(batching.collate(u, pad_id, spec.dataset.packing)) for u in units]
+            micro = [self._to_device(self._collate(u, spec.dataset.packing)) for u in units]
             # Collective: the global count of trained tokens in this optimizer step normalises the loss, so
             # batch 8 x accum 1 equals batch 1 x accum 8 and ranks with more tokens weigh more.
             counts = torch.tensor(
@@ -290,7 +306,7 @@ class LoRAFineTuneRecipe:
         for r in range(rounds):
             start = r * per_round + self.rank * micro
             units = self.val_units[start : start + micro]
-            batch = batching.collate(units or self.val_units[:1], self.tokenizer.pad_token_id, packing=False)
+            batch = self._collate(units or self.val_units[:1], packing=False)
             if not units:
                 batch["labels"].fill_(data.IGNORE)
             batch = self._to_device(batch)

@@ -45,6 +45,7 @@ def training_summary(recipe: LoRAFineTuneRecipe, adapter: AdapterRef, adapter_te
         peak_gpu_memory_bytes=torch.cuda.max_memory_allocated(r.device) if r.on_gpu else None,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         quantized_linear_layers=r.quantized_layers,
+        attention=r.attention,
         trainable_parameters=r.trainable,
         total_parameters=r.total_params,
         adapter_tensors=adapter_tensors,

@@ -1,0 +1,112 @@
+"""Varlen attention (a GPU path): its plumbing on CPU, with a reference kernel in place of flash's varlen kernel,
+which has no CPU implementation. benchmarks/gpu_check.sh runs the real kernel (the trainer checks it against SDPA
+at start and says which attention it uses)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorafinetune.api.spec import LoRASpec
+from lorafinetune.trainer import attention
+from lorafinetune.trainer.batching import Unit, collate, make_units
+from lorafinetune.trainer.data import Formatter
+from lorafinetune.trainer.loss import TokenLoss
+from lorafinetune.trainer.model import wrap_with_lora
+from tests.tiny_model import chat_rows
+
+
+def reference_kernel(q, k, v, starts, longest, scale):
+    """Causal attention within each sequence of a flattened batch, one SDPA call per sequence."""
+    bounds = starts.tolist()
+    assert longest == max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    parts = []
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        part = F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True, scale=scale)
+        parts.append(part.transpose(0, 1))
+    return torch.cat(parts)
+
+
+def test_boundaries_cover_every_example_and_each_rows_padding():
+    starts, longest = attention.boundaries([[3, 2], [4], [6]], width=6)
+    assert starts.tolist() == [0, 3, 5, 6, 10, 12, 18] and starts.dtype == torch.int32
+    assert longest == 6
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_varlen_attention_trains_exactly_as_sdpa_with_masks(tiny_model, tiny_tokenizer, monkeypatch, packing):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(attention, "kernel", reference_kernel)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+    assert base.config.num_key_value_heads < base.config.num_attention_heads, "the test needs grouped-query heads"
+    model = wrap_with_lora(base, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    fmt = Formatter(tiny_tokenizer, "chat", 256)
+    examples = [fmt(f"x:{i}", row) for i, row in enumerate(chat_rows(7, seed=5))]
+    units = make_units(examples, 256, True) if packing else [Unit((e,)) for e in examples]
+    assert any(len(u.examples) > 1 for u in units) if packing else len({u.length for u in units}) > 1
+    token_loss = TokenLoss(model)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = token_loss(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    masked = collate(units, tiny_tokenizer.pad_token_id, packing)
+    want, want_grads = loss_and_grads(masked)
+    attention.register()
+    base.set_attn_implementation(attention.VARLEN)
+    assert base.config._attn_implementation == attention.VARLEN
+    varlen = collate(units, tiny_tokenizer.pad_token_id, packing, varlen=True)
+    assert "attention_mask" not in varlen
+    got, got_grads = loss_and_grads(varlen)
+    base.set_attn_implementation("sdpa")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_varlen_attention_refuses_a_batch_without_boundaries(tiny_model, monkeypatch):
+    q = torch.zeros(1, 4, 5, 8)
+    with pytest.raises(RuntimeError, match="sequence boundaries"):
+        attention.varlen_attention(torch.nn.Module(), q, q, q, None)
+
+
+def test_the_start_check_passes_a_right_kernel_and_fails_a_wrong_one(monkeypatch):
+    monkeypatch.setattr(attention, "kernel", reference_kernel)
+    assert attention._check_against_sdpa(torch.device("cpu")) < attention.CHECK_TOLERANCE
+
+    def across_sequences(q, k, v, starts, longest, scale):  # one causal sequence over the whole batch
+        whole = torch.tensor([0, len(q)], dtype=torch.int32)
+        return reference_kernel(q, k, v, whole, len(q), scale)
+
+    monkeypatch.setattr(attention, "kernel", across_sequences)
+    assert attention._check_against_sdpa(torch.device("cpu")) > 10 * attention.CHECK_TOLERANCE
+
+
+def test_choose_keeps_sdpa_where_varlen_cannot_run(monkeypatch):
+    monkeypatch.delenv(attention.ENV_ATTENTION, raising=False)
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    assert attention.choose(torch.device("cpu"), bf16, {})[0] == attention.SDPA
+    assert attention.choose(cuda, torch.float32, {})[0] == attention.SDPA
+    assert attention.choose(cuda, bf16, {"sliding_window": 4096, "use_sliding_window": True})[0] == attention.SDPA
+    assert attention.choose(cuda, bf16, {"layer_types": ["full_attention", "sliding_attention"]})[0] == attention.SDPA
+    monkeypatch.setenv(attention.ENV_ATTENTION, "sdpa")
+    assert attention.choose(cuda, bf16, {}) == (attention.SDPA, "LFT_ATTENTION=sdpa")
+
+
+def test_kernel_arguments_follow_the_torch_version():
+    def newer(q, k, v, cq, ck, mq, mk, *, scale=None, window_size=(-1, -1)): ...
+
+    def older(q, k, v, cq, ck, mq, mk, is_causal=False): ...
+
+    assert attention._kernel_kwargs(newer, 0.125, 64) == {"window_size": (-1, 0), "scale": 0.125}
+    assert attention._kernel_kwargs(older, 0.125, 64) == {"is_causal": True}  # 1/sqrt(64): the default
+    with pytest.raises(RuntimeError, match="no scale argument"):
+        attention._kernel_kwargs(older, 0.5, 64)
