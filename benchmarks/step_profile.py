@@ -168,7 +168,7 @@ def main() -> None:
     from trainers import machine, varlen_rows
 
     WORK.mkdir(parents=True, exist_ok=True)
-    rows = varlen_rows(args.micro * args.steps * 40, 1)  # more than the steps take, packed
+    rows = varlen_rows(args.micro * (args.steps + 1) * 16, 1)  # ~10 fill a packed row of 1,024: enough for every step
     data = WORK / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = args.out or REPO / f"benchmarks/results/step_profile{'-cuda' if args.device == 'cuda' else ''}.json"
