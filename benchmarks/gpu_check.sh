@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check and benchmark, for a machine with one NVIDIA GPU and no network (run from the repository root); about
-# 9 minutes on one H100 or H200 (run it with a 590 s limit: a cut loses the last step only). Every step writes its
-# results as it finishes, so a step cut short loses only itself.
+# 10 minutes on one H100 or H200 (with a 590 s limit a cut loses the last step only; STEPS="..." runs fewer).
+# Every step writes its results as it finishes, so a step cut short loses only itself.
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
@@ -69,9 +69,10 @@ PY
 # each step's output tail, the attention each trainer run chose, and a failed run's own log tail.
 LOGS=/tmp/gpu-check-logs
 mkdir -p "$LOGS"
-step() {  # name seconds command...
+step() {  # name seconds command...   (STEPS="name ..." in the environment runs only those)
   local name=$1 limit=$2 start=$SECONDS status f
   shift 2
+  [[ -z "${STEPS:-}" || " $STEPS " == *" $name "* ]] || return 0
   touch "$LOGS/.start-$name"
   if timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1; then status=ok; else status="FAILED (exit $?)"; fi
   echo "$name: $status in $(( SECONDS - start )) s" | tee -a "$OUT/steps.txt"
@@ -88,9 +89,10 @@ step() {  # name seconds command...
 }
 # Most wanted first: a step cut short by the device tool's limit loses only itself and what follows.
 # Where an optimizer step's time goes (our trainer's own steps, 16 packed rows of 1,024 tokens: enough work to fill
-# the GPU), varlen attention against the 4-D masks; then MFU at that batch.
-step step-profile 110 python3 benchmarks/step_profile.py --device cuda --model-dir "$MODEL" --micro 16 \
-  --max-len 1024 --steps 10 --out "$OUT/step_profile-cuda.json"
+# the GPU): the trainer's defaults, then with the 4-D masks, then with PEFT's LoRA forward; MFU at that batch.
+# shellcheck disable=SC2086  # PROFILE_ARMS is a list
+step step-profile 150 python3 benchmarks/step_profile.py --device cuda --model-dir "$MODEL" --micro 16 \
+  --max-len 1024 --steps 10 --out "$OUT/step_profile-cuda.json" --arms ${PROFILE_ARMS:-defaults masks peft-lora}
 # Side by side with HF on the long tail (ours padded was 0.92x HF's on 2026-11-28, before the fused loss and varlen
 # attention). Packed rows of 1,024 tokens hold ~9 examples: a packed micro-batch of 2 is about the 16 examples of
 # the padded arms, so all arms make about as many optimizer steps over the same tokens.

@@ -4,9 +4,10 @@ the long-tailed data of trainers.py, timed and then profiled, once per attention
     $(scripts/env.sh)/bin/python benchmarks/step_profile.py --steps 8          # CPU, SmolLM2-135M, fp32
     python3 benchmarks/step_profile.py --device cuda --model-dir DIR --micro 16   # in benchmarks/gpu_check.sh, bf16
 
-Arms: `varlen` (the trainer's choice on a GPU: no mask, flash varlen kernel; see lorafinetune/trainer/attention.py)
-and `masks` (LFT_ATTENTION=sdpa: the 4-D block-diagonal mask built on the host each micro-batch, as before). Each
-arm runs in a fresh process: the first steps warm up, the next are timed (median seconds per step, non-padding
+Arms: `defaults` (the trainer as it runs; on a GPU varlen attention, lorafinetune/trainer/attention.py, and fused
+LoRA layers, lora_linear.py), `masks` (LFT_ATTENTION=sdpa: the 4-D block-diagonal mask built on the host each
+micro-batch, as before) and `peft-lora` (LFT_LORA_KERNEL=peft: PEFT's own LoRA forward). Each arm runs in a fresh
+process: the first steps warm up, the next are timed (median seconds per step, non-padding
 tokens per second, MFU on a GPU as trainers.py counts it), the last few run under torch.profiler. Reported per arm:
 the step time split into GPU kernel time by kind (matrix multiplies, attention, the rest) and the time the GPU sat
 idle (kernel launches, host work, synchronisation), and the 20 most expensive operators. Writes
@@ -29,7 +30,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("LFT_BENCH_DIR", "/tmp/lft-bench-profile"))
-ARMS = {"varlen": {}, "masks": {"LFT_ATTENTION": "sdpa"}}
+# defaults: the trainer as it runs (on a GPU: varlen attention, fused LoRA layers); each other arm undoes one of them
+ARMS = {"defaults": {}, "masks": {"LFT_ATTENTION": "sdpa"}, "peft-lora": {"LFT_LORA_KERNEL": "peft"}}
 PROFILED_STEPS = 3
 # The kind of a GPU kernel, from its name: the first pattern that matches.
 KINDS = (("attention", ("flash", "fmha", "attention", "softmax")), ("matmul", ("gemm", "sm90", "cutlass", "matmul",

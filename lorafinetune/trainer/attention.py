@@ -11,6 +11,7 @@ whose outputs no loss reads. Used on CUDA when this torch has the kernel and it 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Callable
@@ -43,10 +44,15 @@ def boundaries(lengths_per_row: list[list[int]], width: int) -> tuple[torch.Tens
     return torch.tensor(starts, dtype=torch.int32), longest
 
 
+@functools.cache
+def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def _kernel_kwargs(kernel: Callable[..., Any], scale: float | None, head_dim: int) -> dict[str, Any]:
     """torch 2.10 took `is_causal`, later versions a window ((-1, 0) is causal); a version without `scale` has the
     default 1/sqrt(head_dim) only."""
-    params = inspect.signature(kernel).parameters
+    params = _parameters(kernel)
     kw: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if "scale" in params:
         kw["scale"] = scale
@@ -57,10 +63,17 @@ def _kernel_kwargs(kernel: Callable[..., Any], scale: float | None, head_dim: in
 
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, longest: int,
                   scale: float | None) -> torch.Tensor:  # fmt: skip
-    """(tokens, heads, head_dim) each; key/value heads already as many as the query's."""
+    """(tokens, heads, head_dim) each, key and value with the model's key/value heads."""
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn(q, k, v, starts, starts, longest, longest, **_kernel_kwargs(varlen_attn, scale, q.shape[-1]))
+    kw = _kernel_kwargs(varlen_attn, scale, q.shape[-1])
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        if "enable_gqa" in _parameters(varlen_attn):
+            kw["enable_gqa"] = True
+        else:  # an older torch: copies of the key/value heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return varlen_attn(q, k, v, starts, starts, longest, longest, **kw)
 
 
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -74,12 +87,9 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if dropout or kwargs.get("sliding_window") or kwargs.get("softcap"):
         raise RuntimeError(f"attention {VARLEN!r} has no attention dropout, sliding window or soft-capping")
     batch, heads, seq, dim = query.shape
-    groups = heads // key.shape[1]
-    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
 
     def flat(t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).reshape(batch * seq, heads, dim)
+        return t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim)
 
     out = kernel(flat(query), flat(key), flat(value), starts, int(longest), scaling)
     return out.view(batch, seq, heads, dim), None

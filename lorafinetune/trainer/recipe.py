@@ -35,7 +35,19 @@ from lorafinetune.contract import (
     MergedModel,
 )
 from lorafinetune.plots import plot_loss_curves
-from lorafinetune.trainer import attention, batching, checkpoint, data, engine, fence, model, output, remote, summary
+from lorafinetune.trainer import (
+    attention,
+    batching,
+    checkpoint,
+    data,
+    engine,
+    fence,
+    lora_linear,
+    model,
+    output,
+    remote,
+    summary,
+)
 from lorafinetune.trainer.errors import ConfigError, DataError, TrainerError
 from lorafinetune.trainer.fingerprint import spec_fingerprint
 from lorafinetune.trainer.loss import CHUNK_ELEMENTS, TokenLoss
@@ -129,6 +141,10 @@ class LoRAFineTuneRecipe:
         self.attention = self._use_attention(base, device, dtype)
         self.quantized_layers = sum(1 for m in base.modules() if type(m).__name__ in model.QUANTIZED_LINEARS)
         self.peft_model = model.wrap_with_lora(base, spec.lora, spec.training.gradient_checkpointing)
+        if self.on_gpu and spec.deepspeed.zero_stage < 3:  # ZeRO-3 gathers weights in each module's own call
+            fused = lora_linear.fuse_lora_linears(self.peft_model)
+            if self.is_main:
+                print(f"LoRA layers: {fused} with the fused forward (lora_linear.py)", flush=True)
         chunk = int(os.environ.get(ENV_LOSS_CHUNK) or CHUNK_ELEMENTS)
         self.token_loss = TokenLoss(self.peft_model, chunk, partitioned=spec.deepspeed.zero_stage == 3)
         self.adapted_modules = sum(1 for n, _ in self.peft_model.named_modules() if n.endswith("lora_A.default"))

@@ -19,6 +19,8 @@ from tests.tiny_model import chat_rows
 
 def reference_kernel(q, k, v, starts, longest, scale):
     """Causal attention within each sequence of a flattened batch, one SDPA call per sequence."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     bounds = starts.tolist()
     assert longest == max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
     parts = []

@@ -1,0 +1,90 @@
+"""A LoRA linear layer's forward and backward in one autograd function, for GPU training.
+
+PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate operations. On a GPU with a frozen base,
+the `* scaling` and the `+` are each a pass over a tokens x out_features tensor, in forward and again in backward,
+and they measured as much GPU time per step as all attention (benchmarks/README, step profile on an H200). Here the
+LoRA product is accumulated into the base output by the same matrix multiply (`addmm`, beta 1, alpha scaling), and
+backward folds the scaling into the rank-r products. Dropout is PEFT's (on a GPU the same fused kernel and random
+stream). Same parameters, same adapter files; numerically the sum is rounded once instead of three times.
+
+Used for plain LoRA on an unquantized nn.Linear with one active adapter (the trainer's case); anything else (DoRA,
+merged or disabled adapters, several adapters, ZeRO-3, whose parameters exist whole only inside their module's own
+call) keeps PEFT's forward.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ENV_LORA_KERNEL = "LFT_LORA_KERNEL"  # "peft" keeps PEFT's forward (benchmarks compare the two)
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float, dropout: float) -> torch.Tensor:  # fmt: skip
+        x2 = x.reshape(-1, x.shape[-1])
+        out = F.linear(x2, weight, bias)
+        xa = x2.to(lora_a.dtype)
+        mask = None
+        if dropout > 0:
+            xa, mask = torch.ops.aten.native_dropout(xa, dropout, True)
+        h = xa @ lora_a.t()
+        out = out.addmm_(h.to(out.dtype), lora_b.t().to(out.dtype), alpha=scaling)
+        ctx.save_for_backward(weight, lora_a, lora_b, xa, mask, h)
+        ctx.scaling, ctx.keep_scale, ctx.x_dtype = scaling, 1.0 / (1.0 - dropout), x.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weight, lora_a, lora_b, xa, mask, h = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        g_h = (g @ lora_b.to(g.dtype)).mul_(ctx.scaling)  # tokens x r: the scaling costs nothing here
+        grad_a = (g_h.t().to(xa.dtype) @ xa).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
+        grad_b = (g.t() @ h.to(g.dtype)).mul_(ctx.scaling).to(lora_b.dtype) if ctx.needs_input_grad[4] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight.to(g.dtype)
+            lora_part = g_h.to(lora_a.dtype) @ lora_a
+            if mask is None:
+                grad_x.add_(lora_part.to(grad_x.dtype))
+            else:
+                grad_x.add_(torch.ops.aten.native_dropout_backward(lora_part, mask, ctx.keep_scale).to(grad_x.dtype))
+            grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    adapters = layer.active_adapters
+    if args or kwargs or layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] in getattr(
+        layer, "lora_variant", {}
+    ):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    name = adapters[0]
+    base, dropout = layer.get_base_layer(), layer.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+    return _LoRALinear.apply(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                             layer.scaling[name], p)  # fmt: skip
+
+
+def fuse_lora_linears(model: torch.nn.Module) -> int:
+    """Give every plain LoRA linear layer of `model` the fused forward; returns how many. Unset with
+    LFT_LORA_KERNEL=peft."""
+    if os.environ.get(ENV_LORA_KERNEL) == "peft":
+        return 0
+    from peft.tuners.lora.layer import Linear as LoRALinear
+
+    fused = 0
+    for module in model.modules():
+        if type(module) is not LoRALinear or type(module.get_base_layer()) is not torch.nn.Linear:
+            continue
+        if any(getattr(m, "bias", None) is not None for m in (*module.lora_A.values(), *module.lora_B.values())):
+            continue
+        module.forward = types.MethodType(_fused_forward, module)
+        fused += 1
+    return fused

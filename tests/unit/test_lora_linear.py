@@ -1,0 +1,83 @@
+"""The fused LoRA linear layer (a GPU path, whose arithmetic is checked here on CPU): the same outputs and gradients
+as PEFT's forward, with and without dropout, and PEFT's forward wherever the fused one does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorafinetune.api.spec import LoRASpec
+from lorafinetune.trainer import lora_linear
+from lorafinetune.trainer.batching import Unit, collate
+from lorafinetune.trainer.data import Formatter
+from lorafinetune.trainer.loss import TokenLoss
+from lorafinetune.trainer.model import wrap_with_lora
+from tests.tiny_model import chat_rows
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_function_matches_the_unfused_arithmetic(dropout, with_bias):
+    torch.manual_seed(0)
+    f64 = {"dtype": torch.float64}
+    x = torch.randn(2, 5, 12, **f64, requires_grad=True)
+    weight, bias = torch.randn(7, 12, **f64), torch.randn(7, **f64) if with_bias else None
+    a = torch.randn(4, 12, **f64, requires_grad=True)
+    b = torch.randn(7, 4, **f64, requires_grad=True)
+    torch.manual_seed(1)
+    out = lora_linear._LoRALinear.apply(x, weight, bias, a, b, 0.5, dropout)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, a, b), grad)
+
+    torch.manual_seed(1)  # the same draw: dropout is the first random number the function takes
+    kept = torch.ops.aten.native_dropout(x.detach(), dropout, True)[1] if dropout else torch.ones_like(x, dtype=bool)
+    ref = torch.nn.functional.linear(x, weight, bias) + (x * kept / (1 - dropout)) @ a.t() @ b.t() * 0.5
+    want = torch.autograd.grad(ref, (x, a, b), grad)
+    torch.testing.assert_close(out, ref)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_a_model_with_fused_layers_trains_as_with_peft_layers(tiny_model, tiny_tokenizer, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.delenv(lora_linear.ENV_LORA_KERNEL, raising=False)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+    model = wrap_with_lora(base, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    fmt = Formatter(tiny_tokenizer, "chat", 256)
+    batch = collate([Unit((fmt(f"x:{i}", r),)) for i, r in enumerate(chat_rows(4, seed=2))], 0, False)
+    token_loss = TokenLoss(model)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = token_loss(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want, want_grads = loss_and_grads()
+    adapted = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A.default"))
+    assert lora_linear.fuse_lora_linears(model) == adapted > 0
+    got, got_grads = loss_and_grads()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    # Disabled adapters (PEFT's own context manager) take PEFT's path: the base model's output.
+    with model.disable_adapter(), torch.no_grad():
+        adapters_off = model(input_ids=batch["input_ids"]).logits
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")(batch["input_ids"]).logits
+    torch.testing.assert_close(adapters_off, plain)
+
+
+def test_the_environment_keeps_peft_layers(tiny_model, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv(lora_linear.ENV_LORA_KERNEL, "peft")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = wrap_with_lora(base, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), False)
+    assert lora_linear.fuse_lora_linears(model) == 0
