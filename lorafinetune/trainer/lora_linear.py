@@ -83,6 +83,8 @@ def fuse_lora_linears(model: torch.nn.Module) -> int:
     for module in model.modules():
         if type(module) is not LoRALinear or type(module.get_base_layer()) is not torch.nn.Linear:
             continue
+        if any(p.requires_grad for p in module.get_base_layer().parameters()):  # a trained bias (lora.bias)
+            continue
         if any(getattr(m, "bias", None) is not None for m in (*module.lora_A.values(), *module.lora_B.values())):
             continue
         module.forward = types.MethodType(_fused_forward, module)
