@@ -92,7 +92,7 @@ step() {  # name seconds command...   (STEPS="name ..." in the environment runs 
 # the GPU): the trainer's defaults, then with the 4-D masks, then with PEFT's LoRA forward; MFU at that batch.
 # shellcheck disable=SC2086  # PROFILE_ARMS is a list
 step step-profile 150 python3 benchmarks/step_profile.py --device cuda --model-dir "$MODEL" --micro 16 \
-  --max-len 1024 --steps 10 --out "$OUT/step_profile-cuda.json" --arms ${PROFILE_ARMS:-defaults masks peft-lora}
+  --max-len 1024 --steps 11 --out "$OUT/step_profile-cuda.json" --arms ${PROFILE_ARMS:-defaults masks peft-lora}
 # Side by side with HF on the long tail (ours padded was 0.92x HF's on 2026-11-28, before the fused loss and varlen
 # attention). Packed rows of 1,024 tokens hold ~9 examples: a packed micro-batch of 2 is about the 16 examples of
 # the padded arms, so all arms make about as many optimizer steps over the same tokens.

@@ -198,7 +198,8 @@ def at_rest(c: Cluster, op: Operator, watcher: Watcher, total: int, seconds: flo
     }
 
 
-def run_arm(arm: str, repo: Path, counts: list[int], interval: float, rest_seconds: float) -> dict:
+def run_arm(arm: str, repo: Path, counts: list[int], interval: float, rest_seconds: float,
+            operator_env: dict[str, str]) -> dict:  # fmt: skip
     from kubernetes import client
 
     name = f"lft-bench-{uuid.uuid4().hex[:4]}"
@@ -214,7 +215,7 @@ def run_arm(arm: str, repo: Path, counts: list[int], interval: float, rest_secon
         c.bind_claim(SHARED_CLAIM)
         watcher = Watcher(c)
         op = Operator(kubeconfig, work / "operator.log", repo=repo,
-                      LFT_RECONCILE_INTERVAL_SECONDS=str(interval))  # fmt: skip
+                      **{"LFT_RECONCILE_INTERVAL_SECONDS": str(interval), **operator_env})  # fmt: skip
         op.start()
         try:
             for count in counts:
@@ -227,7 +228,7 @@ def run_arm(arm: str, repo: Path, counts: list[int], interval: float, rest_secon
             op.stop()
     finally:
         subprocess.run([REPO / "hack/cluster/down.sh", name], env=env, capture_output=True)
-    return {"arm": arm, "rounds": rounds, "atRest": rest}
+    return {"arm": arm, "operatorEnv": operator_env, "rounds": rounds, "atRest": rest}
 
 
 def main() -> None:
@@ -239,7 +240,15 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true",
                     help="this checkout only: to re-measure it against the baseline numbers of an earlier run")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/operator_latency.json")
+    ap.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="operator settings for this checkout's arm, e.g. LFT_WORKERS=32")
+    ap.add_argument("--baseline-env", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="operator settings for the baseline arm (with --baseline-ref HEAD: a setting side by side)")
     args = ap.parse_args()
+    for flag, pairs in (("--env", args.env), ("--baseline-env", args.baseline_env)):
+        if any("=" not in p for p in pairs):
+            ap.error(f"{flag} takes KEY=VALUE pairs, got {pairs}")
+    this_env, baseline_env = (dict(p.split("=", 1) for p in pairs) for pairs in (args.env, args.baseline_env))
     os.environ["LFT_BENCH"] = "1"
     arms = []
     if not args.no_baseline:
@@ -248,10 +257,10 @@ def main() -> None:
                        capture_output=True)  # fmt: skip
         try:
             arms.append(run_arm(f"baseline {args.baseline_ref}", baseline, args.counts, args.interval,
-                                args.rest_seconds))  # fmt: skip
+                                args.rest_seconds, baseline_env))  # fmt: skip
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO, capture_output=True)
-    arms.append(run_arm("this checkout", REPO, args.counts, args.interval, args.rest_seconds))
+    arms.append(run_arm("this checkout", REPO, args.counts, args.interval, args.rest_seconds, this_env))
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     out = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; etcd, the API "

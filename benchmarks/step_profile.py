@@ -81,13 +81,17 @@ def arm_main(args: argparse.Namespace) -> None:
     recipe = LoRAFineTuneRecipe(f"profile-{args.arm}", spec, out)
     recipe.setup()
     gpu = args.device == "cuda"
-    timed_until = args.steps - PROFILED_STEPS  # then the profiled steps, then one more: it saves a checkpoint
+    # Steps: warm-up, timed, one in which the profiler starts (CUPTI's start-up lands there: neither timed nor
+    # profiled), the profiled ones, then one more that saves a checkpoint.
+    timed_until = args.steps - PROFILED_STEPS - 1
     marks: list[float] = []
+    tokens: list[int] = []
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else []),
-                   schedule=schedule(wait=timed_until, warmup=0, active=PROFILED_STEPS, repeat=1))  # fmt: skip
+                   schedule=schedule(wait=timed_until, warmup=1, active=PROFILED_STEPS, repeat=1))  # fmt: skip
 
     def after(step: int) -> None:
         marks.append(time.perf_counter())
+        tokens.append(recipe.state.input_tokens)
         prof.step()
 
     recipe.after_step.append(after)
@@ -97,7 +101,8 @@ def arm_main(args: argparse.Namespace) -> None:
     marks.insert(0, start)
     seconds = [b - a for a, b in zip(marks, marks[1:], strict=False)]
     timed = seconds[args.warmup : timed_until]
-    tokens_per_step = recipe.state.input_tokens / recipe.steps_done
+    step_tokens = [b - a for a, b in zip([0, *tokens], tokens, strict=False)][args.warmup : timed_until]
+    tokens_per_step = sum(step_tokens) / len(step_tokens)
     examples = [len(e.input_ids) for u in recipe.train_units for e in u.examples]
     result = {
         "attention": recipe.attention,
@@ -105,19 +110,21 @@ def arm_main(args: argparse.Namespace) -> None:
         "stepSecondsAll": [round(s, 4) for s in seconds],
         "tokensPerStep": round(tokens_per_step),
         "meanExampleTokens": round(statistics.mean(examples), 1),
-        "tokensPerSecond": round(tokens_per_step / statistics.median(timed), 1),
+        "tokensPerSecond": round(sum(step_tokens) / sum(timed), 1),
         "peakGpuMemoryGiB": round(torch.cuda.max_memory_allocated() / 1024**3, 2) if gpu else None,
     }
     try:  # the timing above stands even if this torch's profiler reads differently
-        result |= profile_summary(prof, sum(seconds[timed_until : timed_until + PROFILED_STEPS]), gpu)
+        profiled = seconds[timed_until + 1 : timed_until + 1 + PROFILED_STEPS]
+        result |= profile_summary(prof, profiled, statistics.median(timed), gpu)
     except Exception as err:  # noqa: BLE001
         result["profileError"] = f"{type(err).__name__}: {err}"
     args.result.write_text(json.dumps(result))
 
 
-def profile_summary(prof: Any, profiled_seconds: float, gpu: bool) -> dict[str, Any]:
-    """GPU kernel seconds by kind and the share of the profiled steps' wall time the GPU had no kernel running (on
-    a CPU: the operators' own CPU time); the 20 most expensive operators."""
+def profile_summary(prof: Any, profiled: list[float], step_seconds: float, gpu: bool) -> dict[str, Any]:
+    """GPU kernel seconds per step by kind, and the share of an unprofiled step's time no kernel runs (the profiler
+    slows the host, so the profiled steps' own idle share would overstate it); the 20 most expensive operators
+    (on a CPU: the operators' own CPU time)."""
     events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
 
     def own_us(e: Any) -> float:
@@ -130,10 +137,11 @@ def profile_summary(prof: Any, profiled_seconds: float, gpu: bool) -> dict[str, 
     for e in kernels:
         by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + own_us(e) / 1e6
     top = sorted(kernels if gpu else events, key=own_us, reverse=True)[:20]
+    kernel_seconds = sum(by_kind.values()) / len(profiled)
     return {
-        "profiledSeconds": round(profiled_seconds, 3),
-        "gpuSecondsByKind": {k: round(v, 4) for k, v in sorted(by_kind.items())},
-        "gpuIdleShare": round(1 - sum(by_kind.values()) / profiled_seconds, 3) if gpu else None,
+        "profiledStepSeconds": [round(s, 4) for s in profiled],
+        "gpuSecondsPerStepByKind": {k: round(v / len(profiled), 4) for k, v in sorted(by_kind.items())},
+        "gpuIdleShare": round(max(0.0, 1 - kernel_seconds / step_seconds), 3) if gpu else None,
         "topOperators": [{"name": e.key[:100], "calls": e.count, "selfMs": round(own_us(e) / 1e3, 2)} for e in top],
     }
 
@@ -153,16 +161,16 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=2, help="packed rows per micro-batch")
     ap.add_argument("--max-len", type=int, default=1024, help="maxSeqLength: the width of a packed row")
     ap.add_argument("--steps", type=int, default=12,
-                    help="measured steps per arm: warm-up, timed, then 3 profiled (one more saves a checkpoint)")
+                    help="steps per arm: warm-up, timed, the profiler's start, 3 profiled (+1: it checkpoints)")
     ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--arm", choices=sorted(ARMS), help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.steps < args.warmup + 1 + PROFILED_STEPS:
-        ap.error(f"--steps must leave at least one timed step after {args.warmup} warm-up and {PROFILED_STEPS} "
-                 f"profiled ones")  # fmt: skip
+    if args.steps < args.warmup + 2 + PROFILED_STEPS:
+        ap.error(f"--steps must leave at least one timed step besides {args.warmup} warm-up steps, the profiler's "
+                 f"start and {PROFILED_STEPS} profiled ones")  # fmt: skip
     if args.arm:
         return arm_main(args)
 
@@ -204,7 +212,7 @@ def main() -> None:
             r["mfu"] = mfu(args.model_dir, r, r["meanExampleTokens"])
         results["arms"][arm] = r
         print(f"{arm}: {r['attention']}, {r['stepSeconds']} s/step, {r['tokensPerSecond']} tok/s, "
-              f"GPU idle {r.get('gpuIdleShare')}, by kind {r.get('gpuSecondsByKind')}", flush=True)
+              f"GPU idle {r.get('gpuIdleShare')}, per step by kind {r.get('gpuSecondsPerStepByKind')}", flush=True)
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

@@ -84,15 +84,15 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     starts, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if starts is None or longest is None:
         raise RuntimeError(f"attention {VARLEN!r} needs the batch's sequence boundaries (batching.collate varlen=True)")
-    if dropout or kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise RuntimeError(f"attention {VARLEN!r} has no attention dropout, sliding window or soft-capping")
-    batch, heads, seq, dim = query.shape
+    if dropout or kwargs.get("sliding_window") or kwargs.get("softcap") or not getattr(module, "is_causal", True):
+        raise RuntimeError(f"attention {VARLEN!r} is causal only, without dropout, sliding window or soft-capping")
+    batch, heads, seq, _ = query.shape
 
     def flat(t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim)
+        return t.transpose(1, 2).reshape(batch * seq, t.shape[1], t.shape[-1])
 
     out = kernel(flat(query), flat(key), flat(value), starts, int(longest), scaling)
-    return out.view(batch, seq, heads, dim), None
+    return out.view(batch, seq, heads, out.shape[-1]), None
 
 
 kernel: Callable[..., torch.Tensor] = _flash_varlen  # the unit tests put a reference kernel here (no CUDA on CI)
@@ -108,21 +108,22 @@ def register() -> None:
 
 def choose(device: torch.device, dtype: torch.dtype, model_config: dict[str, Any]) -> tuple[str, str]:
     """(implementation, why): VARLEN on a GPU whose torch has the kernel and where it agrees with SDPA on a small
-    case (forward and backward, two sequences, grouped-query heads), for a model whose attention is plain causal
-    attention over the whole sequence; else SDPA."""
+    case of the model's own head shape (forward and backward, two sequences), for a model whose attention is plain
+    causal attention over whole sequences; else SDPA."""
     if os.environ.get(ENV_ATTENTION, "") == SDPA:
         return SDPA, f"{ENV_ATTENTION}={SDPA}"
     if device.type != "cuda":
         return SDPA, "varlen attention runs on CUDA only"
     if dtype not in (torch.bfloat16, torch.float16):
         return SDPA, f"varlen attention needs bf16 or fp16, not {dtype}"
-    sliding = model_config.get("sliding_window") and model_config.get("use_sliding_window", True)
-    if sliding or model_config.get("attn_logit_softcapping") or "sliding_attention" in model_config.get(
-        "layer_types", ()
-    ):
-        return SDPA, "the model's attention has a sliding window or soft-capping"
+    text = model_config.get("text_config") or model_config  # a multimodal model's language model
+    for config in (model_config, text):
+        if why := _not_plain_attention(config):
+            return SDPA, f"the model's attention has {why}"
+    heads = text["num_attention_heads"]
+    shape = (heads, text.get("num_key_value_heads") or heads, text.get("head_dim") or text["hidden_size"] // heads)
     try:
-        error = _check_against_sdpa(device)
+        error = _check_against_sdpa(device, *shape)
     except Exception as err:  # noqa: BLE001 (any failure of the kernel means: use the masks)
         return SDPA, f"varlen attention failed its check ({type(err).__name__}: {err})"
     if error > CHECK_TOLERANCE:
@@ -130,12 +131,31 @@ def choose(device: torch.device, dtype: torch.dtype, model_config: dict[str, Any
     return VARLEN, f"varlen attention agrees with SDPA (largest difference {error:.2g})"
 
 
-def _check_against_sdpa(device: torch.device) -> float:
+def _not_plain_attention(config: dict[str, Any]) -> str | None:
+    """What in a model's config makes its attention more than causal attention over each whole sequence with one
+    head size and the usual scale (all of which transformers would express in a mask or in arguments varlen
+    attention does not take), or None."""
+    if any(config.get(k) for k in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")):
+        return "dropout"
+    if config.get("sliding_window") and config.get("use_sliding_window", True):
+        return "a sliding window"
+    if other := sorted(set(config.get("layer_types") or ()) - {"full_attention"}):
+        return f"layers of kind {', '.join(other)}"
+    if config.get("use_bidirectional_attention"):
+        return "bidirectional layers"
+    for key, why in (("attn_logit_softcapping", "soft-capped logits"), ("query_pre_attn_scalar", "its own scale"),
+                     ("v_head_dim", "a value head size of its own"), ("kv_lora_rank", "compressed keys and values")):
+        if config.get(key):
+            return why
+    return None
+
+
+def _check_against_sdpa(device: torch.device, heads: int = 8, kv_heads: int = 2, dim: int = 64) -> float:
     """Largest relative difference of outputs and input gradients, bf16, sequences of 37 and 91 tokens."""
     import torch.nn.functional as F
 
     gen = torch.Generator(device="cpu").manual_seed(0)
-    lengths, heads, kv_heads, dim = (37, 91), 8, 2, 64
+    lengths = (37, 91)
     total = sum(lengths)
 
     def rand(*shape: int) -> torch.Tensor:

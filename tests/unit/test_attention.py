@@ -97,10 +97,51 @@ def test_choose_keeps_sdpa_where_varlen_cannot_run(monkeypatch):
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     assert attention.choose(torch.device("cpu"), bf16, {})[0] == attention.SDPA
     assert attention.choose(cuda, torch.float32, {})[0] == attention.SDPA
-    assert attention.choose(cuda, bf16, {"sliding_window": 4096, "use_sliding_window": True})[0] == attention.SDPA
-    assert attention.choose(cuda, bf16, {"layer_types": ["full_attention", "sliding_attention"]})[0] == attention.SDPA
     monkeypatch.setenv(attention.ENV_ATTENTION, "sdpa")
     assert attention.choose(cuda, bf16, {}) == (attention.SDPA, "LFT_ATTENTION=sdpa")
+
+
+def _config(model_type: str, **overrides) -> dict:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **overrides).to_dict()
+
+
+# Models whose attention transformers expresses in a mask or in arguments the varlen kernel does not take: each is
+# refused before the kernel is tried (on CI there is no CUDA: reaching the check would fail differently).
+REFUSED = {
+    "attention dropout (GPT-2)": ("gpt2", {}, "dropout"),
+    "sliding window (Mistral v0.1's default)": ("mistral", {}, "a sliding window"),
+    "sliding layers in a text config (Gemma 3)": ("gemma3", {}, "a sliding window"),
+    "chunked layers (Llama 4 text)": ("llama4_text", {}, "layers of kind chunked_attention"),
+    "soft-capped logits": ("llama", {"attn_logit_softcapping": 30.0}, "soft-capped logits"),
+    "value head size (DeepSeek V3)": ("deepseek_v3", {}, "a value head size of its own"),
+}
+
+
+@pytest.mark.parametrize("model, extra, reason", REFUSED.values(), ids=REFUSED.keys())
+def test_choose_refuses_attention_varlen_would_compute_wrongly(model, extra, reason, monkeypatch):
+    monkeypatch.delenv(attention.ENV_ATTENTION, raising=False)
+    config = _config(model) | extra
+    chosen, why = attention.choose(torch.device("cuda"), torch.bfloat16, config)
+    assert chosen == attention.SDPA and reason in why, why
+
+
+def test_plain_causal_models_reach_the_kernel_check():
+    for model, extra in (("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", {"sliding_window": None})):
+        assert attention._not_plain_attention(_config(model, **extra)) is None, model
+
+
+def test_the_check_runs_on_the_models_head_shape(monkeypatch):
+    seen = []
+
+    def recording(q, k, v, starts, longest, scale):
+        seen.append((q.shape[1], k.shape[1], q.shape[2]))
+        return reference_kernel(q, k, v, starts, longest, scale)
+
+    monkeypatch.setattr(attention, "kernel", recording)
+    assert attention._check_against_sdpa(torch.device("cpu"), 12, 4, 32) < attention.CHECK_TOLERANCE
+    assert seen == [(12, 4, 32)]
 
 
 def test_kernel_arguments_follow_the_torch_version():
