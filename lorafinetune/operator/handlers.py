@@ -131,6 +131,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # No runtime watch on every CRD and namespace of the cluster: we serve one resource, known at start, and the
     # chart's RBAC grants no access to CRDs. In exchange the CRD must exist before we start, checked here.
     settings.scanning.disabled = True
+    kube.size_pool(SETTINGS.workers)
     kube.load_config()
     deadline = time.monotonic() + CRD_WAIT_SECONDS
     while not kube.resource_served():

@@ -23,10 +23,16 @@ RESOURCES = {"Service": "services", "NetworkPolicy": "networkpolicies", "Job": "
 # workers until the kernel gives up on it. A create that timed out but was stored is "already exists" on the retry.
 REQUEST_TIMEOUT = (5, 30)
 # Connections kept open to the API server for the reconciles' requests: the workers and the event thread at once
-# (urllib3 opens more when all are busy, and closes those after use).
-POOL_CONNECTIONS = 32
+# (urllib3 opens more when all are busy, and closes those after use). size_pool() sets it from the workers.
+POOL_CONNECTIONS = 33
 _SHARED: client.ApiClient | None = None
 _SHARED_GUARD = threading.Lock()
+
+
+def size_pool(workers: int) -> None:
+    """Keep a connection open for every worker and the event thread (before the first request)."""
+    global POOL_CONNECTIONS
+    POOL_CONNECTIONS = workers + 1
 
 
 def api() -> client.ApiClient:
