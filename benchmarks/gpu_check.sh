@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # GPU check and benchmark, for a machine with one NVIDIA GPU and no network (run from the repository root); about
-# 10 minutes on one H100 or H200 (with a 590 s limit a cut loses the last step only; STEPS="..." runs fewer).
+# 10.5 minutes on one H100 or H200 (with a 590 s limit the quick start's last arm is cut; STEPS="step-profile
+# trainers-varlen" runs only those, PROFILE_ARMS and VARLEN_ARMS choose arms).
 # Every step writes its results as it finishes, so a step cut short loses only itself.
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
 # Needs: python3 with torch (CUDA) and numpy; the rest comes from .whl/ and .gpu/, which benchmarks/gpu_prepare.sh
 # fills on a machine with PyPI (carry both: they are git-ignored). The TRL arm needs trl, datasets, pandas and
-# pyarrow installed on the machine (too big to carry) and is skipped without them; QLoRA needs .gpu/site's
-# bitsandbytes.
+# pyarrow installed on the machine (trl and datasets travel in .whl/trl; pandas and pyarrow, too big to carry, are
+# in the GPU image) and is skipped without them; QLoRA needs .gpu/site's bitsandbytes.
 #
 # 1. A model of Llama-3.2-1B's published shape (1.24 B parameters, 128k vocabulary) with random bf16 weights and
 #    SmolLM2's tokenizer: the point is the speed and memory of the CUDA path, not the answers.
 # 2. benchmarks/step_profile.py --device cuda: the trainer's own steps at a batch that fills the GPU, timed (MFU)
-#    and profiled (GPU time by kernel kind, GPU idle share), varlen attention against the 4-D masks.
+#    and profiled (GPU time by kernel kind, GPU idle share); the trainer's defaults against PEFT's LoRA forward
+#    (PROFILE_ARMS="defaults masks peft-lora" adds the 4-D masks instead of varlen attention).
 # 3. benchmarks/trainers.py --device cuda: HF Trainer + PEFT with padding (the baseline) beside `lorafinetune run`
 #    padded and packed, on the long-tailed data and the quick start's; tokens/s, peak GPU memory, eval loss and MFU
 #    per arm (more arms: TRL packed when installed, `ours-packed-nf4` on an nf4 base, `ours-packed-masks`).
@@ -32,6 +34,10 @@ if [ -f .whl/requirements.txt ]; then
     -r /tmp/lft-wheels.txt
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site \
     .whl/deepspeed-*.tar.gz
+  if [ -d .whl/trl ]; then  # the TRL arm's extras: without them trainers.py skips that arm and says so
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --find-links .whl/trl \
+      --target /tmp/site trl datasets dill multiprocess || echo "TRL's wheels did not install" >> "$OUT/steps.txt"
+  fi
   export PYTHONPATH=/tmp/site
 fi
 [ -d .gpu/site ] && export PYTHONPATH=$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}
@@ -39,7 +45,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 LFT_CACHE_D
 export LFT_BENCH_DIR=/tmp/lft-bench HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
 python3 -c 'import sys, torch, transformers, peft, deepspeed; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__, "deepspeed", deepspeed.__version__)' | tee -a "$OUT/machine.txt"
-for m in bitsandbytes matplotlib trl; do
+for m in bitsandbytes matplotlib pyarrow datasets trl; do
   python3 -c "import $m; print('$m', $m.__version__)" >> "$OUT/machine.txt" 2>&1 || echo "$m: not importable" >> "$OUT/machine.txt"
 done
 
@@ -89,16 +95,17 @@ step() {  # name seconds command...   (STEPS="name ..." in the environment runs 
 }
 # Most wanted first: a step cut short by the device tool's limit loses only itself and what follows.
 # Where an optimizer step's time goes (our trainer's own steps, 16 packed rows of 1,024 tokens: enough work to fill
-# the GPU): the trainer's defaults, then with the 4-D masks, then with PEFT's LoRA forward; MFU at that batch.
+# the GPU): the trainer's defaults, then with PEFT's LoRA forward; MFU at that batch.
 # shellcheck disable=SC2086  # PROFILE_ARMS is a list
 step step-profile 150 python3 benchmarks/step_profile.py --device cuda --model-dir "$MODEL" --micro 16 \
-  --max-len 1024 --steps 11 --out "$OUT/step_profile-cuda.json" --arms ${PROFILE_ARMS:-defaults masks peft-lora}
+  --max-len 1024 --steps 11 --out "$OUT/step_profile-cuda.json" --arms ${PROFILE_ARMS:-defaults peft-lora}
 # Side by side with HF on the long tail (ours padded was 0.92x HF's on 2026-11-28, before the fused loss and varlen
 # attention). Packed rows of 1,024 tokens hold ~9 examples: a packed micro-batch of 2 is about the 16 examples of
 # the padded arms, so all arms make about as many optimizer steps over the same tokens.
-step trainers-varlen 175 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets varlen \
+# shellcheck disable=SC2086  # VARLEN_ARMS is a list
+step trainers-varlen 220 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets varlen \
   --rows 640 --micro 16 --packed-micro 2 --max-len 1024 --out "$OUT/trainers-varlen.json" \
-  --arms hf-padded ours-padded ours-packed
+  --arms ${VARLEN_ARMS:-hf-padded ours-padded ours-packed trl-packed}
 step memory-plan 115 python3 benchmarks/memory_plan.py --device cuda --model-dir "$MODEL" \
   --configs mb8-s1024-checkpointing mb4-s1024-nf4 --out "$OUT/memory_plan-cuda.json"
 step trainers-quickstart 110 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets quickstart \

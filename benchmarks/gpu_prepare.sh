@@ -6,7 +6,8 @@
 #   run(command="benchmarks/gpu_check.sh $OUT", carry=[".whl", ".gpu"])
 #
 # .whl/         wheels of the trainer's pure-Python and small compiled dependencies (CPython 3.11 and 3.12 builds),
-#               the deepspeed sdist, and requirements.txt naming them; torch, numpy and CUDA come from the machine
+#               the deepspeed sdist, and requirements.txt naming them; torch, numpy and CUDA come from the machine;
+#               .whl/trl/ the TRL arm's trl and datasets
 # .gpu/site/    bitsandbytes without the libraries of other CUDA versions (only 13.x: the GPU machines' torch is
 #               cu130), for the QLoRA arms
 # .gpu/smollm2-config/  SmolLM2's config and tokenizer (the model of the quick start, converted once here)
@@ -32,6 +33,14 @@ for py in 3.11 3.12; do
     -d .whl -r /tmp/lft-gpu-wheels.txt
 done
 "$VENV/bin/pip" download -q --no-deps --no-binary :all: -d .whl "$(grep '^deepspeed==' .whl/requirements.txt)"
+# TRL's arm (a benchmark-only extra, as on CPU): trl and datasets, with the two dependencies the GPU image lacks
+# (dill, multiprocess; pandas, pyarrow and xxhash are there). Installed there without resolving dependencies: a
+# mismatch with the image's pyarrow fails or skips that arm only.
+mkdir -p .whl/trl
+for py in 3.11 3.12; do
+  "$VENV/bin/pip" download -q --no-deps --only-binary :all: --python-version "$py" -d .whl/trl \
+    trl==1.16.0 datasets==5.2.0 "dill<0.4.2" "multiprocess<0.70.20"
+done
 
 SITE=$("$VENV/bin/python" -c 'import bitsandbytes, pathlib; print(pathlib.Path(bitsandbytes.__file__).parent.parent)')
 BNB_VERSION=$("$VENV/bin/python" -c 'import importlib.metadata as md; print(md.version("bitsandbytes"))')

@@ -292,6 +292,23 @@ def measure(arm: str, dataset: str, train: Path, val: Path, args: argparse.Names
     return r
 
 
+def summarize(runs: dict[str, list[dict]], args: argparse.Namespace, train: Path) -> dict[str, Any]:
+    """Per arm its fastest round (and every round's tokens/s), MFU on a GPU, and the ratio to HF's arm."""
+    summary: dict[str, Any] = {}
+    for arm, rs in runs.items():
+        if not rs:
+            continue
+        best = max(rs, key=lambda r: r["tokensPerSecond"])
+        summary[arm] = {**best, "tokensPerSecondAll": [r["tokensPerSecond"] for r in rs]}
+        if args.device == "cuda":
+            summary[arm]["mfu"] = mfu(args.model_dir, best, row_count(train))
+    if "hf-padded" in summary:
+        base = summary["hf-padded"]["tokensPerSecond"]
+        for s in summary.values():
+            s["vsHfPadded"] = round(s["tokensPerSecond"] / base, 2)
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", nargs="+", choices=sorted(MAX_LEN), default=["quickstart", "varlen"])
@@ -343,25 +360,14 @@ def main() -> None:
                 except ArmFailed as failure:
                     results.setdefault("failed", {})[f"{arm}/{dataset}"] = str(failure)
                     print(failure, flush=True)
-                    continue
-                runs[arm].append(r)
-                print(f"{dataset} round {rnd + 1} {arm}: {r['tokensPerSecond']} tok/s, {r['stepSeconds']} s/step, "
-                      f"{r['peakRssMiB']} MiB, eval loss {r['evalLossAfter']}", flush=True)  # fmt: skip
-        summary: dict[str, Any] = {}
-        for arm, rs in runs.items():
-            if not rs:
-                continue
-            best = max(rs, key=lambda r: r["tokensPerSecond"])
-            summary[arm] = {**best, "tokensPerSecondAll": [r["tokensPerSecond"] for r in rs]}
-            if args.device == "cuda":
-                summary[arm]["mfu"] = mfu(args.model_dir, best, row_count(train))
-        if "hf-padded" in summary:
-            base = summary["hf-padded"]["tokensPerSecond"]
-            for s in summary.values():
-                s["vsHfPadded"] = round(s["tokensPerSecond"] / base, 2)
-        results["datasets"][dataset] = summary
-        args.out.parent.mkdir(exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+                else:
+                    runs[arm].append(r)
+                    print(f"{dataset} round {rnd + 1} {arm}: {r['tokensPerSecond']} tok/s, {r['stepSeconds']} "
+                          f"s/step, {r['peakRssMiB']} MiB, eval loss {r['evalLossAfter']}", flush=True)  # fmt: skip
+                # after every arm: a run cut short (a borrowed GPU's time limit) keeps the arms it finished
+                results["datasets"][dataset] = summarize(runs, args, train)
+                args.out.parent.mkdir(exist_ok=True)
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 
