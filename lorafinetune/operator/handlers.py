@@ -39,6 +39,7 @@ from lorafinetune.operator.status import (
     AttemptOutcome,
     Plan,
     as_patch,
+    kueue_recheck_after,
     observe_attempt,
     plan,
     plan_invalid,
@@ -257,6 +258,8 @@ def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFi
     outcome = observe_attempt(job, pods, failed_create=failed_create, workload=workload)
     warning = _capacity_warning(spec) if first else None
     p = plan(spec, current, outcome, now, SETTINGS, generation, active_pods=active, warning=warning)
+    if job is not None and queued and (recheck := kueue_recheck_after(job, workload, now, QUEUED_REFRESH_SECONDS)):
+        p.requeue_after = recheck if p.requeue_after is None else min(p.requeue_after, recheck)
     try:
         _execute(owner, spec, p)
     except kube.OwnedByAnother as conflict:  # wait for garbage collection (or a person) to free the name

@@ -113,6 +113,19 @@ def _admission_of(job: dict, workload: dict | None) -> AttemptOutcome:
     return AttemptOutcome("queued", QUEUED, f"LocalQueue {queue!r}: {why}"[:1000], evicted=eviction[:1000])
 
 
+def kueue_recheck_after(job: dict, workload: dict | None, now: datetime, longest: float) -> float | None:
+    """Seconds until a Job held by Kueue should be looked at again while Kueue has not yet said anything about it
+    (no Workload yet, or one it has not tried to admit): nothing the operator watches changes when Kueue does, so
+    without this the reason would wait for the next refresh. Half the Job's age, between 1 s and `longest`: quick
+    while Kueue normally answers (about a second), rare for a Workload it never tries (behind a StrictFIFO head).
+    None once Kueue has decided."""
+    if workload is not None and (_condition(workload, "QuotaReserved") or _is_true(workload, "Evicted")):
+        return None
+    created = job["metadata"].get("creationTimestamp")
+    age = (now - datetime.fromisoformat(created)).total_seconds() if created else 0.0
+    return min(longest, max(1.0, age / 2))
+
+
 def observe_attempt(job: dict | None, pods: list[dict], failed_create: str = "",
                     workload: dict | None = None) -> AttemptOutcome:  # fmt: skip
     """`failed_create`: the message of the Job controller's latest FailedCreate event for this Job (a ResourceQuota or

@@ -76,10 +76,10 @@ def test_kueue_admits_one_gang_at_a_time_and_its_preemption_is_a_disruption(clus
     wait_phase(c, "first", "Running")
     c.apply(queued("second", "routine", c.ns))
     wait_phase(c, "second", "Queued")
-    # Kueue says why once it has tried to admit the Workload; until then the operator can only say it waits for quota
-    # (seen in a full run: the test read the status in between).
+    # Kueue says why once it has tried to admit the Workload (about a second); until then the operator can only say
+    # it waits for quota, and looks again soon (its 60 s refresh alone once lost this race in CI).
     ready = wait_for(lambda: (r := condition(c.get("second")["status"], "Ready")) and "insufficient unused quota for "
-                     "nvidia.com/gpu" in r["message"] and r, 60, "Kueue's reason in Ready")  # fmt: skip
+                     "nvidia.com/gpu" in r["message"] and r, 20, "Kueue's reason in Ready")  # fmt: skip
     assert (ready["status"], ready["reason"]) == ("False", "Queued")
     (job,) = c.jobs("second")
     assert job.spec.suspend and not c.pods("second", 1), "queued: a suspended Job and no pods, so no GPUs held"

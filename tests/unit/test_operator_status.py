@@ -12,7 +12,7 @@ from lorafinetune.api.status import AdapterRef, LoRAFineTuneStatus, Progress
 from lorafinetune.contract import ExitCode, TerminationRecord
 from lorafinetune.operator.progress import parse_metrics
 from lorafinetune.operator.settings import OperatorSettings
-from lorafinetune.operator.status import AttemptOutcome, observe_attempt, plan
+from lorafinetune.operator.status import AttemptOutcome, kueue_recheck_after, observe_attempt, plan
 from tests.manifests import MINIMAL, manifest
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -193,6 +193,20 @@ def test_a_suspended_job_without_a_workload_says_kueue_is_missing():
     assert (out.state, out.reason) == ("pending", "WaitingForKueue") and "is Kueue running" in out.message
     admitted = observe_attempt(queued_job(), [], workload=workload(QuotaReserved=("True", "QuotaReserved", "")))
     assert (admitted.state, admitted.reason) == ("pending", "PodsStarting")
+
+
+
+def test_until_kueue_has_decided_the_job_is_looked_at_again_soon_then_rarely():
+    # Kueue's answer changes nothing the operator watches: without a recheck the reason would wait for the refresh.
+    created = queued_job()
+    created["metadata"]["creationTimestamp"] = "2026-11-26T12:00:00Z"
+    undecided = [None, workload()]  # no Workload yet; one Kueue has not tried to admit
+    assert [kueue_recheck_after(created, w, NOW + timedelta(seconds=1), 60) for w in undecided] == [1.0, 1.0]
+    assert kueue_recheck_after(created, workload(), NOW + timedelta(seconds=30), 60) == 15.0
+    assert kueue_recheck_after(created, workload(), NOW + timedelta(hours=1), 60) == 60.0, "never tried: rarely"
+    decided = [workload(QuotaReserved=("False", "Pending", "insufficient quota")),
+               workload(QuotaReserved=("True", "QuotaReserved", "")), workload(Evicted=("True", "Preempted", ""))]
+    assert [kueue_recheck_after(created, w, NOW + timedelta(seconds=1), 60) for w in decided] == [None] * 3
 
 
 # ---------------------------------------------------------------- deciding
