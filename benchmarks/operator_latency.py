@@ -59,6 +59,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def cpu_by_process(cluster: str, operator_pid: int) -> dict[str, float]:
+    """CPU seconds so far of each process sharing the machine in this benchmark: the cluster's (etcd, API server,
+    controller-manager, scheduler, kwok: their command lines name the cluster), the operator, and this client."""
+    seconds = {"operator": cpu_seconds(operator_pid), "benchmark client": cpu_seconds(os.getpid())}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and cluster in (proc / "cmdline").read_text():
+                name = (proc / "comm").read_text().strip()
+                seconds[name] = seconds.get(name, 0.0) + cpu_seconds(int(proc.name))
+        except OSError:  # a process that ended meanwhile
+            continue
+    return seconds
+
+
 def api_requests(op: Operator) -> dict[str, float]:
     """The operator's own request counter by verb (what kopf itself sends is not in it)."""
     counts: dict[str, float] = {}
@@ -67,6 +81,31 @@ def api_requests(op: Operator) -> dict[str, float]:
             verb = line.split('verb="', 1)[1].split('"', 1)[0]
             counts[verb] = counts.get(verb, 0) + float(line.rsplit(" ", 1)[1])
     return counts
+
+
+def histogram(op: Operator, name: str, handler: str | None = None) -> dict[float, float]:
+    """Cumulative bucket counts {upper bound: count} of one of the operator's histograms (one handler's, or all)."""
+    buckets: dict[float, float] = {}
+    for line in op.metrics().splitlines():
+        if not line.startswith(f"{name}_bucket{{") or (handler and f'handler="{handler}"' not in line):
+            continue
+        bound = line.split('le="', 1)[1].split('"', 1)[0]
+        key = float("inf") if bound == "+Inf" else float(bound)
+        buckets[key] = buckets.get(key, 0) + float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def bucket_quantiles(before: dict[float, float], after: dict[float, float]) -> dict[str, float | str]:
+    """p50 and p95 of what a histogram observed between two readings, as the upper bound of the bucket that holds
+    them (so "<= 0.25"): a bucketed histogram knows no more."""
+    counts = {b: n - before.get(b, 0) for b, n in sorted(after.items())}
+    total = counts.get(float("inf"), 0)
+    if not total:
+        return {}
+    def at(q: float) -> float | str:
+        bound = next(b for b, n in counts.items() if n >= q * total)
+        return "> " + str(max(b for b in counts if b != float("inf"))) if bound == float("inf") else bound
+    return {"count": int(total), "p50AtMost": at(0.5), "p95AtMost": at(0.95)}
 
 
 def add_cpu_nodes(c: Cluster, count: int) -> None:
@@ -124,8 +163,10 @@ class Watcher:
         self._stop.set()
 
 
-def run_round(c: Cluster, count: int, op: Operator, watcher: Watcher) -> dict:
+def run_round(c: Cluster, count: int, op: Operator, watcher: Watcher, cluster: str) -> dict:
     names = [f"b{count}-{i}" for i in range(count)]
+    while any(n in watcher.job_at for n in names[:1]):  # the same count again (--counts 500 500): new names
+        names = [f"{n}x" for n in names]
     body = lambda n: {  # noqa: E731
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "LoRAFineTune", "metadata": {"name": n},
         "spec": {"model": {"uri": "hf://org/model"}, "dataset": {"train": f"pvc://{SHARED_CLAIM}/d/train.jsonl"},
@@ -142,6 +183,9 @@ def run_round(c: Cluster, count: int, op: Operator, watcher: Watcher) -> dict:
 
     threading.Thread(target=sample, daemon=True).start()
     cpu0, requests0 = cpu_seconds(op.proc.pid), api_requests(op)
+    shares0 = cpu_by_process(cluster, op.proc.pid)
+    waits0 = histogram(op, "lorafinetune_operator_queue_wait_seconds")
+    changes0 = histogram(op, "lorafinetune_operator_reconcile_duration_seconds", "change")
 
     def create(n: str) -> None:
         t0 = time.time()
@@ -158,6 +202,7 @@ def run_round(c: Cluster, count: int, op: Operator, watcher: Watcher) -> dict:
     elapsed = time.time() - started
     stop.set()
     requests1 = api_requests(op)
+    shares1 = cpu_by_process(cluster, op.proc.pid)
     to_job = [watcher.job_at[n] - applied[n] for n in names if n in watcher.job_at]
     to_running = [watcher.running_at[n] - applied[n] for n in names if n in watcher.running_at]
     return {
@@ -171,7 +216,15 @@ def run_round(c: Cluster, count: int, op: Operator, watcher: Watcher) -> dict:
         "operatorPeakRssMiB": round(max(peak), 1),
         "operatorApiRequests": {v: int(n - requests0.get(v, 0)) for v, n in sorted(requests1.items())
                                 if n - requests0.get(v, 0)},  # fmt: skip
+        # Where apply -> Job goes inside the operator: waiting for a worker, then the reconcile (its Job create
+        # included) of the fine-tune's own change events.
+        "operatorQueueWaitSeconds": bucket_quantiles(waits0, histogram(op, "lorafinetune_operator_queue_wait_seconds")),
+        "operatorChangeReconcileSeconds": bucket_quantiles(
+            changes0, histogram(op, "lorafinetune_operator_reconcile_duration_seconds", "change")),
         "roundSeconds": round(elapsed, 1),
+        # Who used the machine's CPUs during the round: is the operator the bottleneck, or the control plane?
+        "cpuSecondsByProcess": {name: round(shares1[name] - shares0.get(name, 0.0), 1)
+                                for name in sorted(shares1, key=lambda n: shares0.get(n, 0.0) - shares1[n])},
     }
 
 
@@ -219,7 +272,7 @@ def run_arm(arm: str, repo: Path, counts: list[int], interval: float, rest_secon
         op.start()
         try:
             for count in counts:
-                rounds.append({"arm": arm, **run_round(c, count, op, watcher)})
+                rounds.append({"arm": arm, **run_round(c, count, op, watcher, name)})
                 print(json.dumps(rounds[-1]), flush=True)
             rest = at_rest(c, op, watcher, sum(counts), rest_seconds)
             print(json.dumps({"arm": arm, "atRest": rest}), flush=True)
