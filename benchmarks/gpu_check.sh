@@ -14,8 +14,9 @@
 # 1. A model of Llama-3.2-1B's published shape (1.24 B parameters, 128k vocabulary) with random bf16 weights and
 #    SmolLM2's tokenizer: the point is the speed and memory of the CUDA path, not the answers.
 # 2. benchmarks/step_profile.py --device cuda: the trainer's own steps at a batch that fills the GPU, timed (MFU)
-#    and profiled (GPU time by kernel kind, GPU idle share); the trainer's defaults against PEFT's LoRA forward
-#    (PROFILE_ARMS="defaults masks peft-lora" adds the 4-D masks instead of varlen attention).
+#    and profiled (GPU time by kernel kind, GPU idle share); the trainer's defaults against compiled decoder layers
+#    (LFT_COMPILE=layers, not on by default until this shows it winning; PROFILE_ARMS="defaults masks peft-lora
+#    compiled" adds the 4-D masks and PEFT's LoRA forward).
 # 3. benchmarks/trainers.py --device cuda: HF Trainer + PEFT with padding (the baseline) beside `lorafinetune run`
 #    padded and packed, on the long-tailed data and the quick start's; tokens/s, peak GPU memory, eval loss and MFU
 #    per arm (more arms: TRL packed when installed, `ours-packed-nf4` on an nf4 base, `ours-packed-masks`).
@@ -48,6 +49,8 @@ python3 -c 'import sys, torch, transformers, peft, deepspeed; print("python", sy
 for m in bitsandbytes matplotlib pyarrow datasets trl; do
   python3 -c "import $m; print('$m', $m.__version__)" >> "$OUT/machine.txt" 2>&1 || echo "$m: not importable" >> "$OUT/machine.txt"
 done
+# torch.compile (the step profile's `compiled` arm): Triton builds its launcher with a C compiler
+{ cc --version 2> /dev/null | head -n 1 || echo "cc: none (the compiled arm will fail)"; } >> "$OUT/machine.txt"
 
 MODEL=/tmp/llama-1b-shape
 python3 - "$MODEL" <<'PY' || { echo "could not build the model" | tee -a "$OUT/steps.txt"; exit 1; }
@@ -88,17 +91,18 @@ step() {  # name seconds command...   (STEPS="name ..." in the environment runs 
     for f in "$LFT_BENCH_DIR"/*.log "$LFT_BENCH_DIR"/runs/*/logs/*.log; do
       [ -f "$f" ] && [ "$f" -nt "$LOGS/.start-$name" ] || continue
       echo "--- $f"
-      grep -h "^attention:" "$f"
+      grep -h -e "^attention:" -e "^decoder layers:" "$f"
       [ "$status" = ok ] || tail -n 25 "$f"
     done
   } >> "$OUT/logs.txt" 2>&1
 }
 # Most wanted first: a step cut short by the device tool's limit loses only itself and what follows.
 # Where an optimizer step's time goes (our trainer's own steps, 16 packed rows of 1,024 tokens: enough work to fill
-# the GPU): the trainer's defaults, then with PEFT's LoRA forward; MFU at that batch.
+# the GPU): the trainer's defaults, then with each decoder layer compiled (fused RMSNorm, SiLU x up, RoPE, residual
+# adds: the 0.126 s per step of elementwise kernels the H200 profile found); MFU at that batch.
 # shellcheck disable=SC2086  # PROFILE_ARMS is a list
-step step-profile 150 python3 benchmarks/step_profile.py --device cuda --model-dir "$MODEL" --micro 16 \
-  --max-len 1024 --steps 11 --out "$OUT/step_profile-cuda.json" --arms ${PROFILE_ARMS:-defaults peft-lora}
+step step-profile 180 python3 benchmarks/step_profile.py --device cuda --model-dir "$MODEL" --micro 16 \
+  --max-len 1024 --steps 11 --out "$OUT/step_profile-cuda.json" --arms ${PROFILE_ARMS:-defaults compiled}
 # Side by side with HF on the long tail (ours padded was 0.92x HF's on 2026-11-28, before the fused loss and varlen
 # attention). Packed rows of 1,024 tokens hold ~9 examples: a packed micro-batch of 2 is about the 16 examples of
 # the padded arms, so all arms make about as many optimizer steps over the same tokens.

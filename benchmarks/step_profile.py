@@ -31,7 +31,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("LFT_BENCH_DIR", "/tmp/lft-bench-profile"))
 # defaults: the trainer as it runs (on a GPU: varlen attention, fused LoRA layers); each other arm undoes one of them
-ARMS = {"defaults": {}, "masks": {"LFT_ATTENTION": "sdpa"}, "peft-lora": {"LFT_LORA_KERNEL": "peft"}}
+# (and `compiled` adds one not on by default: each decoder layer under torch.compile, trainer/compiled.py)
+ARMS = {"defaults": {}, "masks": {"LFT_ATTENTION": "sdpa"}, "peft-lora": {"LFT_LORA_KERNEL": "peft"},
+        "compiled": {"LFT_COMPILE": "layers"}}  # fmt: skip
 PROFILED_STEPS = 3
 # The kind of a GPU kernel, from its name: the first pattern that matches.
 KINDS = (("attention", ("flash", "fmha", "attention", "softmax")), ("matmul", ("gemm", "sm90", "cutlass", "matmul",

@@ -39,6 +39,7 @@ from lorafinetune.trainer import (
     attention,
     batching,
     checkpoint,
+    compiled,
     data,
     engine,
     fence,
@@ -145,6 +146,9 @@ class LoRAFineTuneRecipe:
             fused = lora_linear.fuse_lora_linears(self.peft_model)
             if self.is_main:
                 print(f"LoRA layers: {fused} with the fused forward (lora_linear.py)", flush=True)
+        if layers := compiled.compile_decoder_layers(self.peft_model):  # experimental (compiled.py)
+            if self.is_main:
+                print(f"decoder layers: {layers} compiled ({compiled.ENV_COMPILE}={compiled.LAYERS})", flush=True)
         chunk = int(os.environ.get(ENV_LOSS_CHUNK) or CHUNK_ELEMENTS)
         self.token_loss = TokenLoss(self.peft_model, chunk, partitioned=spec.deepspeed.zero_stage == 3)
         self.adapted_modules = sum(1 for n, _ in self.peft_model.named_modules() if n.endswith("lora_A.default"))
