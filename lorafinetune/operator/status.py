@@ -19,6 +19,8 @@ from lorafinetune.operator.settings import OperatorSettings
 
 # queued: Kueue holds the attempt's Job suspended until the whole gang fits its ClusterQueue (runPolicy.queueName)
 State = Literal["none", "queued", "pending", "running", "succeeded", "failed"]
+# An attempt whose Job is still there to stop (a queued one too: Kueue would admit it later, beside the next attempt)
+LIVE = ("queued", "pending", "running")
 # Ready: every pod of the current attempt is scheduled and running; while Pending it carries the reason why not
 # (the scheduler's Unschedulable message, a missing PVC, an image pull error). The others mirror the phase.
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended")
@@ -240,7 +242,7 @@ def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOu
     # 2. Deadline over the whole run, across attempts.
     if rp.active_deadline_seconds and s.start_time:
         if now - s.start_time >= timedelta(seconds=rp.active_deadline_seconds):
-            p.delete_job = s.attempt if outcome.state in ("pending", "running") else None
+            p.delete_job = s.attempt if outcome.state in LIVE else None
             msg = f"the run exceeded runPolicy.activeDeadlineSeconds ({rp.active_deadline_seconds} s)"
             s.last_failure = Failure(attempt=s.attempt, reason="DeadlineExceeded", message=msg, permanent=True)
             s.completion_time = now
@@ -249,7 +251,7 @@ def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOu
 
     # 3. Suspension: stop the running attempt (pods get SIGTERM and checkpoint); resume with a new attempt.
     if rp.suspend:
-        if outcome.state in ("pending", "running"):
+        if outcome.state in LIVE:
             p.delete_job = s.attempt
         s.next_attempt_time = None
         _phase(p, "Suspended", "Suspended", "runPolicy.suspend is true; the next attempt resumes from the last "

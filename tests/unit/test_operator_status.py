@@ -335,6 +335,13 @@ def test_suspend_stops_the_attempt_and_resume_starts_the_next_one():
     assert "resumes from the last complete checkpoint" in resumed.events[0][2]
 
 
+@pytest.mark.parametrize("policy", [{"suspend": True}, {"activeDeadlineSeconds": 60}], ids=["suspend", "deadline"])
+def test_a_queued_attempts_job_goes_too_so_that_kueue_cannot_admit_it_later(policy):
+    # Left in place, Kueue could admit it after the run resumed with the next attempt: two attempts, one run folder.
+    queued = LoRAFineTuneStatus(phase="Queued", attempt=1, start_time=NOW - timedelta(seconds=61))
+    p = plan(spec(queueName="gpu", **policy), queued, AttemptOutcome("queued", "Queued", "waiting"), NOW, SETTINGS, 2)
+    assert (p.status.phase, p.delete_job) == ("Suspended" if "suspend" in policy else "Failed", 1)
+
 def test_deadline_fails_the_run_and_stops_its_pods():
     status = LoRAFineTuneStatus(phase="Running", attempt=1, start_time=NOW - timedelta(seconds=61))
     p = plan(spec(activeDeadlineSeconds=60), status, AttemptOutcome("running"), NOW, SETTINGS, 1)
