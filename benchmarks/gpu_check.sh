@@ -49,8 +49,11 @@ python3 -c 'import sys, torch, transformers, peft, deepspeed; print("python", sy
 for m in bitsandbytes matplotlib pyarrow datasets trl; do
   python3 -c "import $m; print('$m', $m.__version__)" >> "$OUT/machine.txt" 2>&1 || echo "$m: not importable" >> "$OUT/machine.txt"
 done
-# torch.compile (the step profile's `compiled` arm): Triton builds its launcher with a C compiler
-{ cc --version 2> /dev/null | head -n 1 || echo "cc: none (the compiled arm will fail)"; } >> "$OUT/machine.txt"
+# torch.compile (the step profile's `compiled` arm): Triton builds its launcher with $CC, else gcc, else clang
+for c in "${CC:-}" gcc clang "none"; do
+  [ "$c" = none ] && echo "C compiler: none (the compiled arm will fail)" >> "$OUT/machine.txt"
+  [ -n "$c" ] && command -v "$c" > /dev/null && { echo "C compiler: $("$c" --version | head -n 1)" >> "$OUT/machine.txt"; break; }
+done
 
 MODEL=/tmp/llama-1b-shape
 python3 - "$MODEL" <<'PY' || { echo "could not build the model" | tee -a "$OUT/steps.txt"; exit 1; }

@@ -20,13 +20,16 @@ ENV_COMPILE = "LFT_COMPILE"
 LAYERS = "layers"
 
 
-def compile_decoder_layers(model: torch.nn.Module) -> int:
+def compile_decoder_layers(model: torch.nn.Module, zero_stage: int) -> int:
     """Compile each decoder layer of `model` if LFT_COMPILE=layers; returns how many (0 when off)."""
     wanted = os.environ.get(ENV_COMPILE, "")
     if wanted not in ("", LAYERS):
         raise ConfigError(f"{ENV_COMPILE}={wanted!r} is not valid: unset it, or set it to {LAYERS!r}")
     if wanted != LAYERS:
         return 0
+    if zero_stage == 3:  # ZeRO-3 gathers each module's weights in hooks around its call, which a graph cannot hold
+        raise ConfigError(f"{ENV_COMPILE}={LAYERS} does not work with deepspeed.zeroStage 3: unset it, or use "
+                          "zeroStage 0, 1 or 2")  # fmt: skip
     layers = decoder_layers(model)
     for layer in layers:
         # dynamic: packed and padded batches change the token count every step; one graph serves them all
@@ -35,10 +38,12 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's repeated blocks: its longest ModuleList whose entries are all of one class (Llama's, Qwen's and
-    Mistral's `model.layers`); none if it has no such list."""
-    best: list[torch.nn.Module] = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best) and len({type(m) for m in module}) == 1:
-            best = list(module)
-    return best
+    """The decoder's blocks (`model.layers` of Llama, Qwen, Mistral; a multimodal model's language model's), found
+    through transformers' `get_decoder()` under the PEFT wrapper. ConfigError if the model has none."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ConfigError(f"{ENV_COMPILE}={LAYERS}: {type(base).__name__} has no decoder layers to compile "
+                          "(get_decoder().layers); unset it")  # fmt: skip
+    return list(layers)

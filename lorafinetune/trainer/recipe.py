@@ -146,7 +146,7 @@ class LoRAFineTuneRecipe:
             fused = lora_linear.fuse_lora_linears(self.peft_model)
             if self.is_main:
                 print(f"LoRA layers: {fused} with the fused forward (lora_linear.py)", flush=True)
-        if layers := compiled.compile_decoder_layers(self.peft_model):  # experimental (compiled.py)
+        if layers := compiled.compile_decoder_layers(self.peft_model, spec.deepspeed.zero_stage):  # experimental
             if self.is_main:
                 print(f"decoder layers: {layers} compiled ({compiled.ENV_COMPILE}={compiled.LAYERS})", flush=True)
         chunk = int(os.environ.get(ENV_LOSS_CHUNK) or CHUNK_ELEMENTS)

@@ -1,5 +1,5 @@
-"""Compiled decoder layers (LFT_COMPILE=layers, experimental): which modules are compiled, a clear error for a bad
-value, and the same loss and LoRA gradients as the eager layers."""
+"""Compiled decoder layers (LFT_COMPILE=layers, experimental): which modules are compiled, clear errors where it
+cannot run, and the same loss and LoRA gradients as the eager layers, from whole-layer graphs."""
 
 from __future__ import annotations
 
@@ -19,13 +19,18 @@ def _lora_model(tiny_model):
     return wrap_with_lora(base, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), False)
 
 
-def test_off_unless_asked_and_a_bad_value_names_the_variable(tiny_model, monkeypatch):
+def test_off_unless_asked_and_clear_errors_where_it_cannot_run(tiny_model, monkeypatch):
     model = _lora_model(tiny_model)
     monkeypatch.delenv(compiled.ENV_COMPILE, raising=False)
-    assert compiled.compile_decoder_layers(model) == 0
+    assert compiled.compile_decoder_layers(model, 2) == 0
     monkeypatch.setenv(compiled.ENV_COMPILE, "everything")
     with pytest.raises(ConfigError, match="LFT_COMPILE='everything' is not valid: unset it, or set it to 'layers'"):
-        compiled.compile_decoder_layers(model)
+        compiled.compile_decoder_layers(model, 2)
+    monkeypatch.setenv(compiled.ENV_COMPILE, compiled.LAYERS)
+    with pytest.raises(ConfigError, match="does not work with deepspeed.zeroStage 3"):
+        compiled.compile_decoder_layers(model, 3)
+    with pytest.raises(ConfigError, match="Linear has no decoder layers to compile"):
+        compiled.decoder_layers(torch.nn.Linear(2, 2))
     assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())
 
 
@@ -33,18 +38,22 @@ def test_compiled_layers_give_the_eager_loss_and_lora_gradients(tiny_model, monk
     eager, fast = _lora_model(tiny_model), _lora_model(tiny_model)
     monkeypatch.setenv(compiled.ENV_COMPILE, compiled.LAYERS)
     layers = compiled.decoder_layers(fast)
-    assert compiled.compile_decoder_layers(fast) == fast.config.num_hidden_layers == len(layers)
+    assert layers == list(fast.get_base_model().model.layers)
+    assert compiled.compile_decoder_layers(fast, 2) == fast.config.num_hidden_layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
     assert fast.get_base_model().lm_head._compiled_call_impl is None, "only the decoder layers"
 
     ids = torch.randint(0, fast.config.vocab_size, (2, 24))
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()  # a graph cached by an earlier test would not count again
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     grads = []
     for model in (eager, fast):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs, "the layers ran as compiled graphs"
+    assert counters["stats"]["unique_graphs"] > graphs, "the layers ran as compiled graphs"
+    assert sum(counters["graph_break"].values()) == breaks, f"whole layers, no graph breaks: {counters['graph_break']}"
     (loss_e, grad_e), (loss_c, grad_c) = grads
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
     assert grad_e.keys() == grad_c.keys() and grad_e
