@@ -10,13 +10,17 @@ from transformers import AutoModelForCausalLM
 from lorafinetune.api.spec import LoRASpec
 from lorafinetune.trainer import compiled
 from lorafinetune.trainer.errors import ConfigError
+from lorafinetune.trainer.lora_linear import fuse_lora_linears
 from lorafinetune.trainer.model import wrap_with_lora
 
 
-def _lora_model(tiny_model):
+def _lora_model(tiny_model, checkpointing: bool = False, fused: bool = False):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
-    return wrap_with_lora(base, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), False)
+    model = wrap_with_lora(base, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), checkpointing)
+    if fused:  # the GPU's LoRA forward (lora_linear.py); its autograd function runs on a CPU too
+        assert fuse_lora_linears(model) > 0
+    return model.train()  # gradient checkpointing acts only in training mode (no dropout to tell the modes apart)
 
 
 def test_off_unless_asked_and_clear_errors_where_it_cannot_run(tiny_model, monkeypatch):
@@ -34,14 +38,19 @@ def test_off_unless_asked_and_clear_errors_where_it_cannot_run(tiny_model, monke
     assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())
 
 
-def test_compiled_layers_give_the_eager_loss_and_lora_gradients(tiny_model, monkeypatch):
-    eager, fast = _lora_model(tiny_model), _lora_model(tiny_model)
+@pytest.mark.parametrize("checkpointing_and_fused", [False, True], ids=["plain", "checkpointing-and-fused-lora"])
+def test_compiled_layers_give_the_eager_loss_and_lora_gradients(tiny_model, monkeypatch, checkpointing_and_fused):
+    """Beside the plain layers: with gradient checkpointing (the layer's forward runs inside a non-reentrant
+    checkpoint, traced into the graph) and the fused LoRA layers' autograd function in the graph, as a GPU run with
+    gradientCheckpointing has them (one case: each compilation costs half a minute here)."""
+    eager, fast = (_lora_model(tiny_model, checkpointing_and_fused, checkpointing_and_fused) for _ in range(2))
     monkeypatch.setenv(compiled.ENV_COMPILE, compiled.LAYERS)
     layers = compiled.decoder_layers(fast)
     assert layers == list(fast.get_base_model().model.layers)
     assert compiled.compile_decoder_layers(fast, 2) == fast.config.num_hidden_layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
     assert fast.get_base_model().lm_head._compiled_call_impl is None, "only the decoder layers"
+    assert all(layer.training and layer.gradient_checkpointing == checkpointing_and_fused for layer in layers)
 
     ids = torch.randint(0, fast.config.vocab_size, (2, 24))
     counters = torch._dynamo.utils.counters
