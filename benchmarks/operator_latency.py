@@ -6,7 +6,8 @@ what N finished fine-tunes cost at rest.
 
 Two arms in one run, each on a fresh cluster (hack/cluster/up.sh: real etcd, API server, controller-manager and
 scheduler, kwok playing the kubelet of 20 CPU nodes): the operator of `--baseline-ref` (checked out into a temporary
-git worktree; default: the commit before the operator read from caches) and the operator of this checkout. CPU-only
+git worktree; default: the commit before the operator read from caches; or `floor`: benchmarks/floor_controller.py,
+the least any controller must do, in the operator's place) and the operator of this checkout. CPU-only
 fine-tunes (1 pod each), so every pod can be placed. Apply -> Job is timed by a watch on Jobs (local clock), apply
 -> Running by a watch on the fine-tunes. After the last round all pods are finished (Succeeded) and the operator's
 API requests are counted for `--rest-seconds` with every fine-tune finished. Writes
@@ -36,6 +37,30 @@ sys.path.insert(0, str(REPO))
 from tests.integration.conftest import GROUP, PLURAL, SHARED_CLAIM, VERSION, Cluster, Operator  # noqa: E402
 
 BASELINE_REF = "cfa050e"  # reconciles with reads per reconcile, kopf change handlers, a per-resource timer
+NAMESPACE = "bench"
+FLOOR = "floor"  # --baseline-ref floor: benchmarks/floor_controller.py in the operator's place
+
+
+class FloorController(Operator):
+    """benchmarks/floor_controller.py, started and read like the operator: the least any controller must do."""
+
+    def start(self) -> None:
+        workers = self.env.get("LFT_WORKERS", "32")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "benchmarks/floor_controller.py"), "--namespace", NAMESPACE,
+             "--metrics-port", str(self.metrics_port), "--workers", workers],
+            env={**os.environ, "KUBECONFIG": str(self.kubeconfig), "LFT_DEFAULT_IMAGE": "lorafinetune:test",
+                 "PYTHONPATH": str(REPO)},
+            stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.time() + 60
+        while time.time() < deadline and self.proc.poll() is None:
+            try:
+                self.metrics()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"the floor controller did not start:\n{self.log.read_text()[-3000:]}")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -263,12 +288,13 @@ def run_arm(arm: str, repo: Path, counts: list[int], interval: float, rest_secon
     rounds: list[dict] = []
     try:
         add_cpu_nodes(Cluster(kubeconfig, "default"), 20)
-        c = Cluster(kubeconfig, "bench")
+        c = Cluster(kubeconfig, NAMESPACE)
         c.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=c.ns)))
         c.bind_claim(SHARED_CLAIM)
         watcher = Watcher(c)
-        op = Operator(kubeconfig, work / "operator.log", repo=repo,
-                      **{"LFT_RECONCILE_INTERVAL_SECONDS": str(interval), **operator_env})  # fmt: skip
+        kind = FloorController if arm == FLOOR else Operator
+        op = kind(kubeconfig, work / "operator.log", repo=repo,
+                  **{"LFT_RECONCILE_INTERVAL_SECONDS": str(interval), **operator_env})  # fmt: skip
         op.start()
         try:
             for count in counts:
@@ -288,7 +314,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 100, 500, 1000])
     ap.add_argument("--interval", type=float, default=10.0, help="reconcile interval in seconds (the chart's: 10)")
-    ap.add_argument("--baseline-ref", default=BASELINE_REF, help="git commit of the baseline operator")
+    ap.add_argument("--baseline-ref", default=BASELINE_REF,
+                    help=f"git commit of the baseline operator, or {FLOOR!r}: benchmarks/floor_controller.py (the "
+                    "least any controller must do: the Job, and two status patches) on the same control plane")
     ap.add_argument("--rest-seconds", type=float, default=60.0)
     ap.add_argument("--no-baseline", action="store_true",
                     help="this checkout only: to re-measure it against the baseline numbers of an earlier run")
@@ -304,7 +332,9 @@ def main() -> None:
     this_env, baseline_env = (dict(p.split("=", 1) for p in pairs) for pairs in (args.env, args.baseline_env))
     os.environ["LFT_BENCH"] = "1"
     arms = []
-    if not args.no_baseline:
+    if args.baseline_ref == FLOOR and not args.no_baseline:
+        arms.append(run_arm(FLOOR, REPO, args.counts, args.interval, args.rest_seconds, baseline_env))
+    elif not args.no_baseline:
         baseline = Path(tempfile.mkdtemp(prefix="lft-baseline-"))
         subprocess.run(["git", "worktree", "add", "--detach", str(baseline), args.baseline_ref], cwd=REPO, check=True,
                        capture_output=True)  # fmt: skip

@@ -365,6 +365,10 @@ async def on_fine_tune(event: kopf.RawEvent, **_: Any) -> None:
         PROGRESS.forget(key)
         OPERATOR_METRICS.set_phase(key, None)
         return
-    FINE_TUNES.put(body)
+    if not FINE_TUNES.put(body):
+        # The cache has this version already: the echo of a status patch, stored from the API server's answer by the
+        # reconcile that wrote it, which planned from exactly this object and scheduled its next look. Reconciling
+        # again would change nothing, and in a burst these echoes were a quarter of all reconciles.
+        return
     # A fine-tune without an attempt yet is waiting for its Job: first in line (see workqueue.py).
     QUEUE.add(key, "change", new=not (body.get("status") or {}).get("attempt"))

@@ -60,16 +60,17 @@ class Informer:
 
     # ------------------------------------------------------------------ writing
 
-    def put(self, obj: dict) -> None:
+    def put(self, obj: dict) -> bool:
         """Store an object this process just wrote (the API server's answer), so that a reconcile that runs before
-        its watch event arrives does not plan the same write again."""
-        self._store(obj, deleted=False)
+        its watch event arrives does not plan the same write again. Also how the fine-tunes' events arrive (kopf
+        watches them). Returns whether it was news: False when the cache already had this version or a newer one."""
+        return self._store(obj, deleted=False)
 
     def forget(self, obj: dict) -> None:
         """Drop an object deleted as someone else's watch saw it (the fine-tunes, which kopf watches)."""
         self._store(obj, deleted=True)
 
-    def _store(self, obj: dict, deleted: bool) -> None:
+    def _store(self, obj: dict, deleted: bool) -> bool:
         """An older copy never replaces a newer one: the watch may deliver an event from before a write whose
         answer put() stored already. managedFields are dropped: nothing reads them, and they are a good part of
         every object's size (memory with thousands of pods)."""
@@ -79,8 +80,8 @@ class Informer:
         label = self._index_by(obj) if self._index_by else None
         with self._guard:
             old = self._objects.get(key)
-            if not deleted and old is not None and _version(old) > _version(obj):
-                return
+            if not deleted and old is not None and (held := _version(old)) and held >= _version(obj):
+                return False
             if deleted:
                 self._objects.pop(key, None)
             else:
@@ -90,6 +91,7 @@ class Informer:
                 self._by_label.get((key[0], old_label), {}).pop(key[1], None)
             if label is not None and not deleted:
                 self._by_label.setdefault((key[0], label), {})[key[1]] = obj
+            return True
 
     # ------------------------------------------------------------------ following
 

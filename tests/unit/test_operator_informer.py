@@ -34,12 +34,14 @@ def test_a_relabelled_object_moves_between_owners():
     assert i.indexed("ns", "a") == [] and [o["metadata"]["name"] for o in i.indexed("ns", "b")] == ["x"]
 
 
-def test_an_older_copy_never_replaces_a_newer_one():
+def test_an_older_copy_never_replaces_a_newer_one_and_only_a_newer_one_is_news():
     # The answer to our own write is stored first; the watch then delivers events from before it.
     i = informer()
-    i.put(obj("a-0", 10, owner="a"))
-    i.put(obj("a-0", 9, owner="a"))
+    assert i.put(obj("a-0", 10, owner="a")), "news"
+    assert not i.put(obj("a-0", 9, owner="a"))
     assert i.get("ns", "a-0")["metadata"]["resourceVersion"] == "10"
+    assert not i.put(obj("a-0", 10, owner="a")), "the watch's echo of our own write is not news"
+    assert i.put(obj("a-0", 11, owner="a"))
     i.forget(obj("a-0", 9, owner="a"))  # a deletion always wins
     assert i.get("ns", "a-0") is None
 
@@ -85,3 +87,11 @@ def test_events_are_indexed_by_the_job_they_are_about_and_the_newest_message_win
     i.put(event("e3", "job-2", "2026-11-28T10:00:20Z", "denied by webhook", 3))
     assert newest_message(i.indexed("ns", "job-1")) == "exceeded quota: new"
     assert newest_message(i.indexed("ns", "job-3")) == "", "a Job of the same name deleted earlier had other events"
+
+
+def test_versions_that_are_not_numbers_always_count_as_news():
+    # resourceVersion is opaque by contract: without an order, the watch's copy wins
+    i = informer()
+    i.put({"metadata": {"name": "x", "namespace": "ns", "resourceVersion": "opaque-1"}})
+    assert i.put({"metadata": {"name": "x", "namespace": "ns", "resourceVersion": "opaque-2"}})
+    assert i.get("ns", "x")["metadata"]["resourceVersion"] == "opaque-2"
