@@ -55,6 +55,7 @@ log = logging.getLogger("lorafinetune.operator")
 CRD_WAIT_SECONDS = 60  # a chart installs the CRD and the operator together; the CRD may take a moment to be served
 SYNC_WAIT_SECONDS = 120  # the informers' first lists; no reconcile before (a half-filled cache would mislead it)
 PROGRESS_THREADS = 4  # reads of trainers' metrics at once (each bounded by its timeout)
+EXISTING_JOB_RECHECK_SECONDS = 1.0  # an attempt's Job found already created: how soon to read its pods' state
 QUEUED_REFRESH_SECONDS = 60.0  # a run Kueue holds: admission comes as a Job event; this only refreshes the reason
 
 
@@ -215,6 +216,8 @@ def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
         if (job := kube.create(builders.build_job(owner, spec, p.create_attempt, SETTINGS))) is not None:
             JOBS.put(job)  # the next reconcile may run before the watch brings it
             OPERATOR_METRICS.attempts.inc()
+        else:  # ours already (created before a restart): no event will come for it, so look at its pods soon
+            p.requeue_after = min(p.requeue_after or EXISTING_JOB_RECHECK_SECONDS, EXISTING_JOB_RECHECK_SECONDS)
 
 
 def _poll_progress(owner: builders.Owner, status: LoRAFineTuneStatus, pods: list[dict[str, Any]]) -> None:

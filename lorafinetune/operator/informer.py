@@ -12,12 +12,14 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
 log = logging.getLogger("lorafinetune.operator")
+TOMBSTONES = 10_000  # deletions remembered per informer; a racing write's answer comes within seconds of its deletion
 WATCH_SECONDS = 240  # the server ends each watch after this; the informer resumes from the last resourceVersion
 
 
@@ -37,6 +39,9 @@ class Informer:
         self._selectors = {"label_selector": label_selector, "field_selector": field_selector}
         self._index_by, self._on_change, self._count = index_by, on_change, count or (lambda verb: None)
         self._objects: dict[tuple[str, str], dict] = {}
+        # The last version of each recently deleted object: a write's answer that put() stores after the deletion
+        # was seen must not bring the object back (it would be reconciled, and fail, forever). Oldest first.
+        self._deleted_at: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._by_label: dict[tuple[str, str], dict[str, dict]] = {}
         self._guard = threading.Lock()
         self.synced = threading.Event()
@@ -71,21 +76,30 @@ class Informer:
         self._store(obj, deleted=True)
 
     def _store(self, obj: dict, deleted: bool) -> bool:
-        """An older copy never replaces a newer one: the watch may deliver an event from before a write whose
-        answer put() stored already. managedFields are dropped: nothing reads them, and they are a good part of
-        every object's size (memory with thousands of pods)."""
+        """An older copy never replaces a newer one, nor revives a deleted one: the watch may deliver an event from
+        before a write whose answer put() stored already, and a write's answer may come after the deletion's event.
+        managedFields are dropped: nothing reads them, and they are a good part of every object's size (memory with
+        thousands of pods)."""
         meta = obj.get("metadata") or {}
         meta.pop("managedFields", None)
         key = (meta.get("namespace", ""), meta["name"])
         label = self._index_by(obj) if self._index_by else None
+        version = _version(obj)
         with self._guard:
             old = self._objects.get(key)
-            if not deleted and old is not None and (held := _version(old)) and held >= _version(obj):
-                return False
-            if deleted:
-                self._objects.pop(key, None)
-            else:
+            if not deleted:
+                if old is not None and (held := _version(old)) and held >= version:
+                    return False
+                if (gone := self._deleted_at.get(key)) and gone >= version:
+                    return False
+                self._deleted_at.pop(key, None)  # created again since
                 self._objects[key] = obj
+            else:
+                self._objects.pop(key, None)
+                self._deleted_at.pop(key, None)
+                self._deleted_at[key] = version
+                if len(self._deleted_at) > TOMBSTONES:
+                    self._deleted_at.popitem(last=False)
             old_label = self._index_by(old) if old and self._index_by else None
             if old_label is not None and (deleted or old_label != label):
                 self._by_label.get((key[0], old_label), {}).pop(key[1], None)

@@ -95,3 +95,39 @@ def test_versions_that_are_not_numbers_always_count_as_news():
     i.put({"metadata": {"name": "x", "namespace": "ns", "resourceVersion": "opaque-1"}})
     assert i.put({"metadata": {"name": "x", "namespace": "ns", "resourceVersion": "opaque-2"}})
     assert i.get("ns", "x")["metadata"]["resourceVersion"] == "opaque-2"
+
+
+def test_a_deleted_object_is_not_revived_by_an_older_copy_but_may_be_created_again():
+    # A reconcile's status patch is answered (version 11) after the watch already delivered the deletion (12).
+    i = informer()
+    i.put(obj("a-0", 10, owner="a"))
+    i.forget(obj("a-0", 12, owner="a"))
+    assert not i.put(obj("a-0", 11, owner="a"))
+    assert i.get("ns", "a-0") is None and i.indexed("ns", "a") == []
+    assert i.put(obj("a-0", 13, owner="a")), "a new object of the same name"
+    assert i.get("ns", "a-0")["metadata"]["resourceVersion"] == "13"
+
+
+def test_the_echo_of_the_operators_own_status_patch_queues_no_reconcile(monkeypatch):
+    import asyncio
+
+    from lorafinetune.operator import handlers
+    from lorafinetune.operator.workqueue import WorkQueue
+
+    def body(version):
+        meta = {"name": "echo", "namespace": "ns", "uid": "u1", "resourceVersion": str(version)}
+        return {"metadata": meta, "spec": {}, "status": {"attempt": 1} if version > 1 else {}}
+
+    def queued_after(event_type, version):
+        monkeypatch.setattr(handlers, "QUEUE", WorkQueue())
+        asyncio.run(handlers.on_fine_tune(event={"type": event_type, "object": body(version)}))
+        return handlers.QUEUE.depth()
+
+    try:
+        assert queued_after("ADDED", 1) == 1
+        handlers.FINE_TUNES.put(body(2))  # the reconcile stores the API server's answer to its status patch
+        assert queued_after("MODIFIED", 2) == 0, "its echo: the reconcile planned from this very version"
+        assert queued_after(None, 2) == 0, "kopf listing again after a watch error: nothing changed"
+        assert queued_after("MODIFIED", 3) == 1, "a change made by anyone else"
+    finally:
+        handlers.FINE_TUNES.forget(body(4))
