@@ -9,6 +9,9 @@ workers as the operator. Whatever the operator's apply -> Job takes beyond this 
 cost; what this process takes is the control plane's (and the client library's) on this machine.
 
     python benchmarks/floor_controller.py --namespace bench --metrics-port 9100 --workers 32   # KUBECONFIG set
+
+`--via-kopf` receives the fine-tunes as the operator does, from a kopf event handler (cluster-wide, standalone, kopf's
+own events off), instead of its own watch: the difference between the two is what kopf's event delivery costs.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+from typing import Any  # noqa: E402
+
+import kopf  # noqa: E402
 from kubernetes import client, config, watch  # noqa: E402
 from prometheus_client import Counter, start_http_server  # noqa: E402
 
@@ -97,17 +105,36 @@ class Floor:
                 print(f"{kind} {item if isinstance(item, str) else item['metadata']['name']}: {err}", flush=True)
 
 
+def via_kopf(floor: Floor) -> None:
+    @kopf.on.startup()
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:  # as the operator's (handlers.configure)
+        settings.posting.level = logging.WARNING
+        settings.watching.server_timeout = 60
+        settings.scanning.disabled = True
+
+    @kopf.on.event(GROUP, VERSION, PLURAL)
+    async def on_fine_tune(event: kopf.RawEvent, **_: Any) -> None:
+        if event["type"] in (None, "ADDED") and not event["object"].get("status"):
+            floor.work.put(("create", dict(event["object"])))
+
+    asyncio.run(kopf.operator(standalone=True, clusterwide=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--namespace", required=True)
     ap.add_argument("--metrics-port", type=int, required=True)
     ap.add_argument("--workers", type=int, default=32)
+    ap.add_argument("--via-kopf", action="store_true", help="receive the fine-tunes from kopf, as the operator does")
     args = ap.parse_args()
     config.load_kube_config()
     floor = Floor(args.namespace, args.workers)
     threading.Thread(target=floor.watch_pods, daemon=True).start()
     start_http_server(args.metrics_port, addr="127.0.0.1")  # after the workers: answering means ready
-    floor.watch_fine_tunes()
+    if args.via_kopf:
+        via_kopf(floor)
+    else:
+        floor.watch_fine_tunes()
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from tests.integration.conftest import GROUP, PLURAL, SHARED_CLAIM, VERSION, Clu
 BASELINE_REF = "cfa050e"  # reconciles with reads per reconcile, kopf change handlers, a per-resource timer
 NAMESPACE = "bench"
 FLOOR = "floor"  # --baseline-ref floor: benchmarks/floor_controller.py in the operator's place
+FLOOR_KOPF = "floor-kopf"  # the same, receiving the fine-tunes from kopf as the operator does
 
 
 class FloorController(Operator):
@@ -48,7 +49,8 @@ class FloorController(Operator):
         workers = self.env.get("LFT_WORKERS", "32")
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "benchmarks/floor_controller.py"), "--namespace", NAMESPACE,
-             "--metrics-port", str(self.metrics_port), "--workers", workers],
+             "--metrics-port", str(self.metrics_port), "--workers", workers,
+             *(["--via-kopf"] if self.env.get("VIA_KOPF") else [])],
             env={**os.environ, "KUBECONFIG": str(self.kubeconfig), "LFT_DEFAULT_IMAGE": "lorafinetune:test",
                  "PYTHONPATH": str(REPO)},
             stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
@@ -292,7 +294,8 @@ def run_arm(arm: str, repo: Path, counts: list[int], interval: float, rest_secon
         c.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=c.ns)))
         c.bind_claim(SHARED_CLAIM)
         watcher = Watcher(c)
-        kind = FloorController if arm == FLOOR else Operator
+        kind = FloorController if arm in (FLOOR, FLOOR_KOPF) else Operator
+        operator_env = {**operator_env, "VIA_KOPF": "1"} if arm == FLOOR_KOPF else operator_env
         op = kind(kubeconfig, work / "operator.log", repo=repo,
                   **{"LFT_RECONCILE_INTERVAL_SECONDS": str(interval), **operator_env})  # fmt: skip
         op.start()
@@ -316,7 +319,8 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=10.0, help="reconcile interval in seconds (the chart's: 10)")
     ap.add_argument("--baseline-ref", default=BASELINE_REF,
                     help=f"git commit of the baseline operator, or {FLOOR!r}: benchmarks/floor_controller.py (the "
-                    "least any controller must do: the Job, and two status patches) on the same control plane")
+                    "least any controller must do: the Job, and two status patches) on the same control plane, or "
+                    f"{FLOOR_KOPF!r}: the same receiving the fine-tunes from kopf")
     ap.add_argument("--rest-seconds", type=float, default=60.0)
     ap.add_argument("--no-baseline", action="store_true",
                     help="this checkout only: to re-measure it against the baseline numbers of an earlier run")
@@ -332,8 +336,8 @@ def main() -> None:
     this_env, baseline_env = (dict(p.split("=", 1) for p in pairs) for pairs in (args.env, args.baseline_env))
     os.environ["LFT_BENCH"] = "1"
     arms = []
-    if args.baseline_ref == FLOOR and not args.no_baseline:
-        arms.append(run_arm(FLOOR, REPO, args.counts, args.interval, args.rest_seconds, baseline_env))
+    if args.baseline_ref in (FLOOR, FLOOR_KOPF) and not args.no_baseline:
+        arms.append(run_arm(args.baseline_ref, REPO, args.counts, args.interval, args.rest_seconds, baseline_env))
     elif not args.no_baseline:
         baseline = Path(tempfile.mkdtemp(prefix="lft-baseline-"))
         subprocess.run(["git", "worktree", "add", "--detach", str(baseline), args.baseline_ref], cwd=REPO, check=True,
