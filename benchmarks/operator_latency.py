@@ -110,29 +110,53 @@ def api_requests(op: Operator) -> dict[str, float]:
     return counts
 
 
-def histogram(op: Operator, name: str, handler: str | None = None) -> dict[float, float]:
-    """Cumulative bucket counts {upper bound: count} of one of the operator's histograms (one handler's, or all)."""
+def histogram(op: Operator, name: str, *labels: str) -> dict[float, float]:
+    """Cumulative bucket counts {upper bound: count} of one of the operator's histograms, summed over the series
+    that have all of `labels` (e.g. 'handler="change"'; none: every series), and their sum of observations under the
+    key -1."""
     buckets: dict[float, float] = {}
     for line in op.metrics().splitlines():
-        if not line.startswith(f"{name}_bucket{{") or (handler and f'handler="{handler}"' not in line):
+        if not all(label in line for label in labels):
             continue
-        bound = line.split('le="', 1)[1].split('"', 1)[0]
-        key = float("inf") if bound == "+Inf" else float(bound)
+        if line.startswith(f"{name}_bucket{{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            key = float("inf") if bound == "+Inf" else float(bound)
+        elif line.startswith(f"{name}_sum"):
+            key = -1.0
+        else:
+            continue
         buckets[key] = buckets.get(key, 0) + float(line.rsplit(" ", 1)[1])
     return buckets
 
 
 def bucket_quantiles(before: dict[float, float], after: dict[float, float]) -> dict[str, float | str]:
-    """p50 and p95 of what a histogram observed between two readings, as the upper bound of the bucket that holds
-    them (so "<= 0.25"): a bucketed histogram knows no more."""
+    """The mean, p50 and p95 of what a histogram observed between two readings; the quantiles as the upper bound of
+    the bucket that holds them (so "<= 0.25"): a bucketed histogram knows no more."""
     counts = {b: n - before.get(b, 0) for b, n in sorted(after.items())}
-    total = counts.get(float("inf"), 0)
+    total, observed = counts.pop(float("inf"), 0), counts.pop(-1.0, 0.0)
     if not total:
         return {}
     def at(q: float) -> float | str:
-        bound = next(b for b, n in counts.items() if n >= q * total)
-        return "> " + str(max(b for b in counts if b != float("inf"))) if bound == float("inf") else bound
-    return {"count": int(total), "p50AtMost": at(0.5), "p95AtMost": at(0.95)}
+        return next((b for b, n in counts.items() if n >= q * total), "> " + str(max(counts)))
+    return {"count": int(total), "mean": round(observed / total, 3), "p50AtMost": at(0.5), "p95AtMost": at(0.95)}
+
+
+# The operator's histograms a round reads, by the name in the results: where apply -> Job goes.
+TIMINGS = {
+    # from the operator's first watch event of a fine-tune to its Job created; apply -> Job less this is the API
+    # server's delivery of the fine-tune to the operator and of the Job to this client's watch
+    "operatorFirstJobSeconds": ("lorafinetune_operator_first_job_seconds",),
+    "operatorQueueWaitNewSeconds": ("lorafinetune_operator_queue_wait_seconds", 'lane="new"'),
+    "operatorQueueWaitOtherSeconds": ("lorafinetune_operator_queue_wait_seconds", 'lane="other"'),
+    "operatorChangeReconcileSeconds": ("lorafinetune_operator_reconcile_duration_seconds", 'handler="change"'),
+    "apiCreateNetworkPolicySeconds": ("lorafinetune_operator_api_request_duration_seconds", 'verb="create"',
+                                      'resource="networkpolicies"'),
+    "apiCreateJobSeconds": ("lorafinetune_operator_api_request_duration_seconds", 'verb="create"',
+                            'resource="jobs"'),
+    "apiPatchStatusSeconds": ("lorafinetune_operator_api_request_duration_seconds", 'verb="patch"'),
+    "apiCreateEventSeconds": ("lorafinetune_operator_api_request_duration_seconds", 'verb="create"',
+                              'resource="events"'),
+}
 
 
 def add_cpu_nodes(c: Cluster, count: int) -> None:
@@ -151,7 +175,7 @@ class Watcher:
     """When each fine-tune's Job appeared and when it was first Running, by the local clock, from two watches."""
 
     def __init__(self, c: Cluster) -> None:
-        self.c, self.job_at, self.running_at, self.succeeded = c, {}, {}, set()
+        self.c, self.seen_at, self.job_at, self.running_at, self.succeeded = c, {}, {}, {}, set()
         self._stop = threading.Event()
         for target in (self._jobs, self._fine_tunes):
             threading.Thread(target=target, daemon=True).start()
@@ -179,6 +203,7 @@ class Watcher:
                                               PLURAL, timeout_seconds=60)  # fmt: skip
                 for event in stream:
                     obj, phase = event["object"], event["object"].get("status", {}).get("phase")
+                    self.seen_at.setdefault(obj["metadata"]["name"], time.time())
                     if phase == "Running":
                         self.running_at.setdefault(obj["metadata"]["name"], time.time())
                     elif phase == "Succeeded":
@@ -211,8 +236,7 @@ def run_round(c: Cluster, count: int, op: Operator, watcher: Watcher, cluster: s
     threading.Thread(target=sample, daemon=True).start()
     cpu0, requests0 = cpu_seconds(op.proc.pid), api_requests(op)
     shares0 = cpu_by_process(cluster, op.proc.pid)
-    waits0 = histogram(op, "lorafinetune_operator_queue_wait_seconds")
-    changes0 = histogram(op, "lorafinetune_operator_reconcile_duration_seconds", "change")
+    timings0 = {field: histogram(op, *metric) for field, metric in TIMINGS.items()}
 
     def create(n: str) -> None:
         t0 = time.time()
@@ -231,23 +255,23 @@ def run_round(c: Cluster, count: int, op: Operator, watcher: Watcher, cluster: s
     requests1 = api_requests(op)
     shares1 = cpu_by_process(cluster, op.proc.pid)
     to_job = [watcher.job_at[n] - applied[n] for n in names if n in watcher.job_at]
+    to_seen = [watcher.seen_at[n] - applied[n] for n in names if n in watcher.seen_at]
     to_running = [watcher.running_at[n] - applied[n] for n in names if n in watcher.running_at]
     return {
         "resources": count,
         "jobsCreated": len(to_job),
         "running": len(to_running),
         "applyToJobSeconds": summary(to_job),
+        # the API server's delivery of a new fine-tune to a watch (this client's, which does nothing else)
+        "applyToWatchSeconds": summary(to_seen),
         "applyToRunningSeconds": summary(to_running),
         "apiCreateSeconds": summary(create_secs),
         "operatorCpuSeconds": round(cpu_seconds(op.proc.pid) - cpu0, 1),
         "operatorPeakRssMiB": round(max(peak), 1),
         "operatorApiRequests": {v: int(n - requests0.get(v, 0)) for v, n in sorted(requests1.items())
                                 if n - requests0.get(v, 0)},  # fmt: skip
-        # Where apply -> Job goes inside the operator: waiting for a worker, then the reconcile (its Job create
-        # included) of the fine-tune's own change events.
-        "operatorQueueWaitSeconds": bucket_quantiles(waits0, histogram(op, "lorafinetune_operator_queue_wait_seconds")),
-        "operatorChangeReconcileSeconds": bucket_quantiles(
-            changes0, histogram(op, "lorafinetune_operator_reconcile_duration_seconds", "change")),
+        # Where apply -> Job goes inside the operator (an operator without a histogram, the floor: {}).
+        **{field: bucket_quantiles(timings0[field], histogram(op, *metric)) for field, metric in TIMINGS.items()},
         "roundSeconds": round(elapsed, 1),
         # Who used the machine's CPUs during the round: is the operator the bottleneck, or the control plane?
         "cpuSecondsByProcess": {name: round(shares1[name] - shares0.get(name, 0.0), 1)

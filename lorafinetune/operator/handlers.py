@@ -49,7 +49,7 @@ from lorafinetune.operator.status import (
 from lorafinetune.operator.workqueue import WorkQueue
 
 SETTINGS = OperatorSettings.from_env()
-QUEUE = WorkQueue(on_wait=OPERATOR_METRICS.queue_wait.observe)
+QUEUE = WorkQueue(on_wait=OPERATOR_METRICS.waited)
 EVENTS = EventSender(kube.post_event, on_drop=OPERATOR_METRICS.events_dropped.inc)
 log = logging.getLogger("lorafinetune.operator")
 CRD_WAIT_SECONDS = 60  # a chart installs the CRD and the operator together; the CRD may take a moment to be served
@@ -57,6 +57,10 @@ SYNC_WAIT_SECONDS = 120  # the informers' first lists; no reconcile before (a ha
 PROGRESS_THREADS = 4  # reads of trainers' metrics at once (each bounded by its timeout)
 EXISTING_JOB_RECHECK_SECONDS = 1.0  # an attempt's Job found already created: how soon to read its pods' state
 QUEUED_REFRESH_SECONDS = 60.0  # a run Kueue holds: admission comes as a Job event; this only refreshes the reason
+# Fine-tunes seen without an attempt, by UID: when their first watch event came (monotonic), for the first-Job
+# latency metric. Dropped when the Job is created, or when the first reconcile creates none (a preflight problem,
+# suspended, an invalid spec: waiting for the user, not for the operator).
+_FIRST_SEEN: dict[str, float] = {}
 
 
 def _enqueue_owner(source: str) -> Callable[[dict], None]:
@@ -213,9 +217,12 @@ def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
             kube.create(builders.build_service(owner, SETTINGS))
         if SETTINGS.network_policy:  # before the pods: no moment without it
             kube.create(builders.build_network_policy(owner, SETTINGS))
+        seen = _FIRST_SEEN.pop(owner.uid, None)
         if (job := kube.create(builders.build_job(owner, spec, p.create_attempt, SETTINGS))) is not None:
             JOBS.put(job)  # the next reconcile may run before the watch brings it
             OPERATOR_METRICS.attempts.inc()
+            if seen is not None:
+                OPERATOR_METRICS.first_job.observe(time.monotonic() - seen)
         else:  # ours already (created before a restart): no event will come for it, so look at its pods soon
             p.requeue_after = min(p.requeue_after or EXISTING_JOB_RECHECK_SECONDS, EXISTING_JOB_RECHECK_SECONDS)
 
@@ -320,6 +327,8 @@ def reconcile(key: str, source: str = "") -> None:
             p = plan_invalid(current, [f"spec.{line}" for line in describe_errors(err)], now, generation)
         else:
             p, ttl = _plan_and_act(owner, spec, current, now, generation), spec.run_policy.ttl_seconds_after_finished
+        if p.create_attempt is None and current.attempt == 0:
+            _FIRST_SEEN.pop(owner.uid, None)
         new = as_patch(p.status)
         old = body.get("status") or {}
         if new != old:
@@ -360,6 +369,7 @@ async def on_fine_tune(event: kopf.RawEvent, **_: Any) -> None:
     body: dict[str, Any] = dict(event["object"])  # kopf's raw body (a TypedDict): the plain dict the informer keeps
     key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
     if event["type"] == "DELETED":
+        _FIRST_SEEN.pop(body["metadata"].get("uid", ""), None)
         FINE_TUNES.forget(body)
         QUEUE.forget(key)
         with _WAITING_GUARD:
@@ -374,4 +384,7 @@ async def on_fine_tune(event: kopf.RawEvent, **_: Any) -> None:
         # again would change nothing, and in a burst these echoes were a quarter of all reconciles.
         return
     # A fine-tune without an attempt yet is waiting for its Job: first in line (see workqueue.py).
-    QUEUE.add(key, "change", new=not (body.get("status") or {}).get("attempt"))
+    new = not (body.get("status") or {}).get("attempt")
+    if new:
+        _FIRST_SEEN.setdefault(body["metadata"]["uid"], time.monotonic())
+    QUEUE.add(key, "change", new=new)

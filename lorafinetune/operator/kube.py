@@ -1,11 +1,14 @@
 """The Kubernetes API calls the operator makes, each idempotent (create-or-accept, delete-or-accept), and the list
-calls its informers follow. Every request is counted (lorafinetune_operator_api_requests_total{verb,resource})."""
+calls its informers follow. Every request is counted (lorafinetune_operator_api_requests_total{verb,resource}), and
+the reconciles' are timed (lorafinetune_operator_api_request_duration_seconds{verb,resource})."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,6 +56,18 @@ def count(verb: str, resource: str) -> None:
     OPERATOR_METRICS.api_requests.labels(verb=verb, resource=resource).inc()
 
 
+@contextlib.contextmanager
+def request(verb: str, resource: str) -> Iterator[None]:
+    """Count one request and time it to its answer, whatever the answer (a 409 or a 404 is an answer too)."""
+    count(verb, resource)
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        OPERATOR_METRICS.api_request_duration.labels(verb=verb, resource=resource).observe(
+            time.perf_counter() - started)
+
+
 def job_lister(namespace: str | None) -> Callable[..., Any]:
     """The list call of an Informer: one namespace, or (None) the whole cluster."""
     if namespace is None:
@@ -89,9 +104,9 @@ def load_config() -> None:
 
 def resource_served() -> bool:
     """Whether the API server serves LoRAFineTunes (a discovery read, which RBAC allows every client)."""
-    count("get", "discovery")
-    found = _ignore(404, client.CustomObjectsApi(api()).get_api_resources, GROUP, VERSION,
-                    _request_timeout=REQUEST_TIMEOUT)  # fmt: skip
+    with request("get", "discovery"):
+        found = _ignore(404, client.CustomObjectsApi(api()).get_api_resources, GROUP, VERSION,
+                        _request_timeout=REQUEST_TIMEOUT)  # fmt: skip
     return found is not None and any(r.name == PLURAL for r in found.resources)
 
 
@@ -125,16 +140,17 @@ def create(obj: dict[str, Any]) -> dict[str, Any] | None:
         "NetworkPolicy": (net.create_namespaced_network_policy, net.read_namespaced_network_policy),
         "Job": (batch.create_namespaced_job, batch.read_namespaced_job),
     }[kind]
-    count("create", RESOURCES[kind])
     try:  # raw JSON back: the client's model classes cost more CPU than the rest of a reconcile
-        return json.loads(create_call(ns, obj, _preload_content=False, _request_timeout=REQUEST_TIMEOUT).data)
+        with request("create", RESOURCES[kind]):
+            answer = create_call(ns, obj, _preload_content=False, _request_timeout=REQUEST_TIMEOUT).data
+        return json.loads(answer)
     except ApiException as err:
         if err.status == 403 and "NamespaceTerminating" in (err.body or ""):
             return None  # the namespace is being deleted, and the fine-tune with it
         if err.status != 409:
             raise
-    count("get", RESOURCES[kind])
-    existing = api().sanitize_for_serialization(read_call(name, ns, _request_timeout=REQUEST_TIMEOUT))
+    with request("get", RESOURCES[kind]):
+        existing = api().sanitize_for_serialization(read_call(name, ns, _request_timeout=REQUEST_TIMEOUT))
     if controller_uid(existing) != controller_uid(obj):
         refs = existing["metadata"].get("ownerReferences") or [{"kind": "nobody"}]
         holder = f"{refs[0].get('kind')} {refs[0].get('name', '')} (uid {refs[0].get('uid', '-')})".strip()
@@ -144,14 +160,16 @@ def create(obj: dict[str, Any]) -> dict[str, Any] | None:
 
 def delete(kind: str, namespace: str, name: str) -> None:
     """Delete if present; pods of a Job go with it (background propagation, SIGTERM first)."""
-    count("delete", RESOURCES[kind])
     body = client.V1DeleteOptions(propagation_policy="Background")
     call = {
         "Service": client.CoreV1Api(api()).delete_namespaced_service,
         "NetworkPolicy": client.NetworkingV1Api(api()).delete_namespaced_network_policy,
         "Job": client.BatchV1Api(api()).delete_namespaced_job,
     }[kind]
-    _release(_ignore(404, call, name, namespace, body=body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT))
+    with request("delete", RESOURCES[kind]):
+        response = _ignore(404, call, name, namespace, body=body, _preload_content=False,
+                           _request_timeout=REQUEST_TIMEOUT)  # fmt: skip
+    _release(response)
 
 
 def _release(response: Any) -> None:
@@ -188,12 +206,12 @@ def read_workload(job: dict[str, Any]) -> dict[str, Any] | None:
     """Kueue's Workload for this Job (its admission state: quota reserved or why not, evicted, preempted), found by
     the Job UID label Kueue puts on it. None if there is none yet, or Kueue is not installed (no such resource)."""
     meta = job["metadata"]
-    count("list", "workloads")
     try:
-        found = client.CustomObjectsApi(api()).list_namespaced_custom_object(
-            KUEUE_GROUP, KUEUE_VERSION, meta["namespace"], "workloads",
-            label_selector=f"kueue.x-k8s.io/job-uid={meta['uid']}", _request_timeout=REQUEST_TIMEOUT,
-        )  # fmt: skip
+        with request("list", "workloads"):
+            found = client.CustomObjectsApi(api()).list_namespaced_custom_object(
+                KUEUE_GROUP, KUEUE_VERSION, meta["namespace"], "workloads",
+                label_selector=f"kueue.x-k8s.io/job-uid={meta['uid']}", _request_timeout=REQUEST_TIMEOUT,
+            )  # fmt: skip
     except ApiException as err:
         if err.status in (403, 404):  # Kueue absent, or the chart installed without its Workload read permission
             return None
@@ -216,10 +234,12 @@ def post_event(obj: dict[str, Any], kind: str, reason: str, message: str, when: 
         "type": kind, "reason": reason, "message": message, "count": 1, "firstTimestamp": now, "lastTimestamp": now,
         "source": {"component": "lorafinetune-operator"}, "reportingComponent": "lorafinetune-operator",
     }  # fmt: skip
-    count("create", "events")
     try:
-        _release(client.CoreV1Api(api()).create_namespaced_event(meta["namespace"], event, _preload_content=False,
-                                                                 _request_timeout=EVENT_TIMEOUT))
+        with request("create", "events"):
+            response = client.CoreV1Api(api()).create_namespaced_event(meta["namespace"], event,
+                                                                       _preload_content=False,
+                                                                       _request_timeout=EVENT_TIMEOUT)  # fmt: skip
+        _release(response)
     except ApiException as err:  # an event is best effort: the status already says it
         if err.status not in (403, 404, 409):
             raise
@@ -227,27 +247,27 @@ def post_event(obj: dict[str, Any], kind: str, reason: str, message: str, when: 
 
 def pvc_exists(namespace: str, claim: str) -> bool:
     """Asked only when the operator's PVC cache has no such claim: it may have been created a moment ago."""
-    count("get", "persistentvolumeclaims")
-    return _ignore(404, client.CoreV1Api(api()).read_namespaced_persistent_volume_claim, claim, namespace,
-                   _request_timeout=REQUEST_TIMEOUT) is not None  # fmt: skip
+    with request("get", "persistentvolumeclaims"):
+        return _ignore(404, client.CoreV1Api(api()).read_namespaced_persistent_volume_claim, claim, namespace,
+                       _request_timeout=REQUEST_TIMEOUT) is not None  # fmt: skip
 
 
 def secret_exists(namespace: str, name: str) -> bool:
     # Only existence is used, but `get` returns the values: hence settings.secret_preflight (off in the chart).
-    count("get", "secrets")
-    return _ignore(404, client.CoreV1Api(api()).read_namespaced_secret, name, namespace,
-                   _request_timeout=REQUEST_TIMEOUT) is not None  # fmt: skip
+    with request("get", "secrets"):
+        return _ignore(404, client.CoreV1Api(api()).read_namespaced_secret, name, namespace,
+                       _request_timeout=REQUEST_TIMEOUT) is not None  # fmt: skip
 
 
 def patch_status(namespace: str, name: str, resource_version: str, status: dict[str, Any]) -> dict[str, Any] | None:
     """Merge-patch status if nobody changed the object since we read it. Returns the object as stored now, or None
     (409: changed meanwhile, reconcile again; 404: gone)."""
-    count("patch", f"{PLURAL}/status")
     body = {"metadata": {"resourceVersion": resource_version}, "status": status}
     try:
-        return client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=REQUEST_TIMEOUT
-        )
+        with request("patch", f"{PLURAL}/status"):
+            return client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=REQUEST_TIMEOUT
+            )
     except ApiException as err:
         if err.status in (404, 409):
             return None

@@ -44,7 +44,7 @@ class _Due(NamedTuple):
 
 class WorkQueue:
     def __init__(self, resolution: float = 0.1,
-                 on_wait: Callable[[float], None] | None = None) -> None:  # fmt: skip
+                 on_wait: Callable[[float, str], None] | None = None) -> None:  # fmt: skip
         self._lanes: tuple[deque[tuple[int, str]], deque[tuple[int, str]]] = (deque(), deque())  # new, the rest
         self._waiting: dict[str, _Waiting] = {}  # keys in a lane
         self._tickets = itertools.count()
@@ -55,7 +55,7 @@ class WorkQueue:
         self._failures: dict[str, int] = {}
         self._cond = threading.Condition()
         self._resolution = resolution
-        self._on_wait = on_wait or (lambda seconds: None)
+        self._on_wait = on_wait or (lambda seconds, lane: None)  # how long a key waited, in which lane
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -137,7 +137,7 @@ class WorkQueue:
                     return None
                 self._cond.wait(0.5)
             waiting = self._waiting.pop(key)
-            self._on_wait(time.monotonic() - waiting.since)
+            self._on_wait(time.monotonic() - waiting.since, "new" if waiting.new else "other")
             self._processing[key] = waiting.new
             return key, waiting.source
 

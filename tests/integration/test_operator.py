@@ -366,6 +366,7 @@ def test_an_operator_killed_mid_run_converges_without_duplicates(cluster: Cluste
 
 def test_operator_metrics_count_reconciles_and_phases(cluster: Cluster, operator):
     c = cluster
+    before = _metric_values(operator)
     c.apply(manifest("counted", CLUSTER_RUN))
     wait_phase(c, "counted", "Running")
     # The gauge follows the status patch within the same reconcile
@@ -378,6 +379,13 @@ def test_operator_metrics_count_reconciles_and_phases(cluster: Cluster, operator
     # Its Job and pods changed as the pods got ready (queued by whichever event came first; the rest coalesce)
     assert reconciles("job-event") + reconciles("pod-event") > 0
     assert values["lorafinetune_operator_attempts_started_total"] >= 1
+    # Where its apply -> Job went: the operator's own share, and the API server's answer to the Job create
+    def new(name: str) -> float:
+        return values.get(name, 0) - before.get(name, 0)
+
+    assert new("lorafinetune_operator_first_job_seconds_count") >= 1
+    assert 0 < new("lorafinetune_operator_first_job_seconds_sum") < 30
+    assert new('lorafinetune_operator_api_request_duration_seconds_count{resource="jobs",verb="create"}') >= 1
 
 
 def _metric_values(operator) -> dict[str, float]:
@@ -403,7 +411,7 @@ def test_finished_runs_cost_nothing_and_deleting_one_needs_no_operator(cluster: 
     def requests() -> float:
         # Not the informers' watches: each is one long-lived request, renewed every few minutes, whatever is at rest
         return sum(v for k, v in _metric_values(operator).items()
-                   if k.startswith("lorafinetune_operator_api_req") and 'verb="watch"' not in k)  # fmt: skip
+                   if k.startswith("lorafinetune_operator_api_requests_total") and 'verb="watch"' not in k)  # fmt: skip
 
     before = requests()
     time.sleep(6)  # six ticks of the test operator's 1 s timer

@@ -117,7 +117,7 @@ def test_new_fine_tunes_go_first_three_turns_to_one_and_neither_lane_starves():
 
 def test_a_key_known_new_while_waiting_moves_to_the_first_lane_once():
     ran, waits = [], []
-    q = WorkQueue(resolution=0.01, on_wait=waits.append)
+    q = WorkQueue(resolution=0.01, on_wait=lambda seconds, lane: waits.append((seconds, lane)))
     for i in range(3):
         q.add(f"ns/other-{i}", "pod-event")
     q.add("ns/x", "pvc-event")
@@ -130,7 +130,8 @@ def test_a_key_known_new_while_waiting_moves_to_the_first_lane_once():
         time.sleep(0.05)
         assert ran[0] == ("ns/x", "pvc-event"), "it keeps what first queued it"
         assert [k for k, _ in ran].count("ns/x") == 1
-        assert waits[0] >= 0.05, "its wait counts from when it was first queued"
+        assert waits[0][0] >= 0.05, "its wait counts from when it was first queued"
+        assert [lane for _, lane in waits] == ["new", "other", "other", "other"]
     finally:
         q.stop()
 
