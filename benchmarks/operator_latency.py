@@ -227,10 +227,12 @@ def run_round(c: Cluster, count: int, op: Operator, watcher: Watcher, cluster: s
     }  # fmt: skip
     applied, create_secs = {}, []
     peak, stop = [rss_mib(op.proc.pid)], threading.Event()
+    cpu_at: list[tuple[float, float]] = []  # (time, the operator's CPU seconds so far)
 
     def sample() -> None:
         while not stop.is_set() and op.proc.poll() is None:
             peak.append(rss_mib(op.proc.pid))
+            cpu_at.append((time.time(), cpu_seconds(op.proc.pid)))
             time.sleep(0.5)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -256,6 +258,8 @@ def run_round(c: Cluster, count: int, op: Operator, watcher: Watcher, cluster: s
     shares1 = cpu_by_process(cluster, op.proc.pid)
     to_job = [watcher.job_at[n] - applied[n] for n in names if n in watcher.job_at]
     to_seen = [watcher.seen_at[n] - applied[n] for n in names if n in watcher.seen_at]
+    last_job = max((watcher.job_at[n] for n in names if n in watcher.job_at), default=started)
+    in_burst = [(t, cpu) for t, cpu in cpu_at if started <= t <= last_job]
     to_running = [watcher.running_at[n] - applied[n] for n in names if n in watcher.running_at]
     return {
         "resources": count,
@@ -267,6 +271,10 @@ def run_round(c: Cluster, count: int, op: Operator, watcher: Watcher, cluster: s
         "applyToRunningSeconds": summary(to_running),
         "apiCreateSeconds": summary(create_secs),
         "operatorCpuSeconds": round(cpu_seconds(op.proc.pid) - cpu0, 1),
+        # the operator's share of one core from the first apply to the last Job: near 1, its own CPU (one GIL) is
+        # what the burst waits for
+        "operatorCpuShareToLastJob": round((in_burst[-1][1] - in_burst[0][1]) / (in_burst[-1][0] - in_burst[0][0]), 2)
+        if len(in_burst) > 1 else None,
         "operatorPeakRssMiB": round(max(peak), 1),
         "operatorApiRequests": {v: int(n - requests0.get(v, 0)) for v, n in sorted(requests1.items())
                                 if n - requests0.get(v, 0)},  # fmt: skip

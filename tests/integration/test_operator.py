@@ -214,6 +214,26 @@ def test_pods_refused_by_a_quota_are_explained_then_bounded_by_the_pending_timeo
     wait_for(lambda: not c.jobs("quota"), 30, "the timed-out attempt's Job to be deleted")
 
 
+def test_a_refused_network_policy_takes_its_job_down_and_the_run_starts_once_it_is_allowed(cluster: Cluster, operator):
+    """The NetworkPolicy is sent beside the Job, not before it: if the API server refuses the policy (here a quota
+    of no policies), the Job goes again and the retries create the policy first, so no Job stays without one."""
+    c = cluster
+    quota = client.V1ResourceQuota(metadata=client.V1ObjectMeta(name="no-policies"), spec=client.V1ResourceQuotaSpec(
+        hard={"count/networkpolicies.networking.k8s.io": "0"}))  # fmt: skip
+    c.core.create_namespaced_resource_quota(c.ns, quota)
+    wait_for(lambda: c.core.read_namespaced_resource_quota("no-policies", c.ns).status.hard, 30, "the quota to count")
+    c.apply(manifest("fenced", CLUSTER_RUN, resources={"nodes": 1}))
+    wait_for(lambda: "exceeded quota: no-policies" in operator.log.read_text(), 30, "the policy to be refused")
+    time.sleep(4)  # the retries after 1 s and 2 s
+    assert not c.jobs("fenced"), "a Job stayed without its NetworkPolicy"
+    assert not (c.get("fenced").get("status") or {}).get("attempt")
+
+    c.core.delete_namespaced_resource_quota("no-policies", c.ns)
+    wait_phase(c, "fenced", "Running", timeout=90)  # the backoff has grown to 8-16 s by now
+    assert [job.metadata.name for job in c.jobs("fenced")] == ["fenced-a1"]
+    client.NetworkingV1Api(c.api).read_namespaced_network_policy("fenced", c.ns)
+
+
 def test_preemptions_restart_the_gang_without_spending_the_backoff_limit(cluster: Cluster):
     c = cluster
     c.apply(manifest("spot", CLUSTER_RUN, runPolicy={"backoffLimit": 1}))
