@@ -8,7 +8,7 @@ Two arms in one run, each on a fresh cluster (hack/cluster/up.sh: real etcd, API
 scheduler, kwok playing the kubelet of 20 CPU nodes): the operator of `--baseline-ref` (checked out into a temporary
 git worktree; default: the commit before the operator read from caches; or `floor`: benchmarks/floor_controller.py,
 the least any controller must do, in the operator's place) and the operator of this checkout. CPU-only
-fine-tunes (1 pod each), so every pod can be placed. Apply -> Job is timed by a watch on Jobs (local clock), apply
+fine-tunes (1 pod each), so every pod can be placed. Apply -> Job is timed by a watch on Jobs in a process of its own (local clock), apply
 -> Running by a watch on the fine-tunes. After the last round all pods are finished (Succeeded) and the operator's
 API requests are counted for `--rest-seconds` with every fine-tune finished. Writes
 benchmarks/results/operator_latency.json with the machine. Everything shares the machine's cores: say so with the
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -29,6 +30,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.queues import Queue
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,48 +173,63 @@ def add_cpu_nodes(c: Cluster, count: int) -> None:
         c.core.create_node(node)
 
 
+def _watch(kind: str, kubeconfig: str, namespace: str, seen: Queue) -> None:
+    """A watch in a process of its own, reporting (what, fine-tune, local time) as events arrive: in the benchmark's
+    process its thread shared the GIL with the 16 threads applying, and an event that waited for it counted as the
+    operator's time (one round saw the fine-tunes' own events 3 s after their apply, later than their Jobs)."""
+    from kubernetes import client, config, watch
+
+    api = config.new_client_from_config(kubeconfig)
+    while True:
+        try:
+            if kind == "jobs":
+                # Plain JSON: the client's V1Job models cost milliseconds per event
+                stream = watch.Watch().stream(client.BatchV1Api(api).list_namespaced_job, namespace,
+                                              timeout_seconds=60, deserialize=False)  # fmt: skip
+            else:
+                stream = watch.Watch().stream(client.CustomObjectsApi(api).list_namespaced_custom_object, GROUP,
+                                              VERSION, namespace, PLURAL, timeout_seconds=60)  # fmt: skip
+            for event in stream:
+                meta, now = event["object"]["metadata"], time.time()
+                if kind == "jobs":
+                    seen.put(("job", meta["labels"].get("lorafinetune.io/name"), now))
+                    continue
+                seen.put(("seen", meta["name"], now))
+                if (phase := (event["object"].get("status") or {}).get("phase")) in ("Running", "Succeeded"):
+                    seen.put((phase, meta["name"], now))
+        except Exception:  # noqa: BLE001 - a watch cut short: again
+            time.sleep(1)
+
+
 class Watcher:
-    """When each fine-tune's Job appeared and when it was first Running, by the local clock, from two watches."""
+    """When each fine-tune's Job appeared, when the fine-tune was first seen and first Running, by the local clock,
+    from two watches in processes of their own."""
 
-    def __init__(self, c: Cluster) -> None:
-        self.c, self.seen_at, self.job_at, self.running_at, self.succeeded = c, {}, {}, {}, set()
-        self._stop = threading.Event()
-        for target in (self._jobs, self._fine_tunes):
-            threading.Thread(target=target, daemon=True).start()
+    def __init__(self, c: Cluster, kubeconfig: Path) -> None:
+        self.seen_at: dict[str, float] = {}
+        self.job_at: dict[str, float] = {}
+        self.running_at: dict[str, float] = {}
+        self.succeeded: set[str] = set()
+        spawn = multiprocessing.get_context("spawn")
+        self._seen: Queue = spawn.Queue()
+        self._procs = [spawn.Process(target=_watch, args=(kind, str(kubeconfig), c.ns, self._seen), daemon=True)
+                       for kind in ("jobs", "lorafinetunes")]  # fmt: skip
+        for proc in self._procs:
+            proc.start()
+        threading.Thread(target=self._collect, daemon=True).start()
 
-    def _jobs(self) -> None:
-        from kubernetes import watch
-
-        while not self._stop.is_set():
-            try:
-                # Plain JSON: turning each event into the client's V1Job models costs milliseconds of this process's
-                # CPU, and 1,000 Jobs' events then reach this thread seconds late, which would count as the operator's.
-                for event in watch.Watch().stream(self.c.batch.list_namespaced_job, self.c.ns, timeout_seconds=60,
-                                                  deserialize=False):  # fmt: skip
-                    name = event["object"]["metadata"]["labels"].get("lorafinetune.io/name")
-                    self.job_at.setdefault(name, time.time())
-            except Exception:  # noqa: BLE001 - the cluster going away at the end, or a watch cut short: again
-                time.sleep(1)
-
-    def _fine_tunes(self) -> None:
-        from kubernetes import watch
-
-        while not self._stop.is_set():
-            try:
-                stream = watch.Watch().stream(self.c.custom.list_namespaced_custom_object, GROUP, VERSION, self.c.ns,
-                                              PLURAL, timeout_seconds=60)  # fmt: skip
-                for event in stream:
-                    obj, phase = event["object"], event["object"].get("status", {}).get("phase")
-                    self.seen_at.setdefault(obj["metadata"]["name"], time.time())
-                    if phase == "Running":
-                        self.running_at.setdefault(obj["metadata"]["name"], time.time())
-                    elif phase == "Succeeded":
-                        self.succeeded.add(obj["metadata"]["name"])
-            except Exception:  # noqa: BLE001
-                time.sleep(1)
+    def _collect(self) -> None:
+        while (item := self._seen.get()) is not None:
+            what, name, at = item
+            if what == "Succeeded":
+                self.succeeded.add(name)
+            else:
+                {"job": self.job_at, "seen": self.seen_at, "Running": self.running_at}[what].setdefault(name, at)
 
     def stop(self) -> None:
-        self._stop.set()
+        for proc in self._procs:
+            proc.terminate()
+        self._seen.put(None)
 
 
 def run_round(c: Cluster, count: int, op: Operator, watcher: Watcher, cluster: str) -> dict:
@@ -325,7 +342,7 @@ def run_arm(arm: str, repo: Path, counts: list[int], interval: float, rest_secon
         c = Cluster(kubeconfig, NAMESPACE)
         c.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=c.ns)))
         c.bind_claim(SHARED_CLAIM)
-        watcher = Watcher(c)
+        watcher = Watcher(c, kubeconfig)
         kind = FloorController if arm in (FLOOR, FLOOR_KOPF) else Operator
         operator_env = {**operator_env, "VIA_KOPF": "1"} if arm == FLOOR_KOPF else operator_env
         op = kind(kubeconfig, work / "operator.log", repo=repo,
