@@ -8,9 +8,9 @@ Two arms in one run, each on a fresh cluster (hack/cluster/up.sh: real etcd, API
 scheduler, kwok playing the kubelet of 20 CPU nodes): the operator of `--baseline-ref` (checked out into a temporary
 git worktree; default: the commit before the operator read from caches; or `floor`: benchmarks/floor_controller.py,
 the least any controller must do, in the operator's place) and the operator of this checkout. CPU-only
-fine-tunes (1 pod each), so every pod can be placed. Apply -> Job is timed by a watch on Jobs in a process of its own (local clock), apply
--> Running by a watch on the fine-tunes. After the last round all pods are finished (Succeeded) and the operator's
-API requests are counted for `--rest-seconds` with every fine-tune finished. Writes
+fine-tunes (1 pod each), so every pod can be placed. Apply -> Job is timed by a watch on Jobs, apply -> Running by a
+watch on the fine-tunes, each in a process of its own (local clock). After the last round all pods are finished
+(Succeeded) and the operator's API requests are counted for `--rest-seconds` with every fine-tune finished. Writes
 benchmarks/results/operator_latency.json with the machine. Everything shares the machine's cores: say so with the
 numbers.
 """
@@ -181,14 +181,16 @@ def _watch(kind: str, kubeconfig: str, namespace: str, seen: Queue) -> None:
 
     api = config.new_client_from_config(kubeconfig)
     while True:
+        # No timeout_seconds: the client then resumes each watch from the last version it saw, where a new watch
+        # would begin with a list (a Job created meanwhile came late, counted as the operator's time)
         try:
             if kind == "jobs":
                 # Plain JSON: the client's V1Job models cost milliseconds per event
                 stream = watch.Watch().stream(client.BatchV1Api(api).list_namespaced_job, namespace,
-                                              timeout_seconds=60, deserialize=False)  # fmt: skip
+                                              deserialize=False)  # fmt: skip
             else:
                 stream = watch.Watch().stream(client.CustomObjectsApi(api).list_namespaced_custom_object, GROUP,
-                                              VERSION, namespace, PLURAL, timeout_seconds=60)  # fmt: skip
+                                              VERSION, namespace, PLURAL)  # fmt: skip
             for event in stream:
                 meta, now = event["object"]["metadata"], time.time()
                 if kind == "jobs":
