@@ -219,8 +219,8 @@ def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
     if p.create_attempt is not None:  # the Job carries the config: mutable fields as they are now reach this attempt
         if builders.needs_service(spec):
             kube.create(builders.build_service(owner, SETTINGS))
-        seen = _FIRST_SEEN.pop(owner.uid, None)
         job = _create_job_with_policy(owner, builders.build_job(owner, spec, p.create_attempt, SETTINGS))
+        seen = _FIRST_SEEN.pop(owner.uid, None)  # kept while the creates fail: their retries count too
         if job is not None:
             JOBS.put(job)  # the next reconcile may run before the watch brings it
             OPERATOR_METRICS.attempts.inc()
@@ -232,32 +232,52 @@ def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
 
 def _create_job_with_policy(owner: builders.Owner, job: dict[str, Any]) -> dict[str, Any] | None:
     """Create the attempt's Job, and the fine-tune's NetworkPolicy in the same moment: two requests in flight at
-    once, not one answer waited for before the other is sent (in a burst of new fine-tunes each answer took 0.3 s,
-    and a worker held for both is a worker the next fine-tune waits for). Pods cannot start before the Job
-    controller has seen the Job and a kubelet has started them, seconds after a policy sent alongside is stored.
-    If the policy is refused, the Job is deleted again (its pods, if any, get SIGTERM) and the refusal raised: no run
-    goes on without its policy. From then on that fine-tune's policy is created first, as the retry waits for it."""
+    once, not one answer waited for before the other is sent (in a burst of 500 new fine-tunes each answer took
+    0.2-0.3 s, and a worker held for both is a worker the next fine-tune waits for). The trade: the pods could start
+    before the policy is stored if the API server answered the policy seconds later than the Job, the Job controller
+    and a kubelet (before, the policy was stored first; a network plugin enforces it some time after either way).
+    A policy the API server refuses takes a Job that has no policy down again (its pods, if any, get SIGTERM), and
+    from then on that fine-tune's policy is created before its Job. The refusal is raised: the retry creates both."""
     if not SETTINGS.network_policy:
         return kube.create(job)
-    policy = builders.build_network_policy(owner, SETTINGS)
+    policy, name = builders.build_network_policy(owner, SETTINGS), job["metadata"]["name"]
     if owner.uid in _POLICY_REFUSED:
-        kube.create(policy)
+        try:
+            kube.create(policy)
+        except Exception as err:
+            if _refusal(err):  # a Job stored by a create whose answer never came, or whose delete failed
+                _delete_if_ours(owner, name)
+            raise
         _POLICY_REFUSED.discard(owner.uid)
         return kube.create(job)
     alongside = _ALONGSIDE.submit(kube.create, policy)
-    ours = False  # whether the Job of that name is this fine-tune's (created now, or before a restart)
+    created = None
     try:
         created = kube.create(job)
-        ours = True
     finally:
         try:
             alongside.result()
-        except Exception:
+        except Exception as err:
             _POLICY_REFUSED.add(owner.uid)
-            if ours:
-                kube.delete("Job", owner.namespace, job["metadata"]["name"])
+            if created is not None:
+                kube.delete("Job", owner.namespace, name)
+            elif _refusal(err):  # ours from before a restart, which died before it could delete it
+                _delete_if_ours(owner, name)
             raise
     return created
+
+
+def _refusal(err: Exception) -> bool:
+    """The API server said no (a quota, an admission webhook, RBAC, an invalid object): not a timeout or a 5xx,
+    after which the policy may well have been stored."""
+    return isinstance(err, kube.ApiException) and 400 <= (err.status or 0) < 500 and err.status not in (409, 429)
+
+
+def _delete_if_ours(owner: builders.Owner, name: str) -> None:
+    """Delete the Job of that name if the cache says this fine-tune controls it (never somebody else's)."""
+    job = JOBS.get(owner.namespace, name)
+    if job is not None and kube.controller_uid(job) == owner.uid:
+        kube.delete("Job", owner.namespace, name)
 
 
 def _poll_progress(owner: builders.Owner, status: LoRAFineTuneStatus, pods: list[dict[str, Any]]) -> None:
@@ -285,7 +305,9 @@ def _plan_and_act(owner: builders.Owner, spec: LoRAFineTuneSpec, current: LoRAFi
     # Read before the first attempt too: pods of a deleted fine-tune of the same name may still be writing the
     # same output in their termination grace, and the first attempt waits for them as for a previous attempt's.
     every_pod = PODS.indexed(namespace, name)
-    pods = [pod for pod in every_pod if _attempt_of(pod) == current.attempt] if job else []
+    # This Job's own pods: by its UID, not only the attempt label (a Job of the same name deleted before, e.g. when
+    # its NetworkPolicy was refused, may have left pods of that attempt terminating)
+    pods = [pod for pod in every_pod if _job_uid(pod) == job["metadata"]["uid"]] if job else []
     active = sum(_may_still_write(pod, now) and not _of_unrecorded_attempt(pod, owner, current.attempt)
                  for pod in every_pod)  # fmt: skip
     # Fewer pods than the Job wants: the Job controller's FailedCreate events (from the cache) say why, if any.
@@ -330,7 +352,13 @@ def _of_unrecorded_attempt(pod: dict[str, Any], owner: builders.Owner, recorded:
         return False
     job_ref = next((r for r in pod["metadata"].get("ownerReferences") or [] if r.get("kind") == "Job"), None)
     job = JOBS.get(owner.namespace, job_ref["name"]) if job_ref else None
-    return job is not None and kube.controller_uid(job) == owner.uid
+    # That very Job (by UID: one of the same name may have been deleted and created again), and ours
+    return job is not None and job["metadata"].get("uid") == _job_uid(pod) and kube.controller_uid(job) == owner.uid
+
+
+def _job_uid(pod: dict[str, Any]) -> str | None:
+    """The UID of the Job that created the pod."""
+    return next((r.get("uid") for r in pod["metadata"].get("ownerReferences") or [] if r.get("kind") == "Job"), None)
 
 
 def _completion_index(pod: dict[str, Any]) -> str | None:
@@ -348,6 +376,9 @@ def reconcile(key: str, source: str = "") -> None:
         body = FINE_TUNES.get(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             QUEUE.forget(key)
+            if body is not None:
+                _FIRST_SEEN.pop(body["metadata"]["uid"], None)
+                _POLICY_REFUSED.discard(body["metadata"]["uid"])
             return
         meta = body["metadata"]
         owner = builders.Owner(meta["name"], meta["namespace"], meta["uid"])

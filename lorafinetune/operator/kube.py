@@ -25,17 +25,18 @@ RESOURCES = {"Service": "services", "NetworkPolicy": "networkpolicies", "Job": "
 # restarted, a node's network gone) fails the reconcile, which is retried with backoff, instead of holding one of the
 # workers until the kernel gives up on it. A create that timed out but was stored is "already exists" on the retry.
 REQUEST_TIMEOUT = (5, 30)
-# Connections kept open to the API server for the reconciles' requests: the workers and the event thread at once
-# (urllib3 opens more when all are busy, and closes those after use). size_pool() sets it from the workers.
-POOL_CONNECTIONS = 33
+# Connections kept open to the API server for the reconciles' requests: the workers (two requests each at most) and
+# the event thread at once (urllib3 opens more when all are busy, and closes those after use). size_pool() sets it.
+POOL_CONNECTIONS = 65
 _SHARED: client.ApiClient | None = None
 _SHARED_GUARD = threading.Lock()
 
 
 def size_pool(workers: int) -> None:
-    """Keep a connection open for every worker and the event thread (before the first request)."""
+    """Keep a connection open for every worker, the request each may send alongside (a NetworkPolicy beside its
+    Job), and the event thread (before the first request)."""
     global POOL_CONNECTIONS
-    POOL_CONNECTIONS = workers + 1
+    POOL_CONNECTIONS = 2 * workers + 1
 
 
 def api() -> client.ApiClient:
@@ -147,10 +148,16 @@ def create(obj: dict[str, Any]) -> dict[str, Any] | None:
     except ApiException as err:
         if err.status == 403 and "NamespaceTerminating" in (err.body or ""):
             return None  # the namespace is being deleted, and the fine-tune with it
-        if err.status != 409:
+        # 403 too: quota admission comes before the name check, so in a namespace whose quota for this kind is
+        # exactly used up, creating one that exists already is refused rather than answered 409
+        if err.status not in (403, 409):
             raise
+        refusal = err
     with request("get", RESOURCES[kind]):
-        existing = api().sanitize_for_serialization(read_call(name, ns, _request_timeout=REQUEST_TIMEOUT))
+        existing = _ignore(404, read_call, name, ns, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+    if existing is None:  # a 403 for a new object: a real refusal
+        raise refusal
+    existing = json.loads(existing.data)
     if controller_uid(existing) != controller_uid(obj):
         refs = existing["metadata"].get("ownerReferences") or [{"kind": "nobody"}]
         holder = f"{refs[0].get('kind')} {refs[0].get('name', '')} (uid {refs[0].get('uid', '-')})".strip()
@@ -265,10 +272,11 @@ def patch_status(namespace: str, name: str, resource_version: str, status: dict[
     body = {"metadata": {"resourceVersion": resource_version}, "status": status}
     try:
         with request("patch", f"{PLURAL}/status"):
-            return client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=REQUEST_TIMEOUT
-            )
+            answer = client.CustomObjectsApi(api()).patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            ).data
     except ApiException as err:
         if err.status in (404, 409):
             return None
         raise
+    return json.loads(answer)
