@@ -45,7 +45,7 @@ class OperatorMetrics:
             ["verb", "resource"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
         )  # fmt: skip
         # The operator's own share of apply -> Job: from the first watch event of a fine-tune to its first Job
-        # created (the rest is the API server's watch delivery, which no operator can shorten).
+        # created (the rest, the API server's watch delivery, it does not see).
         self.first_job = Histogram(
             "lorafinetune_operator_first_job_seconds",
             "Time from the operator first seeing a new fine-tune to its first Job created",
@@ -67,6 +67,7 @@ class OperatorMetrics:
             "lorafinetune_operator_finetune_phase", "1 for the current phase of each fine-tune",
             ["namespace", "finetune", "phase"], registry=r,
         )  # fmt: skip
+        self._wait_by_lane = {lane: self.queue_wait.labels(lane=lane) for lane in ("new", "other")}
         self._phases: dict[str, str] = {}
         for phase in PHASES:
             self.resources.labels(phase=phase).set(0)
@@ -90,7 +91,7 @@ class OperatorMetrics:
             self.duration.labels(handler=handler).observe(time.perf_counter() - started)
 
     def waited(self, seconds: float, lane: str) -> None:
-        self.queue_wait.labels(lane=lane).observe(seconds)
+        self._wait_by_lane[lane].observe(seconds)
 
     def set_phase(self, key: str, phase: str | None) -> None:
         namespace, _, name = key.partition("/")

@@ -137,9 +137,10 @@ class WorkQueue:
                     return None
                 self._cond.wait(0.5)
             waiting = self._waiting.pop(key)
-            self._on_wait(time.monotonic() - waiting.since, "new" if waiting.new else "other")
             self._processing[key] = waiting.new
-            return key, waiting.source
+        # Outside the lock, which every add and every worker contends for in a burst
+        self._on_wait(time.monotonic() - waiting.since, "new" if waiting.new else "other")
+        return key, waiting.source
 
     def _take_locked(self) -> str | None:
         new, other = self._lanes
