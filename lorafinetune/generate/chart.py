@@ -50,8 +50,14 @@ class Operator(APIModel):
         "", description="Image of the trainer pods when a LoRAFineTune sets none; empty means the operator's image."
     )
     reconcile_interval_seconds: float = Field(
-        _DEFAULTS.reconcile_interval_seconds, gt=0, description="How often each fine-tune is re-checked."
-    )
+        _DEFAULTS.reconcile_interval_seconds, gt=0,
+        description="How often a fine-tune held back by something no watch reports (a missing Secret, the nodes' "
+        "GPU memory) is checked again.",
+    )  # fmt: skip
+    resync_seconds: float = Field(
+        _DEFAULTS.resync_seconds, gt=0,
+        description="The longest a live fine-tune goes without a reconcile when nothing it watches changes.",
+    )  # fmt: skip
     backoff_base_seconds: float = Field(
         _DEFAULTS.backoff_base_seconds, ge=0, description="Wait before the 2nd attempt; doubles per attempt."
     )

@@ -1,6 +1,6 @@
 """Progress of a running fine-tune, read from rank 0's Prometheus endpoint (the same numbers Grafana shows).
 
-The operator polls at a bounded rate (settings.progress_interval_seconds per resource), and a missing, unreachable,
+The operator reads it every settings.progress_interval_seconds while the fine-tune runs, and a missing, unreachable,
 slow, oversized or malformed endpoint only means "no progress yet": it never changes the phase. The endpoint is served
 from inside a tenant's pod, so the whole exchange is bounded in seconds and bytes, not just each socket read, and it
 runs on the Poller's own threads: a reconcile never waits on a trainer.
@@ -8,12 +8,15 @@ runs on the Poller's own threads: a reconcile never waits on a trainer.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import socket
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from lorafinetune.api.status import Progress
@@ -97,47 +100,82 @@ def _get_metrics(address: str, port: int, timeout: float, max_bytes: int) -> byt
 
 
 class Poller:
-    """Reads progress on threads of its own. An endpoint that hangs (a partitioned node, a policy dropping packets)
-    holds one of them for up to the fetch's timeout, never a reconcile worker: with hundreds of runs it is their
-    progress that gets staler, not every other fine-tune's reconcile. `on_fresh(key)` runs when a read brought
-    progress for the next reconcile to `take`."""
+    """Reads the progress of the running fine-tunes it is told to `follow`, every `interval` seconds each, on threads
+    of its own, until told to `drop` them. It keeps its own clock: a running fine-tune needs no reconcile to have its
+    progress read, only one when a read brought something (`on_fresh(key)`, then `take`). An endpoint that hangs (a
+    partitioned node, a policy dropping packets) holds one thread for up to the fetch's timeout, never a reconcile
+    worker: with hundreds of runs it is their progress that gets staler, not every other fine-tune's reconcile."""
 
     def __init__(self, threads: int, interval: float, port: int, on_fresh: Callable[[str], None],
                  fetch: Callable[[str, int, Progress | None], Progress | None] = fetch) -> None:  # fmt: skip
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lft-progress")
         self._interval, self._port, self._on_fresh, self._fetch = interval, port, on_fresh, fetch
-        self._guard = threading.Lock()
-        self._asked: dict[str, float] = {}  # when each key was last read
-        self._in_flight: set[str] = set()
+        self._guard = threading.Condition()
+        self._followed: dict[str, _Target] = {}
+        self._due: list[tuple[float, int, str]] = []  # (when, the target's serial, key): a heap
+        self._serial = itertools.count()
         self._fresh: dict[str, Progress] = {}
+        self._clock: threading.Thread | None = None
 
     def take(self, key: str) -> Progress | None:
         """The newest progress read for `key` and not taken yet."""
         with self._guard:
             return self._fresh.pop(key, None)
 
-    def request(self, key: str, address: str, previous: Progress | None) -> None:
-        """Read `key`'s progress at `address` unless one read is under way or the last began under `interval` ago."""
-        now = time.monotonic()
+    def follow(self, key: str, address: str, previous: Progress | None) -> None:
+        """Read `key`'s progress at `address` now and every `interval` after; a new address (a new attempt's pod)
+        is read from the next turn. `previous`: the progress the status holds (the best eval loss carries on)."""
         with self._guard:
-            if key in self._in_flight or now - self._asked.get(key, -math.inf) < self._interval:
+            if (target := self._followed.get(key)) is not None:
+                target.address = address
                 return
-            self._in_flight.add(key)
-            self._asked[key] = now
-        self._pool.submit(self._read, key, address, previous)
+            target = self._followed[key] = _Target(address, previous, next(self._serial))
+            heapq.heappush(self._due, (time.monotonic(), target.serial, key))
+            if self._clock is None:
+                self._clock = threading.Thread(target=self._run, name="lft-progress-clock", daemon=True)
+                self._clock.start()
+            self._guard.notify()
 
-    def forget(self, key: str) -> None:
+    def drop(self, key: str) -> None:
+        """No more reads of `key` (the run stopped running, or is gone); a read under way is discarded."""
         with self._guard:
-            self._asked.pop(key, None)
+            self._followed.pop(key, None)
             self._fresh.pop(key, None)
 
-    def _read(self, key: str, address: str, previous: Progress | None) -> None:
+    def _run(self) -> None:
+        while True:
+            with self._guard:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._guard.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                _, serial, key = heapq.heappop(self._due)
+                target = self._followed.get(key)
+                if target is None or target.serial != serial:  # dropped (and maybe followed again since)
+                    continue
+                address, previous = target.address, target.previous
+            self._pool.submit(self._read, key, serial, address, previous)
+
+    def _read(self, key: str, serial: int, address: str, previous: Progress | None) -> None:
+        started = time.monotonic()
         try:
             fresh = self._fetch(address, self._port, previous)
         finally:
-            with self._guard:
-                self._in_flight.discard(key)
-        if fresh is not None:
-            with self._guard:
-                self._fresh[key] = fresh
-            self._on_fresh(key)
+            with self._guard:  # the next read of this key is due an interval after this one began, never sooner
+                target = self._followed.get(key)
+                current = target is not None and target.serial == serial
+                if current:
+                    heapq.heappush(self._due, (started + self._interval, serial, key))
+                    self._guard.notify()
+        if fresh is None or not current:
+            return
+        with self._guard:
+            if (target := self._followed.get(key)) is None or target.serial != serial:
+                return
+            target.previous = self._fresh[key] = fresh
+        self._on_fresh(key)
+
+
+@dataclass
+class _Target:
+    address: str
+    previous: Progress | None
+    serial: int  # a key dropped and followed again is a new target: the old one's reads and turns are discarded

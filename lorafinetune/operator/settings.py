@@ -38,8 +38,14 @@ class OperatorSettings:
     """LFT_BACKOFF_CAP_SECONDS: longest wait between attempts, so a late retry does not wait hours."""
 
     reconcile_interval_seconds: float = 10.0
-    """LFT_RECONCILE_INTERVAL_SECONDS: how often a live fine-tune is re-checked without an event (deadlines, pods
-    lost with their node, progress); from the caches, so without API requests. Finished ones never are."""
+    """LFT_RECONCILE_INTERVAL_SECONDS: how often a fine-tune held back by something no watch reports is checked
+    again: a Secret it names (not watched: the operator may not list Secrets), the nodes' GPU memory, a child name
+    taken by another owner. Live runs move on their Jobs' and pods' events and on their own deadlines instead."""
+
+    resync_seconds: float = 300.0
+    """LFT_RESYNC_SECONDS: the longest a live fine-tune goes without a reconcile when nothing it watches changes (a
+    safety net under the watches; backoffs, deadlines and progress reads have timers of their own). From the caches,
+    so without API requests; finished ones never come back."""
 
     metrics_port: int = 8080
     """LFT_OPERATOR_METRICS_PORT: the operator's own Prometheus metrics; 0 disables."""
@@ -104,6 +110,9 @@ class OperatorSettings:
     outbound request."""
 
     def __post_init__(self) -> None:
+        for name in ("reconcile_interval_seconds", "resync_seconds", "progress_interval_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"LFT_{name.upper()} must be more than 0, got {getattr(self, name)}")
         if self.workers < 1:
             raise ValueError(f"LFT_WORKERS must be at least 1, got {self.workers}")
         parse_format(self.log_format)
@@ -120,6 +129,7 @@ class OperatorSettings:
             reconcile_interval_seconds=float(
                 os.environ.get("LFT_RECONCILE_INTERVAL_SECONDS", d.reconcile_interval_seconds)
             ),
+            resync_seconds=float(os.environ.get("LFT_RESYNC_SECONDS", d.resync_seconds)),
             metrics_port=int(os.environ.get("LFT_OPERATOR_METRICS_PORT", d.metrics_port)),
             liveness_port=int(os.environ.get("LFT_LIVENESS_PORT", d.liveness_port)),
             progress_interval_seconds=float(

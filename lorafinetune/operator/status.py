@@ -188,6 +188,13 @@ class Plan:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
 
 
+def _copy(status: LoRAFineTuneStatus) -> LoRAFineTuneStatus:
+    """A copy the planner may change without touching `status` (the caller's, maybe cached): the planner assigns
+    fields and changes conditions in place (set_condition), nothing else, so the conditions are copied one level and
+    the rest shared. A deep copy was a tenth of the operator's CPU time with 1,000 runs live."""
+    return status.model_copy(update={"conditions": [c.model_copy() for c in status.conditions]})
+
+
 def set_condition(status: LoRAFineTuneStatus, ctype: str, true: bool, reason: str, message: str, now: datetime,
                   generation: int | None) -> None:  # fmt: skip
     """Set one condition; lastTransitionTime changes only when the status flips."""
@@ -225,8 +232,32 @@ def plan(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOu
     are none: pods of a failed or suspended attempt may still be writing a checkpoint in their termination grace,
     and two attempts must never write the same run folder at once.
     `warning`: (reason, message) of a preflight doubt that does not stop the attempt (no node has enough GPUs now:
-    a cluster autoscaler adds one only when it sees pods that need it); said when the attempt is created."""
-    p = Plan(status=current.model_copy(deep=True))
+    a cluster autoscaler adds one only when it sees pods that need it); said when the attempt is created.
+
+    `requeue_after` says when the clock alone changes the decision (a backoff expiring, a deadline passing): a live
+    run otherwise waits for an event of its Job or pods, not for a timer."""
+    p = _decide(spec, current, outcome, now, settings, generation, active_pods, warning)
+    s, rp = p.status, spec.run_policy
+    if s.phase in FINISHED or s.phase == "Suspended":
+        return p
+    deadlines = [s.start_time + timedelta(seconds=rp.active_deadline_seconds)
+                 if rp.active_deadline_seconds and s.start_time else None,
+                 s.pending_since + timedelta(seconds=rp.pending_timeout_seconds)
+                 if s.phase == "Pending" and s.pending_since else None]  # fmt: skip
+    for due in filter(None, deadlines):
+        # A moment past it, so that the reconcile then finds it passed (never a busy loop at 0 s)
+        after = max((due - now).total_seconds(), 0.0) + DEADLINE_MARGIN_SECONDS
+        p.requeue_after = after if p.requeue_after is None else min(p.requeue_after, after)
+    return p
+
+
+DEADLINE_MARGIN_SECONDS = 0.05
+
+
+def _decide(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: AttemptOutcome, now: datetime,
+            settings: OperatorSettings, generation: int | None, active_pods: int,
+            warning: tuple[str, str] | None) -> Plan:  # fmt: skip
+    p = Plan(status=_copy(current))
     s, rp = p.status, spec.run_policy
     s.observed_generation = generation
 
@@ -329,7 +360,7 @@ def plan_invalid(current: LoRAFineTuneStatus, problems: list[str], now: datetime
                  generation: int | None = None) -> Plan:  # fmt: skip
     """A spec the operator cannot run although the API server stored it: Failed at once with reason InvalidSpec and
     every problem, written as `lorafinetune validate` writes them. Converges: a second call changes nothing."""
-    p = Plan(status=current.model_copy(deep=True))
+    p = Plan(status=_copy(current))
     s = p.status
     s.observed_generation = generation
     if s.phase == "Failed" and s.last_failure and s.last_failure.reason == INVALID_SPEC:
@@ -406,7 +437,7 @@ def plan_waiting(current: LoRAFineTuneStatus, reason: str, message: str, now: da
                  generation: int | None = None) -> Plan:  # fmt: skip
     """Nothing can be done until something outside changes: the phase and attempt stay, the Ready condition says why,
     and the event is posted once per reason, not once per tick."""
-    p = Plan(status=current.model_copy(deep=True))
+    p = Plan(status=_copy(current))
     p.status.observed_generation = generation
     ready = next((c for c in p.status.conditions if c.type == "Ready"), None)
     if ready is None or ready.reason != reason:

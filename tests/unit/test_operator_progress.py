@@ -3,11 +3,19 @@ tests/e2e/test_real_pods.py): a trainer that never answers must not hold up the 
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
 from lorafinetune.api.status import Progress
 from lorafinetune.operator.progress import Poller
+
+
+def _until(condition, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
 
 
 def test_a_hanging_endpoint_never_blocks_the_caller_and_one_read_per_key_runs_at_a_time():
@@ -20,31 +28,52 @@ def test_a_hanging_endpoint_never_blocks_the_caller_and_one_read_per_key_runs_at
 
     poller = Poller(2, interval=0.0, port=9090, on_fresh=fresh.append, fetch=fetch)
     started = time.monotonic()
-    poller.request("ns/a", "10.0.0.1", None)
-    poller.request("ns/a", "10.0.0.1", None)  # under way already: not a second read
+    poller.follow("ns/a", "10.0.0.1", None)
+    poller.follow("ns/a", "10.0.0.1", None)  # followed already: not a second read
     assert time.monotonic() - started < 0.5, "the caller waited for the endpoint"
-    assert poller.take("ns/a") is None
+    assert _until(lambda: reads) and poller.take("ns/a") is None
+    time.sleep(0.2)
+    assert reads == ["10.0.0.1"], "one read at a time, however short the interval"
     release.set()
-    deadline = time.monotonic() + 5
-    while not fresh and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert fresh == ["ns/a"] and reads == ["10.0.0.1"]
-    assert poller.take("ns/a").step == 3 and poller.take("ns/a") is None, "taken once"
+    assert _until(lambda: fresh)
+    assert fresh[0] == "ns/a" and poller.take("ns/a").step == 3
+    poller.drop("ns/a")
 
 
-def test_reads_of_one_key_are_spaced_by_the_interval():
+def test_a_followed_run_is_read_every_interval_without_being_asked_until_dropped():
+    reads, fresh = [], []
+
+    def fetch(address, port, previous):
+        reads.append((address, time.monotonic()))
+        # the endpoint comes up only at the third read (a trainer loading its model): no read must stop the clock
+        return Progress(step=len(reads), summary="") if len(reads) >= 3 else None
+
+    poller = Poller(1, interval=0.2, port=9090, on_fresh=fresh.append, fetch=fetch)
+    poller.follow("ns/a", "10.0.0.1", None)
+    assert _until(lambda: len(reads) >= 4), "read again and again with nobody asking"
+    times = [t for _, t in reads]
+    assert all(b - a >= 0.19 for a, b in itertools.pairwise(times)), f"spaced by the interval: {times}"
+    assert fresh[:2] == ["ns/a", "ns/a"] and poller.take("ns/a").step >= 3
+    poller.follow("ns/a", "10.0.0.9", None)  # the next attempt's pod: read there from the next turn
+    assert _until(lambda: reads[-1][0] == "10.0.0.9")
+    poller.drop("ns/a")
+    time.sleep(0.3)
+    count = len(reads)
+    time.sleep(0.5)
+    assert len(reads) == count, "no read after the run stopped running"
+    assert poller.take("ns/a") is None
+
+
+def test_each_run_has_its_own_schedule():
     reads = []
-    poller = Poller(1, interval=60.0, port=9090, on_fresh=lambda key: None,
+    poller = Poller(2, interval=60.0, port=9090, on_fresh=lambda key: None,
                     fetch=lambda address, port, previous: reads.append(address))  # fmt: skip
-    poller.request("ns/a", "10.0.0.1", None)
-    deadline = time.monotonic() + 5
-    while not reads and time.monotonic() < deadline:
-        time.sleep(0.01)
-    poller.request("ns/a", "10.0.0.1", None)  # within the interval
-    poller.request("ns/b", "10.0.0.2", None)  # another fine-tune: its own schedule
+    poller.follow("ns/a", "10.0.0.1", None)
+    poller.follow("ns/b", "10.0.0.2", None)
+    assert _until(lambda: len(reads) == 2)
+    poller.follow("ns/a", "10.0.0.1", None)  # within the interval: nothing
     time.sleep(0.2)
     assert sorted(reads) == ["10.0.0.1", "10.0.0.2"]
-    poller.forget("ns/a")
-    poller.request("ns/a", "10.0.0.1", None)  # re-created: read again at once
-    time.sleep(0.2)
-    assert sorted(reads) == ["10.0.0.1", "10.0.0.1", "10.0.0.2"]
+    poller.drop("ns/a")
+    poller.follow("ns/a", "10.0.0.1", None)  # running again (a new attempt): read again at once
+    assert _until(lambda: len(reads) == 3) and sorted(reads) == ["10.0.0.1", "10.0.0.1", "10.0.0.2"]

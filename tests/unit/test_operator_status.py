@@ -12,7 +12,7 @@ from lorafinetune.api.status import AdapterRef, LoRAFineTuneStatus, Progress
 from lorafinetune.contract import ExitCode, TerminationRecord
 from lorafinetune.operator.progress import parse_metrics
 from lorafinetune.operator.settings import OperatorSettings
-from lorafinetune.operator.status import AttemptOutcome, kueue_recheck_after, observe_attempt, plan
+from lorafinetune.operator.status import AttemptOutcome, kueue_recheck_after, observe_attempt, plan, plan_waiting
 from tests.manifests import MINIMAL, manifest
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -346,6 +346,33 @@ def test_deadline_fails_the_run_and_stops_its_pods():
     status = LoRAFineTuneStatus(phase="Running", attempt=1, start_time=NOW - timedelta(seconds=61))
     p = plan(spec(activeDeadlineSeconds=60), status, AttemptOutcome("running"), NOW, SETTINGS, 1)
     assert (p.status.phase, p.delete_job, p.status.last_failure.reason) == ("Failed", 1, "DeadlineExceeded")
+
+
+def test_a_live_run_is_woken_by_the_clock_only_for_its_deadlines():
+    running = LoRAFineTuneStatus(phase="Running", attempt=1, start_time=NOW - timedelta(seconds=20))
+    assert plan(spec(), running, AttemptOutcome("running"), NOW, SETTINGS, 1).requeue_after is None, "events do it"
+    p = plan(spec(activeDeadlineSeconds=60), running, AttemptOutcome("running"), NOW, SETTINGS, 1)
+    assert p.requeue_after == pytest.approx(40, abs=0.1), "when the run's deadline passes"
+    pending = LoRAFineTuneStatus(phase="Pending", attempt=1, start_time=NOW - timedelta(seconds=20),
+                                 pending_since=NOW - timedelta(seconds=10))  # fmt: skip
+    starting = AttemptOutcome("pending", "PodsStarting", "0/1 pods running")
+    p = plan(spec(pendingTimeoutSeconds=60, activeDeadlineSeconds=600), pending, starting, NOW, SETTINGS, 1)
+    assert p.requeue_after == pytest.approx(50, abs=0.1), "when the pending bound passes, the nearer one"
+    late = plan(spec(pendingTimeoutSeconds=60), pending, starting, NOW + timedelta(seconds=p.requeue_after), SETTINGS,
+                1)  # fmt: skip
+    assert late.status.last_failure.reason == "PendingTimeout", "woken then, the bound has passed"
+    created = plan(spec(pendingTimeoutSeconds=60), LoRAFineTuneStatus(), AttemptOutcome("none"), NOW, SETTINGS, 1)
+    assert created.create_attempt == 1 and created.requeue_after == pytest.approx(60, abs=0.1)
+
+
+def test_planning_leaves_the_status_it_was_given_as_it_was():
+    # The operator keeps the parsed status between reconciles: a plan must work on a copy of it.
+    before = plan(spec(), LoRAFineTuneStatus(), AttemptOutcome("none"), NOW, SETTINGS, 1).status
+    frozen = before.model_dump()
+    after = plan(spec(), before, AttemptOutcome("running"), NOW + timedelta(seconds=5), SETTINGS, 2).status
+    assert after.phase == "Running" and before.model_dump() == frozen
+    waiting = plan_waiting(before, "NameInUse", "taken", NOW, 2).status
+    assert waiting.conditions != before.conditions and before.model_dump() == frozen
 
 
 def test_ttl_removes_children_of_finished_runs_when_due():
