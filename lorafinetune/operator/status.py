@@ -37,6 +37,7 @@ class AttemptOutcome:
     disrupted: bool = False
     adapter: AdapterRef | None = None  # from rank 0's termination message on success
     evicted: str = ""  # queued again after Kueue evicted the running attempt: "<reason>: <message>" of the Workload
+    running: int = 0  # pods of the attempt running so far (a pending gang)
 
 
 # The Job's pod failure policy fails the whole Job at a pod's first disruption (builders.build_job); the Job's
@@ -108,7 +109,7 @@ def _admission_of(job: dict, workload: dict | None) -> AttemptOutcome:
     # Evicted first: a preempted Workload still holds its quota until its pods are gone.
     evicted = _condition(workload, "Evicted") if _is_true(workload, "Evicted") else None
     if evicted is None and _is_true(workload, "QuotaReserved"):  # admitted: Kueue unsuspends the Job in a moment
-        return AttemptOutcome("pending", "PodsStarting", f"admitted by Kueue (LocalQueue {queue!r})")
+        return AttemptOutcome("pending", PODS_STARTING, f"admitted by Kueue (LocalQueue {queue!r})")
     eviction = f"{evicted.get('reason') or 'Evicted'}: {evicted.get('message', '')}" if evicted else ""
     reserved = _condition(workload, "QuotaReserved") or {}
     why = (reserved.get("message") if reserved.get("status") == "False" else "") or eviction or "waiting for quota"
@@ -175,7 +176,7 @@ def observe_attempt(job: dict | None, pods: list[dict], failed_create: str = "",
     bad = [w for w in waiting if w.get("reason") in STUCK_WAITING]
     if bad:
         return AttemptOutcome("pending", bad[0]["reason"], bad[0].get("message", ""))
-    return AttemptOutcome("pending", "PodsStarting", f"{len(running)}/{nodes} pods running")
+    return AttemptOutcome("pending", PODS_STARTING, f"{len(running)}/{nodes} pods running", running=len(running))
 
 
 @dataclass
@@ -313,11 +314,16 @@ def _decide(spec: LoRAFineTuneSpec, current: LoRAFineTuneStatus, outcome: Attemp
         outcome = AttemptOutcome("failed", "PendingTimeout", f"pods not all running after {waited}: {cause}")
     if outcome.state == "pending":
         before = next((c.reason for c in s.conditions if c.type == "Ready"), None)
+        if before == ATTEMPT_CREATED and outcome.reason == PODS_STARTING and not outcome.running:
+            # Nothing new to say yet: the attempt was created and none of its pods runs. Said once one does (or
+            # something holds them back): in a burst of 500 new runs this patch and event were a third of the
+            # writes to the fine-tunes, which every watcher of them must then be sent.
+            return p
         reason = outcome.reason or "Pending"
         _phase(p, "Pending", reason, outcome.message, now, generation)
         p.events.clear()  # one event per new reason for waiting, not one per tick
         if reason != before:
-            kind = "Normal" if reason == "PodsStarting" else "Warning"
+            kind = "Normal" if reason == PODS_STARTING else "Warning"
             p.events.append((kind, reason, outcome.message or "waiting"))
         return p
     if outcome.state == "running":
@@ -448,6 +454,8 @@ def plan_waiting(current: LoRAFineTuneStatus, reason: str, message: str, now: da
 
 
 INVALID_SPEC = "InvalidSpec"
+ATTEMPT_CREATED = "AttemptCreated"
+PODS_STARTING = "PodsStarting"
 QUEUED = "Queued"
 WAITING_FOR_KUEUE = "WaitingForKueue"
 NAME_IN_USE = "NameInUse"
@@ -472,7 +480,7 @@ def _start_attempt(p: Plan, attempt: int, now: datetime, generation: int | None,
     s.attempt, s.start_time, s.next_attempt_time, s.pending_since = attempt, s.start_time or now, None, now
     p.create_attempt = attempt
     why = "resumes from the last complete checkpoint" if attempt > 1 else "first attempt"
-    _phase(p, "Pending", "AttemptCreated", f"attempt {attempt} created ({why})", now, generation)
+    _phase(p, "Pending", ATTEMPT_CREATED, f"attempt {attempt} created ({why})", now, generation)
     if warning:
         reason, message = warning
         set_condition(s, "Ready", False, reason, message, now, generation)

@@ -365,6 +365,19 @@ def test_a_live_run_is_woken_by_the_clock_only_for_its_deadlines():
     assert created.create_attempt == 1 and created.requeue_after == pytest.approx(60, abs=0.1)
 
 
+def test_pods_not_running_yet_add_nothing_to_attempt_created_until_one_runs():
+    created = plan(spec(), LoRAFineTuneStatus(), AttemptOutcome("none"), NOW, SETTINGS, 1).status
+    none_yet = observe_attempt(job(), [pod("a-0", "Pending")])
+    quiet = plan(spec(), created, none_yet, NOW + timedelta(seconds=1), SETTINGS, 1)
+    assert quiet.status == created and not quiet.events, "no status write, no event: nothing new to say"
+    one = plan(spec(), created, observe_attempt(job(), [pod("a-0", "Running"), pod("a-1", "Pending")]),
+               NOW + timedelta(seconds=2), SETTINGS, 1)  # fmt: skip
+    ready = next(c for c in one.status.conditions if c.type == "Ready")
+    assert (ready.reason, ready.message) == ("PodsStarting", "1/2 pods running") and one.events
+    stuck = AttemptOutcome("pending", "ImagePullBackOff", 'Back-off pulling image "nope:1"')
+    assert plan(spec(), created, stuck, NOW, SETTINGS, 1).events[0][:2] == ("Warning", "ImagePullBackOff")
+
+
 def test_planning_leaves_the_status_it_was_given_as_it_was():
     # The operator keeps the parsed status between reconciles: a plan must work on a copy of it.
     before = plan(spec(), LoRAFineTuneStatus(), AttemptOutcome("none"), NOW, SETTINGS, 1).status
