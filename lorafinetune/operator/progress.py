@@ -33,6 +33,7 @@ _FIELDS = {
 
 
 MAX_BYTES = 1 << 20  # a trainer's page is a few kB
+MAX_BACKOFF = 4  # an endpoint that keeps bringing nothing is read every 4 intervals at most (1 minute by default)
 
 
 def parse_metrics(text: str, previous: Progress | None = None) -> Progress | None:
@@ -100,11 +101,12 @@ def _get_metrics(address: str, port: int, timeout: float, max_bytes: int) -> byt
 
 
 class Poller:
-    """Reads the progress of the running fine-tunes it is told to `follow`, every `interval` seconds each, on threads
-    of its own, until told to `drop` them. It keeps its own clock: a running fine-tune needs no reconcile to have its
-    progress read, only one when a read brought something (`on_fresh(key)`, then `take`). An endpoint that hangs (a
-    partitioned node, a policy dropping packets) holds one thread for up to the fetch's timeout, never a reconcile
-    worker: with hundreds of runs it is their progress that gets staler, not every other fine-tune's reconcile."""
+    """Reads the progress of the running fine-tunes it is told to `follow`, every `interval` seconds each (less often
+    while an endpoint brings nothing), on threads of its own, until told to `drop` them. It keeps its own clock: a
+    running fine-tune needs no reconcile to have its progress read, only one when a read brought something
+    (`on_fresh(key)`, then `take`). An endpoint that hangs (a partitioned node, a policy dropping packets) holds one
+    thread for up to the fetch's timeout, never a reconcile worker: with hundreds of runs it is their progress that
+    gets staler, not every other fine-tune's reconcile."""
 
     def __init__(self, threads: int, interval: float, port: int, on_fresh: Callable[[str], None],
                  fetch: Callable[[str, int, Progress | None], Progress | None] = fetch) -> None:  # fmt: skip
@@ -155,7 +157,7 @@ class Poller:
             self._pool.submit(self._read, key, serial, address, previous)
 
     def _read(self, key: str, serial: int, address: str, previous: Progress | None) -> None:
-        started = time.monotonic()
+        started, fresh = time.monotonic(), None
         try:
             fresh = self._fetch(address, self._port, previous)
         finally:
@@ -163,7 +165,12 @@ class Poller:
                 target = self._followed.get(key)
                 current = target is not None and target.serial == serial
                 if current:
-                    heapq.heappush(self._due, (started + self._interval, serial, key))
+                    assert target is not None
+                    # An endpoint with nothing to say yet (a trainer still loading its model, a node that drops
+                    # packets) is asked less and less often, up to every MAX_BACKOFF intervals.
+                    target.misses = 0 if fresh is not None else target.misses + 1
+                    wait = self._interval * min(2 ** max(target.misses - 1, 0), MAX_BACKOFF)
+                    heapq.heappush(self._due, (started + wait, serial, key))
                     self._guard.notify()
         if fresh is None or not current:
             return
@@ -179,3 +186,4 @@ class _Target:
     address: str
     previous: Progress | None
     serial: int  # a key dropped and followed again is a new target: the old one's reads and turns are discarded
+    misses: int = 0  # reads in a row that brought nothing

@@ -53,6 +53,7 @@ def test_a_followed_run_is_read_every_interval_without_being_asked_until_dropped
     assert _until(lambda: len(reads) >= 4), "read again and again with nobody asking"
     times = [t for _, t in reads]
     assert all(b - a >= 0.19 for a, b in itertools.pairwise(times)), f"spaced by the interval: {times}"
+    assert times[2] - times[1] >= 0.39, f"the second read in a row that brought nothing waits twice as long: {times}"
     assert fresh[:2] == ["ns/a", "ns/a"] and poller.take("ns/a").step >= 3
     poller.follow("ns/a", "10.0.0.9", None)  # the next attempt's pod: read there from the next turn
     assert _until(lambda: reads[-1][0] == "10.0.0.9")
