@@ -408,6 +408,8 @@ def reconcile(key: str, source: str = "") -> None:
                 QUEUE.schedule(key, 1.0)
                 return
             FINE_TUNES.put(patched)
+        if p.status.phase in FINISHED:  # rarely looked at again: two models per finished run kept for nothing
+            _PARSED.pop(owner.uid, None)
         OPERATOR_METRICS.set_phase(key, p.status.phase)
         QUEUE.schedule(key, _next_tick(p, ttl, now))
         for kind, reason, message in p.events:

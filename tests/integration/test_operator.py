@@ -420,6 +420,25 @@ def test_operator_metrics_count_reconciles_and_phases(cluster: Cluster, operator
     assert new('lorafinetune_operator_api_request_duration_seconds_count{resource="jobs",verb="create"}') >= 1
 
 
+def test_a_running_run_is_reconciled_on_its_events_and_deadlines_not_on_a_timer(cluster: Cluster, operator):
+    c = cluster
+    c.apply(manifest("quiet", CLUSTER_RUN, runPolicy={"activeDeadlineSeconds": 20}))
+    wait_phase(c, "quiet", "Running")
+    live = ("Pending", "Running", "Retrying", "Queued")  # others' runs, held back by the clock, would tick too
+    wait_for(lambda: sum(_metric_values(operator).get(f'lorafinetune_operator_resources{{phase="{p}"}}', 0)
+                         for p in live) == 1 or None, 60, "no live run but this one")  # fmt: skip
+
+    def clock() -> float:
+        return _metric_values(operator).get('lorafinetune_operator_reconciles_total{handler="clock"}', 0)
+
+    before = clock()
+    time.sleep(5)  # five of the test operator's 1 s reconcile intervals, each of which reconciled it before
+    assert clock() == before, "a running run with nothing changing was reconciled by the clock"
+    # The clock still ends it at its deadline: no event comes for that
+    status = wait_phase(c, "quiet", "Failed", timeout=30)
+    assert condition(status, "Failed")["reason"] == "DeadlineExceeded" and clock() > before
+
+
 def _metric_values(operator) -> dict[str, float]:
     text = operator.metrics()
     return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
