@@ -133,6 +133,7 @@ def test_values_render_as_the_operator_parses_them(helm: str):
 # Every operator value, none at its default: each must reach the operator's settings as set.
 OPERATOR_VALUES = {
     "watchNamespaces": ["team-a", "team-b"], "trainerImage": "registry.example/lft:9", "reconcileIntervalSeconds": 17.5,
+    "resyncSeconds": 123,
     "backoffBaseSeconds": 3, "backoffCapSeconds": 301, "progressIntervalSeconds": 7, "terminationGraceSeconds": 1000000,
     "trainerMetricsPort": 9411, "metricsPort": 9412, "healthPort": 9413, "workers": 5, "secretPreflight": True,
     "leaseSeconds": 21, "logFormat": "json", "networkPolicy": False, "metricsNamespaces": ["mon-a", "mon-b"],
