@@ -1,10 +1,14 @@
-"""kopf handlers: thin. Each reconcile reads what exists, asks the pure planner what to do, does it, and writes status.
+"""The operator's handlers: thin. Each reconcile reads what exists, asks the pure planner what to do, does it, and
+writes status.
 
     python -m lorafinetune.operator          # or: kopf run -m lorafinetune.operator.handlers --all-namespaces
 
-kopf watches the LoRAFineTunes; the operator's own informers (informer.py) watch its Jobs and pods (by label), the
-PVCs and the nodes. Every change, and the clock, puts the fine-tune's key on one work queue (workqueue.py), whose
-workers reconcile it from those caches: a reconcile makes no read request, only the writes its plan needs.
+kopf runs the process: its start (caches filled before any reconcile), its liveness probe and its clean stop. The
+operator's own informers (informer.py) watch the LoRAFineTunes, its Jobs and pods (by label), the PVCs and the nodes:
+kopf's watch delivered a new fine-tune through its asyncio loop, which in a burst waited for the GIL behind the
+workers and informer threads (see benchmarks/README). Every change, and the clock, puts the fine-tune's key on one
+work queue (workqueue.py), whose workers reconcile it from those caches: a reconcile makes no read request, only the
+writes its plan needs.
 
 Every path is safe to run again: child names are deterministic, "already exists" is success, status is recomputed
 from what is observed and patched only if this reconcile saw its newest version (resourceVersion). So an operator
@@ -78,9 +82,40 @@ def _enqueue_owner(source: str) -> Callable[[dict], None]:
     return enqueue
 
 
-# The caches. LoRAFineTunes come from kopf's watch (on_fine_tune); the others from the operator's own informers,
-# Jobs and pods by the operator's label (server-side: not every pod of the cluster).
-FINE_TUNES = Informer("lorafinetunes", kube.no_lister)  # fed by kopf's events, never started
+
+
+def _on_fine_tune(body: dict[str, Any]) -> None:
+    """A LoRAFineTune added or changed (the first list included): queue a reconcile. Not the echo of a status patch,
+    which the reconcile that wrote it stored from the API server's answer, having planned from exactly this object and
+    scheduled its next look: reconciling again would change nothing (in a burst these echoes were a quarter of all
+    reconciles). The informer calls this only for versions it did not hold yet."""
+    meta = body["metadata"]
+    # A fine-tune without an attempt yet is waiting for its Job: first in line (see workqueue.py).
+    new = not (body.get("status") or {}).get("attempt")
+    if new:
+        _FIRST_SEEN.setdefault(meta["uid"], time.monotonic())
+    QUEUE.add(f"{meta['namespace']}/{meta['name']}", "change", new=new)
+
+
+def _on_fine_tune_deleted(body: dict[str, Any]) -> None:
+    """Children go by owner references (the LoRAFineTune has no finalizer, so its deletion never waits for the
+    operator); only the in-memory bookkeeping needs forgetting."""
+    key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+    _forget_uid(body["metadata"].get("uid", ""))
+    QUEUE.forget(key)
+    with _WAITING_GUARD:
+        for waiting in _WAITING_FOR_PVC.values():
+            waiting.discard(key)
+    PROGRESS.drop(key)
+    OPERATOR_METRICS.set_phase(key, None)
+
+
+# The caches, filled by the operator's own informers (kopf runs the process, not the watches): the LoRAFineTunes, and
+# its Jobs and pods by the operator's label (server-side: not every pod of the cluster).
+FINE_TUNES = PerNamespace(lambda ns: Informer(f"lorafinetunes in {ns or 'all namespaces'}", kube.fine_tune_lister(ns),
+                                              on_change=_on_fine_tune, on_delete=_on_fine_tune_deleted,
+                                              count=lambda verb: kube.count(verb, PLURAL)),
+                          SETTINGS.namespaces)  # fmt: skip
 JOBS = PerNamespace(lambda ns: Informer(f"jobs in {ns or 'all namespaces'}", kube.job_lister(ns),
                                         label_selector=builders.LABEL_NAME, index_by=by_label(builders.LABEL_NAME),
                                         on_change=_enqueue_owner("job-event"),
@@ -125,19 +160,16 @@ FAILED_CREATES = PerNamespace(lambda ns: Informer(f"FailedCreate events in {ns o
                                                   on_change=_enqueue_job_owner,
                                                   count=lambda verb: kube.count(verb, "events")),
                               SETTINGS.namespaces)  # fmt: skip
-INFORMERS = [*JOBS.parts, *PODS.parts, *PVCS.parts, *FAILED_CREATES.parts, NODES]
+# The fine-tunes last: none is reconciled before the others hold their first complete list (the queue starts then).
+INFORMERS = [*JOBS.parts, *PODS.parts, *PVCS.parts, *FAILED_CREATES.parts, NODES, *FINE_TUNES.parts]
 PROGRESS = progress_reader.Poller(PROGRESS_THREADS, SETTINGS.progress_interval_seconds, SETTINGS.trainer_metrics_port,
                                   on_fresh=lambda key: QUEUE.add(key, "progress"))  # fmt: skip
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # Were kopf ever to keep state on the object, annotations: our status schema is structural and owned by us.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="lorafinetune.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="lorafinetune.io")
     # Only our own events and warnings reach Kubernetes: kopf's own would bury the transitions users look for.
     settings.posting.level = logging.WARNING
-    settings.watching.server_timeout = 60
     # No runtime watch on every CRD and namespace of the cluster: we serve one resource, known at start, and the
     # chart's RBAC grants no access to CRDs. In exchange the CRD must exist before we start, checked here.
     settings.scanning.disabled = True
@@ -154,8 +186,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     OPERATOR_METRICS.serve(SETTINGS.metrics_port, QUEUE.depth)
     for informer in INFORMERS:
         informer.start()
-    # Before kopf delivers the first LoRAFineTune: planned from half-filled caches, a running attempt would look as
-    # if its Job were gone.
+    # No reconcile before every cache holds its first list: planned from half-filled caches, a running attempt would
+    # look as if its Job were gone.
     if not wait_synced(INFORMERS, SYNC_WAIT_SECONDS):
         raise kopf.PermanentError(f"the Job, pod and node caches were not filled in {SYNC_WAIT_SECONDS} s")
     EVENTS.start()
@@ -463,33 +495,3 @@ def _forget_uid(uid: str) -> None:
     _FIRST_SEEN.pop(uid, None)
     _POLICY_REFUSED.discard(uid)
     _PARSED.pop(uid, None)
-
-
-@kopf.on.event(GROUP, VERSION, PLURAL)
-async def on_fine_tune(event: kopf.RawEvent, **_: Any) -> None:
-    """Every LoRAFineTune event (kopf's initial listing included) refreshes the cache and queues a reconcile. Not
-    kopf.on.create/update/resume: those store kopf's progress in an annotation, a write per change per resource.
-    Not kopf.on.delete either: without a finalizer kopf never sees the object while it is being deleted; children
-    go by owner references, and only the in-memory bookkeeping needs forgetting."""
-    body: dict[str, Any] = dict(event["object"])  # kopf's raw body (a TypedDict): the plain dict the informer keeps
-    key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
-    if event["type"] == "DELETED":
-        _forget_uid(body["metadata"].get("uid", ""))
-        FINE_TUNES.forget(body)
-        QUEUE.forget(key)
-        with _WAITING_GUARD:
-            for waiting in _WAITING_FOR_PVC.values():
-                waiting.discard(key)
-        PROGRESS.drop(key)
-        OPERATOR_METRICS.set_phase(key, None)
-        return
-    if not FINE_TUNES.put(body):
-        # The cache has this version already: the echo of a status patch, stored from the API server's answer by the
-        # reconcile that wrote it, which planned from exactly this object and scheduled its next look. Reconciling
-        # again would change nothing, and in a burst these echoes were a quarter of all reconciles.
-        return
-    # A fine-tune without an attempt yet is waiting for its Job: first in line (see workqueue.py).
-    new = not (body.get("status") or {}).get("attempt")
-    if new:
-        _FIRST_SEEN.setdefault(body["metadata"]["uid"], time.monotonic())
-    QUEUE.add(key, "change", new=new)

@@ -29,15 +29,18 @@ class Informer:
     `list_call(**kwargs)` is a list method of the official client (e.g. CoreV1Api.list_pod_for_all_namespaces),
     narrowed server-side by `label_selector` and `field_selector`;
     `on_change(obj)` runs on the informer's thread for every object added, changed or deleted (deleted objects carry
-    `metadata.deletionTimestamp` or are passed as they were last seen). Callers must not mutate the objects."""
+    `metadata.deletionTimestamp` or are passed as they were last seen); with `on_delete`, deletions go there instead
+    and `on_change` hears only of news: a version the cache did not hold yet (not the echo of a write whose answer
+    `put` stored already). Callers must not mutate the objects."""
 
     def __init__(self, name: str, list_call: Callable[..., Any], *, label_selector: str = "",
                  field_selector: str = "", index_by: Callable[[dict], str | None] | None = None,
-                 on_change: Callable[[dict], None] | None = None,
+                 on_change: Callable[[dict], None] | None = None, on_delete: Callable[[dict], None] | None = None,
                  count: Callable[[str], None] | None = None) -> None:  # fmt: skip
         self.name, self._list_call = name, list_call
         self._selectors = {"label_selector": label_selector, "field_selector": field_selector}
-        self._index_by, self._on_change, self._count = index_by, on_change, count or (lambda verb: None)
+        self._index_by, self._count = index_by, count or (lambda verb: None)
+        self._on_change, self._on_delete = on_change, on_delete
         self._objects: dict[tuple[str, str], dict] = {}
         # The last version of each recently deleted object: a write's answer that put() stores after the deletion
         # was seen must not bring the object back (it would be reconciled, and fail, forever). Oldest first.
@@ -67,12 +70,12 @@ class Informer:
 
     def put(self, obj: dict) -> bool:
         """Store an object this process just wrote (the API server's answer), so that a reconcile that runs before
-        its watch event arrives does not plan the same write again. Also how the fine-tunes' events arrive (kopf
-        watches them). Returns whether it was news: False when the cache already had this version or a newer one."""
+        its watch event arrives does not plan the same write again. Returns whether it was news: False when the cache
+        already had this version or a newer one."""
         return self._store(obj, deleted=False)
 
     def forget(self, obj: dict) -> None:
-        """Drop an object deleted as someone else's watch saw it (the fine-tunes, which kopf watches)."""
+        """Drop an object whose deletion was seen, as the watch's DELETED event does."""
         self._store(obj, deleted=True)
 
     def _store(self, obj: dict, deleted: bool) -> bool:
@@ -137,12 +140,12 @@ class Informer:
         fresh = {(o["metadata"].get("namespace", ""), o["metadata"]["name"]): o for o in listing.get("items") or []}
         with self._guard:
             gone = [o for key, o in self._objects.items() if key not in fresh]
+        news = [obj for obj in fresh.values() if self._store(obj, deleted=False)]
         for obj in gone:
             self._store(obj, deleted=True)
-        for obj in fresh.values():
-            self._store(obj, deleted=False)
-        for obj in [*gone, *fresh.values()]:
-            self._notify(obj)
+            self._notify(obj, news=True, deleted=True)
+        for obj in fresh.values() if self._on_delete is None else news:
+            self._notify(obj, news=True, deleted=False)
         return listing["metadata"]["resourceVersion"]
 
     def _watch(self, version: str) -> str | None:
@@ -159,18 +162,22 @@ class Informer:
                 version = obj.get("metadata", {}).get("resourceVersion", version)
                 if kind == "BOOKMARK":
                     continue
-                self._store(obj, deleted=kind == "DELETED")
-                self._notify(obj)
+                deleted = kind == "DELETED"
+                self._notify(obj, news=self._store(obj, deleted=deleted), deleted=deleted)
                 if self._stop.is_set():
                     break
         finally:
             response.release_conn()
         return version
 
-    def _notify(self, obj: dict) -> None:
-        if self._on_change is not None:
+    def _notify(self, obj: dict, *, news: bool, deleted: bool) -> None:
+        if self._on_delete is None:
+            callback = self._on_change
+        else:
+            callback = self._on_delete if deleted else self._on_change if news else None
+        if callback is not None:
             try:
-                self._on_change(obj)
+                callback(obj)
             except Exception:  # noqa: BLE001 - a callback's error must not stop the cache
                 log.exception("informer %s: change callback failed", self.name)
 

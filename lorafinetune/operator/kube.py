@@ -92,8 +92,11 @@ def node_lister() -> Callable[..., Any]:
     return lambda **kwargs: client.CoreV1Api().list_node(**kwargs)
 
 
-def no_lister(**_: Any) -> Any:
-    raise RuntimeError("this cache is fed by kopf's watch, not listed")
+def fine_tune_lister(namespace: str | None) -> Callable[..., Any]:
+    if namespace is None:
+        return lambda **kwargs: client.CustomObjectsApi().list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
+    return lambda **kwargs: client.CustomObjectsApi().list_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                                                    PLURAL, **kwargs)  # fmt: skip
 
 
 def load_config() -> None:

@@ -32,7 +32,7 @@ class OperatorMetrics:
             "lorafinetune_operator_resources", "LoRAFineTunes known to this operator, by phase", ["phase"], registry=r
         )
         self.attempts = Counter("lorafinetune_operator_attempts_started", "Attempts (Jobs) created", registry=r)
-        # What the reconciles cost the API server (kopf's own watches, annotations and events are not counted).
+        # What the reconciles cost the API server (kopf's own events, if any, are not counted).
         self.api_requests = Counter(
             "lorafinetune_operator_api_requests", "Kubernetes API requests made by reconciles, by verb and resource",
             ["verb", "resource"], registry=r,

@@ -3,6 +3,9 @@ where every reconcile reads from it)."""
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 from lorafinetune.operator.informer import Informer, PerNamespace, by_label
 
 
@@ -108,9 +111,21 @@ def test_a_deleted_object_is_not_revived_by_an_older_copy_but_may_be_created_aga
     assert i.get("ns", "a-0")["metadata"]["resourceVersion"] == "13"
 
 
-def test_the_echo_of_the_operators_own_status_patch_queues_no_reconcile(monkeypatch):
-    import asyncio
+class Answers:
+    """An Informer's list call answered as the API server would, in JSON: a listing, or a watch's events, one a line
+    (only the list and watch themselves run against the real API server, in the integration tests)."""
 
+    def __init__(self):
+        self.items, self.events = [], []
+
+    def __call__(self, watch=False, **_):
+        if watch:
+            lines, self.events = b"".join(json.dumps(e).encode() + b"\n" for e in self.events), []
+            return SimpleNamespace(stream=lambda *_, **__: iter([lines]), release_conn=lambda: None)
+        return SimpleNamespace(data=json.dumps({"metadata": {"resourceVersion": "1"}, "items": self.items}).encode())
+
+
+def test_a_fine_tune_is_reconciled_on_news_only_and_forgotten_when_deleted(monkeypatch):
     from lorafinetune.operator import handlers
     from lorafinetune.operator.workqueue import WorkQueue
 
@@ -118,16 +133,30 @@ def test_the_echo_of_the_operators_own_status_patch_queues_no_reconcile(monkeypa
         meta = {"name": "echo", "namespace": "ns", "uid": "u1", "resourceVersion": str(version)}
         return {"metadata": meta, "spec": {}, "status": {"attempt": 1} if version > 1 else {}}
 
-    def queued_after(event_type, version):
+    answers = Answers()
+    fine_tunes = Informer("lorafinetunes", answers, on_change=handlers._on_fine_tune,
+                          on_delete=handlers._on_fine_tune_deleted)  # fmt: skip
+
+    def queued_after(step):
         monkeypatch.setattr(handlers, "QUEUE", WorkQueue())
-        asyncio.run(handlers.on_fine_tune(event={"type": event_type, "object": body(version)}))
+        step()
         return handlers.QUEUE.depth()
 
-    try:
-        assert queued_after("ADDED", 1) == 1
-        handlers.FINE_TUNES.put(body(2))  # the reconcile stores the API server's answer to its status patch
-        assert queued_after("MODIFIED", 2) == 0, "its echo: the reconcile planned from this very version"
-        assert queued_after(None, 2) == 0, "kopf listing again after a watch error: nothing changed"
-        assert queued_after("MODIFIED", 3) == 1, "a change made by anyone else"
-    finally:
-        handlers.FINE_TUNES.forget(body(4))
+    def watch(kind, version):
+        answers.events = [{"type": kind, "object": body(version)}]
+        return lambda: fine_tunes._watch("1")
+
+    answers.items = [body(1)]
+    assert queued_after(fine_tunes._relist) == 1, "the first list: every fine-tune"
+    assert handlers._FIRST_SEEN.pop("u1", None) is not None, "a fine-tune without an attempt is timed to its Job"
+    fine_tunes.put(body(2))  # the reconcile stores the API server's answer to its status patch
+    assert queued_after(watch("MODIFIED", 2)) == 0, "its echo: the reconcile planned from this very version"
+    answers.items = [body(2)]
+    assert queued_after(fine_tunes._relist) == 0, "listing again after a broken watch: nothing changed"
+    assert queued_after(watch("MODIFIED", 3)) == 1, "a change made by anyone else"
+    handlers.QUEUE.schedule("ns/echo", 60)
+    watch("DELETED", 4)()
+    assert handlers.QUEUE.due("ns/echo") is None and fine_tunes.get("ns", "echo") is None, "deleted: forgotten"
+    answers.items = []
+    assert queued_after(watch("ADDED", 5)) == 1 and queued_after(fine_tunes._relist) == 0
+    assert fine_tunes.get("ns", "echo") is None, "gone from a new list: dropped, and no reconcile for it"
