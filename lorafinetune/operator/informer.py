@@ -28,10 +28,11 @@ class Informer:
 
     `list_call(**kwargs)` is a list method of the official client (e.g. CoreV1Api.list_pod_for_all_namespaces),
     narrowed server-side by `label_selector` and `field_selector`;
-    `on_change(obj)` runs on the informer's thread for every object added, changed or deleted (deleted objects carry
-    `metadata.deletionTimestamp` or are passed as they were last seen); with `on_delete`, deletions go there instead
-    and `on_change` hears only of news: a version the cache did not hold yet (not the echo of a write whose answer
-    `put` stored already). Callers must not mutate the objects."""
+    `on_change(obj)` runs on the informer's thread for every object added or changed, and deleted unless `on_delete` is
+    given (deleted objects carry `metadata.deletionTimestamp` or are passed as they were last seen). Only news: a
+    version the cache did not hold yet, not the echo of a write whose answer `put` stored already (the reconcile that
+    wrote it planned from it), nor an unchanged object in a new list after a broken watch. Callers must not mutate
+    the objects."""
 
     def __init__(self, name: str, list_call: Callable[..., Any], *, label_selector: str = "",
                  field_selector: str = "", index_by: Callable[[dict], str | None] | None = None,
@@ -144,7 +145,7 @@ class Informer:
         for obj in gone:
             self._store(obj, deleted=True)
             self._notify(obj, news=True, deleted=True)
-        for obj in fresh.values() if self._on_delete is None else news:
+        for obj in news:
             self._notify(obj, news=True, deleted=False)
         return listing["metadata"]["resourceVersion"]
 
@@ -171,10 +172,7 @@ class Informer:
         return version
 
     def _notify(self, obj: dict, *, news: bool, deleted: bool) -> None:
-        if self._on_delete is None:
-            callback = self._on_change
-        else:
-            callback = self._on_delete if deleted else self._on_change if news else None
+        callback = (self._on_delete or self._on_change) if deleted else self._on_change if news else None
         if callback is not None:
             try:
                 callback(obj)

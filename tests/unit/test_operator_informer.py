@@ -160,3 +160,23 @@ def test_a_fine_tune_is_reconciled_on_news_only_and_forgotten_when_deleted(monke
     answers.items = []
     assert queued_after(watch("ADDED", 5)) == 1 and queued_after(fine_tunes._relist) == 0
     assert fine_tunes.get("ns", "echo") is None, "gone from a new list: dropped, and no reconcile for it"
+
+
+def test_callbacks_hear_of_news_and_deletions_not_of_echoes_or_unchanged_objects_listed_again():
+    answers, heard = Answers(), []
+    i = Informer("jobs", answers, on_change=lambda o: heard.append((o["metadata"]["name"],
+                                                                    o["metadata"]["resourceVersion"])))  # fmt: skip
+    answers.items = [obj("a-1", 1, owner="a"), obj("b-1", 2, owner="b")]
+    i._relist()
+    assert sorted(heard) == [("a-1", "1"), ("b-1", "2")], "the first list: everything"
+    heard.clear()
+    i.put(obj("c-1", 3, owner="c"))  # the operator's own create, stored from the API server's answer
+    answers.events = [{"type": "ADDED", "object": obj("c-1", 3, owner="c")},
+                      {"type": "MODIFIED", "object": obj("a-1", 4, owner="a")}]  # fmt: skip
+    i._watch("2")
+    assert heard == [("a-1", "4")], "the echo of the operator's own create is no news"
+    heard.clear()
+    answers.items = [obj("a-1", 4, owner="a"), obj("c-1", 5, owner="c")]  # b-1 deleted while no watch ran
+    i._relist()
+    assert sorted(heard) == [("b-1", "2"), ("c-1", "5")], "listed again: only what changed, and what is gone"
+    assert i.get("ns", "b-1") is None
