@@ -99,8 +99,10 @@ class Operator(APIModel):
     )
     network_policy: bool = Field(
         _DEFAULTS.network_policy,
-        description="Give each fine-tune a NetworkPolicy: its pods accept any port from their own gang and only the "
-        "metrics port from the operator's namespace and metricsNamespaces (where the network plugin enforces it).",
+        description="Isolate fine-tunes' pods with NetworkPolicies: they accept only the metrics port from the "
+        "operator's namespace and metricsNamespaces (one policy per namespace, lorafinetune.trainers, kept on "
+        "uninstall), and a gang of several pods any port from its own pods (enforced where the network plugin "
+        "implements NetworkPolicy).",
     )
     metrics_namespaces: list[str] = Field(
         default_factory=lambda: list(_DEFAULTS.metrics_namespaces),

@@ -8,7 +8,9 @@ Per attempt:    Indexed Job <name>-a<attempt>, one pod per node, carrying the re
 Multi-node:     a headless Service <name> (stable DNS): pod i runs torchrun with node rank i (the completion index)
                 and rendezvous at <name>-a<attempt>-0.<name>.<namespace>.svc.cluster.local. A one-pod gang
                 rendezvous inside its pod and needs no Service.
-With operator.networkPolicy: a NetworkPolicy <name> admitting only the gang and the metrics readers.
+With operator.networkPolicy: one NetworkPolicy per namespace, lorafinetune.trainers, selecting every fine-tune's pods
+and admitting only the metrics readers; and for a gang of several pods a NetworkPolicy <name> admitting the gang.
+(Policies add up: a pod is reachable by what any policy selecting it admits, and by nothing else.)
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from lorafinetune.operator.settings import OperatorSettings
 from lorafinetune.storage import POD_PVC_ROOT
 
 LABEL_NAME = "lorafinetune.io/name"
+LABEL_POLICY = "lorafinetune.io/policy"
+# A dot: no fine-tune can take this name for its own policy (in a cluster its name is a DNS-1035 label)
+NAMESPACE_POLICY = "lorafinetune.trainers"
 LABEL_ATTEMPT = "lorafinetune.io/attempt"
 # Kueue's labels on a Job it should admit (https://kueue.sigs.k8s.io/docs/tasks/run/jobs/)
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -121,13 +126,13 @@ def build_service(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
     }
 
 
-def build_network_policy(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
-    """Ingress to a fine-tune's pods: every port from its own gang (the rendezvous port, and gloo/NCCL on ports
-    chosen at run time), the metrics port from the operator's namespace (progress) and the metrics namespaces
-    (Prometheus), nothing from anywhere else: the ranks speak unauthenticated protocols."""
-    gang = {"podSelector": {"matchLabels": {LABEL_NAME: owner.name}}}
+def build_namespace_policy(namespace: str, settings: OperatorSettings) -> dict[str, Any]:
+    """Ingress to every fine-tune's pods in the namespace: the metrics port from the operator's namespace (progress)
+    and the metrics namespaces (Prometheus), nothing from anywhere else (the ranks speak unauthenticated protocols).
+    One for all the namespace's fine-tunes, kept when they go: a one-pod gang needs nothing more, so in a burst of
+    new fine-tunes the API server stores a Job per fine-tune and no policy (each cost a create as costly as a Job's)."""
     readers = [ns for ns in [settings.operator_namespace, *settings.metrics_namespaces] if ns]
-    ingress: list[dict[str, Any]] = [{"from": [gang]}]
+    ingress: list[dict[str, Any]] = []
     if readers:
         ingress.append({
             "from": [{"namespaceSelector": {"matchExpressions": [
@@ -137,8 +142,22 @@ def build_network_policy(owner: Owner, settings: OperatorSettings) -> dict[str, 
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
+        "metadata": {"name": NAMESPACE_POLICY, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/managed-by": "lorafinetune", LABEL_POLICY: "namespace"}},
+        "spec": {"podSelector": {"matchExpressions": [{"key": LABEL_NAME, "operator": "Exists"}]},
+                 "policyTypes": ["Ingress"], "ingress": ingress},
+    }  # fmt: skip
+
+
+def build_gang_policy(owner: Owner) -> dict[str, Any]:
+    """Ingress to a gang of several pods from its own pods, every port (the rendezvous port, and gloo/NCCL on ports
+    chosen at run time); the namespace's policy admits the metrics readers."""
+    gang = {"podSelector": {"matchLabels": {LABEL_NAME: owner.name}}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
         "metadata": owner.metadata(owner.name),
-        "spec": {"podSelector": gang["podSelector"], "policyTypes": ["Ingress"], "ingress": ingress},
+        "spec": {"podSelector": gang["podSelector"], "policyTypes": ["Ingress"], "ingress": [{"from": [gang]}]},
     }
 
 

@@ -68,6 +68,7 @@ QUEUED_REFRESH_SECONDS = 60.0  # a run Kueue holds: admission comes as a Job eve
 _FIRST_SEEN: dict[str, float] = {}
 # A reconcile's second request in flight (the NetworkPolicy beside the Job): one thread per worker at most.
 _ALONGSIDE = ThreadPoolExecutor(SETTINGS.workers, thread_name_prefix="lft-alongside")
+_POLICY_GUARD = threading.Lock()  # held while a namespace's policy is written
 _POLICY_REFUSED: set[str] = set()  # UIDs whose NetworkPolicy was refused: theirs is created before the Job
 
 
@@ -160,8 +161,16 @@ FAILED_CREATES = PerNamespace(lambda ns: Informer(f"FailedCreate events in {ns o
                                                   on_change=_enqueue_job_owner,
                                                   count=lambda verb: kube.count(verb, "events")),
                               SETTINGS.namespaces)  # fmt: skip
+# The namespaces' lorafinetune.trainers policies (one each, so a tiny cache): a new attempt creates one only where it is
+# missing or out of date, not one per fine-tune.
+NAMESPACE_POLICIES = PerNamespace(lambda ns: Informer(f"networkpolicies in {ns or 'all namespaces'}",
+                                                      kube.policy_lister(ns),
+                                                      label_selector=f"{builders.LABEL_POLICY}=namespace",
+                                                      count=lambda verb: kube.count(verb, "networkpolicies")),
+                                  SETTINGS.namespaces)  # fmt: skip
 # The fine-tunes last: none is reconciled before the others hold their first complete list (the queue starts then).
-INFORMERS = [*JOBS.parts, *PODS.parts, *PVCS.parts, *FAILED_CREATES.parts, NODES, *FINE_TUNES.parts]
+INFORMERS = [*JOBS.parts, *PODS.parts, *PVCS.parts, *FAILED_CREATES.parts, NODES,
+             *(NAMESPACE_POLICIES.parts if SETTINGS.network_policy else []), *FINE_TUNES.parts]
 PROGRESS = progress_reader.Poller(PROGRESS_THREADS, SETTINGS.progress_interval_seconds, SETTINGS.trainer_metrics_port,
                                   on_fresh=lambda key: QUEUE.add(key, "progress"))  # fmt: skip
 
@@ -251,7 +260,8 @@ def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
     if p.create_attempt is not None:  # the Job carries the config: mutable fields as they are now reach this attempt
         if builders.needs_service(spec):
             kube.create(builders.build_service(owner, SETTINGS))
-        job = _create_job_with_policy(owner, builders.build_job(owner, spec, p.create_attempt, SETTINGS))
+        job = _create_job_with_policy(owner, builders.build_job(owner, spec, p.create_attempt, SETTINGS),
+                                      gang=builders.needs_service(spec))  # fmt: skip
         seen = _FIRST_SEEN.pop(owner.uid, None)  # kept while the creates fail: their retries count too
         if job is not None:
             JOBS.put(job)  # the next reconcile may run before the watch brings it
@@ -262,17 +272,20 @@ def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
             _soon(p, EXISTING_JOB_RECHECK_SECONDS)
 
 
-def _create_job_with_policy(owner: builders.Owner, job: dict[str, Any]) -> dict[str, Any] | None:
-    """Create the attempt's Job, and the fine-tune's NetworkPolicy in the same moment: two requests in flight at
-    once, not one answer waited for before the other is sent (in a burst of 500 new fine-tunes each answer took
-    0.2-0.3 s, and a worker held for both is a worker the next fine-tune waits for). The trade: the pods could start
-    before the policy is stored if the API server answered the policy seconds later than the Job, the Job controller
-    and a kubelet (before, the policy was stored first; a network plugin enforces it some time after either way).
-    A policy the API server refuses takes a Job that has no policy down again (its pods, if any, get SIGTERM), and
-    from then on that fine-tune's policy is created before its Job. The refusal is raised: the retry creates both."""
+def _create_job_with_policy(owner: builders.Owner, job: dict[str, Any], gang: bool) -> dict[str, Any] | None:
+    """Create the attempt's Job once the namespace's policy is stored (from the cache: no request once it is), and a
+    gang's own NetworkPolicy in the same moment as the Job: two requests in flight at once, not one answer waited for
+    before the other is sent (in a burst of 500 new fine-tunes each answer took 0.2-0.3 s, and a worker held for both
+    is a worker the next fine-tune waits for). The trade: the gang's pods could start before their policy is stored,
+    unable to reach each other but reachable by nothing the namespace's policy does not admit. A gang policy the API
+    server refuses takes a Job that has no policy down again (its pods, if any, get SIGTERM), and from then on that
+    fine-tune's policy is created before its Job. The refusal is raised: the retry creates both."""
     if not SETTINGS.network_policy:
         return kube.create(job)
-    policy, name = builders.build_network_policy(owner, SETTINGS), job["metadata"]["name"]
+    _ensure_namespace_policy(owner.namespace)
+    if not gang:
+        return kube.create(job)
+    policy, name = builders.build_gang_policy(owner), job["metadata"]["name"]
     if owner.uid in _POLICY_REFUSED:
         try:
             kube.create(policy)
@@ -297,6 +310,26 @@ def _create_job_with_policy(owner: builders.Owner, job: dict[str, Any]) -> dict[
                 _delete_if_ours(owner, name)
             raise
     return created
+
+
+def _ensure_namespace_policy(namespace: str) -> None:
+    """The namespace's lorafinetune.trainers policy as the settings want it, before a Job whose pods it isolates:
+    created where missing (deleted by someone, a new namespace), replaced where the metrics readers changed."""
+    want = builders.build_namespace_policy(namespace, SETTINGS)
+    if _policy_as_wanted(namespace, want):
+        return
+    with _POLICY_GUARD:  # a burst in a new namespace: one worker writes it, the others find it stored
+        if _policy_as_wanted(namespace, want):
+            return
+        have = NAMESPACE_POLICIES.get(namespace, builders.NAMESPACE_POLICY)
+        stored = kube.create(want) if have is None else kube.replace_policy(want, have["metadata"]["resourceVersion"])
+        if stored is not None:
+            NAMESPACE_POLICIES.put(stored)
+
+
+def _policy_as_wanted(namespace: str, want: dict[str, Any]) -> bool:
+    have = NAMESPACE_POLICIES.get(namespace, builders.NAMESPACE_POLICY)
+    return have is not None and have.get("spec") == want["spec"]
 
 
 def _refusal(err: Exception) -> bool:

@@ -92,6 +92,23 @@ def node_lister() -> Callable[..., Any]:
     return lambda **kwargs: client.CoreV1Api().list_node(**kwargs)
 
 
+def policy_lister(namespace: str | None) -> Callable[..., Any]:
+    if namespace is None:
+        return lambda **kwargs: client.NetworkingV1Api().list_network_policy_for_all_namespaces(**kwargs)
+    return lambda **kwargs: client.NetworkingV1Api().list_namespaced_network_policy(namespace, **kwargs)
+
+
+def replace_policy(policy: dict[str, Any], resource_version: str) -> dict[str, Any]:
+    """Replace a NetworkPolicy of ours with `policy`, only if it is still at `resource_version` (a conflict raises,
+    and the retry plans from the newer one)."""
+    meta = policy["metadata"]
+    body = {**policy, "metadata": {**meta, "resourceVersion": resource_version}}
+    with request("update", "networkpolicies"):
+        answer = client.NetworkingV1Api(api()).replace_namespaced_network_policy(
+            meta["name"], meta["namespace"], body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT).data
+    return json.loads(answer)
+
+
 def fine_tune_lister(namespace: str | None) -> Callable[..., Any]:
     if namespace is None:
         return lambda **kwargs: client.CustomObjectsApi().list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)

@@ -91,9 +91,10 @@ class OperatorSettings:
     CreateContainerConfigError (Pending, with the kubelet's message) instead."""
 
     network_policy: bool = True
-    """LFT_NETWORK_POLICY: give each fine-tune a NetworkPolicy: its pods accept any port from their own gang
-    (rendezvous, gloo/NCCL) and only the metrics port from the operator's namespace and LFT_METRICS_NAMESPACES,
-    nothing else. Enforced where the cluster's network plugin implements NetworkPolicy."""
+    """LFT_NETWORK_POLICY: isolate fine-tunes' pods with NetworkPolicies: they accept only the metrics port from the
+    operator's namespace and LFT_METRICS_NAMESPACES (one policy per namespace, lorafinetune.trainers), and a gang of
+    several pods any port from its own pods (rendezvous, gloo/NCCL; a policy per gang). Enforced where the cluster's
+    network plugin implements NetworkPolicy."""
 
     metrics_namespaces: list[str] = field(default_factory=lambda: ["monitoring"])
     """LFT_METRICS_NAMESPACES: comma-separated namespaces whose pods may scrape trainer metrics (Prometheus's)."""

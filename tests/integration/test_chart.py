@@ -181,7 +181,7 @@ EXPECTED_RULES = {
     "core/persistentvolumeclaims": {"get", "list", "watch"},
     "core/events": {"create", "list", "watch"},
     "kueue.x-k8s.io/workloads": {"list"},
-    "networking.k8s.io/networkpolicies": {"create", "delete", "get"},
+    "networking.k8s.io/networkpolicies": {"create", "delete", "get", "list", "update", "watch"},
 }
 
 
@@ -301,7 +301,8 @@ def test_install_run_a_fine_tune_as_the_chart_identity_upgrade_uninstall(
     allowed = ["create jobs.batch -n ns1", "patch lorafinetunes.lorafinetune.io --subresource=status -n ns1",
                "list nodes", "watch nodes", "create events -n ns1", "list pods -n ns1", "watch pods -n ns1",
                "get persistentvolumeclaims -n ns1", "watch persistentvolumeclaims -n ns1",
-               "watch events -n ns1", "create networkpolicies.networking.k8s.io -n ns1"]
+               "watch events -n ns1", "create networkpolicies.networking.k8s.io -n ns1",
+               "watch networkpolicies.networking.k8s.io -n ns1"]
     denied = ["get secrets -n ns1", "list secrets -n ns1", "create configmaps -n ns1", "delete pods -n ns1",
               "create pods -n ns1", "create pods/exec -n ns1", "update lorafinetunes.lorafinetune.io -n ns1",
               "patch lorafinetunes.lorafinetune.io -n ns1", "get lorafinetunes.lorafinetune.io -n ns1",

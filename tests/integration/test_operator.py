@@ -34,9 +34,13 @@ def test_create_runs_the_gang_and_success_is_reported(cluster: Cluster):
     svc = c.core.read_namespaced_service("ok", c.ns)
     assert svc.spec.cluster_ip == "None" and svc.spec.publish_not_ready_addresses
     assert _config(job)["spec"]["training"]["maxSteps"] == 100
-    policy = client.NetworkingV1Api(c.api).read_namespaced_network_policy("ok", c.ns)
-    assert policy.spec.pod_selector.match_labels == {"lorafinetune.io/name": "ok"}
-    assert policy.metadata.owner_references[0].uid == lft["metadata"]["uid"]
+    policies = client.NetworkingV1Api(c.api)
+    gang = policies.read_namespaced_network_policy("ok", c.ns)  # the gang's own: from its pods, every port
+    assert gang.spec.pod_selector.match_labels == {"lorafinetune.io/name": "ok"}
+    assert gang.spec.ingress[0]._from[0].pod_selector.match_labels == {"lorafinetune.io/name": "ok"}
+    assert gang.metadata.owner_references[0].uid == lft["metadata"]["uid"]
+    every_pod = policies.read_namespaced_network_policy("lorafinetune.trainers", c.ns).spec.pod_selector
+    assert [(e.key, e.operator) for e in every_pod.match_expressions] == [("lorafinetune.io/name", "Exists")]
     pods = c.pods("ok", 1)
     assert sorted(p.spec.node_name for p in pods) == ["gpu-node-0", "gpu-node-1"], "one 8-GPU pod per node"
     status = c.get("ok")["status"]
@@ -54,13 +58,27 @@ def test_create_runs_the_gang_and_success_is_reported(cluster: Cluster):
     wait_for(lambda: expected <= {e.reason for e in c.events("ok")}, 30, f"events {expected}")
 
 
-def test_a_one_pod_fine_tune_needs_no_service(cluster: Cluster):
-    """One pod rendezvous inside itself: no Service to create (one write fewer before its Job)."""
+def test_a_one_pod_fine_tune_needs_no_service_and_no_policy_of_its_own(cluster: Cluster):
+    """One pod rendezvous inside itself: no Service to create, and no policy of its own (two writes fewer beside its
+    Job): the namespace's policy, written once, admits the metrics readers to every fine-tune's pods."""
     c = cluster
+    policies = client.NetworkingV1Api(c.api)
     c.apply(manifest("solo", CLUSTER_RUN, resources={"nodes": 1}))
     wait_phase(c, "solo", "Running")
     assert [job.metadata.name for job in c.jobs("solo")] == ["solo-a1"]
     assert not c.core.list_namespaced_service(c.ns, label_selector="lorafinetune.io/name=solo").items
+    assert not policies.list_namespaced_network_policy(c.ns, label_selector="lorafinetune.io/name=solo").items
+    shared = policies.read_namespaced_network_policy("lorafinetune.trainers", c.ns)
+    [readers] = shared.spec.ingress
+    assert [p.port for p in readers.ports] == [9400] and readers._from[0].namespace_selector
+    c.apply(manifest("solo-2", CLUSTER_RUN, resources={"nodes": 1}))
+    wait_phase(c, "solo-2", "Running")
+    again = policies.read_namespaced_network_policy("lorafinetune.trainers", c.ns)
+    assert again.metadata.resource_version == shared.metadata.resource_version, "written once, not per fine-tune"
+    policies.delete_namespaced_network_policy("lorafinetune.trainers", c.ns)  # a person deletes it
+    c.apply(manifest("solo-3", CLUSTER_RUN, resources={"nodes": 1}))  # (no GPUs left for its pod: Job enough)
+    wait_for(lambda: c.jobs("solo-3"), 30, "the next fine-tune's Job")
+    policies.read_namespaced_network_policy("lorafinetune.trainers", c.ns)  # written again before that Job
     [pod] = c.pods("solo", 1)
     assert {e.name: e.value for e in pod.spec.containers[0].env}["PET_MASTER_ADDR"] == "127.0.0.1"
 
@@ -215,31 +233,39 @@ def test_pods_refused_by_a_quota_are_explained_then_bounded_by_the_pending_timeo
 
 
 def test_a_refused_network_policy_takes_its_job_down_and_the_run_starts_once_it_is_allowed(cluster: Cluster, operator):
-    """The NetworkPolicy is sent beside the Job, not before it: if the API server refuses the policy (here a quota
-    of no policies), the Job goes again and the retries create the policy first, so no Job stays without one."""
+    """A gang's own NetworkPolicy is sent beside its Job, not before it: if the API server refuses the policy (here a
+    quota of policies used up by the namespace's policy), the Job goes again and the retries create the policy
+    first, so no Job stays without one. The namespace's policy itself is written before any Job."""
     c = cluster
+    policies = client.NetworkingV1Api(c.api)
     quota = client.V1ResourceQuota(metadata=client.V1ObjectMeta(name="no-policies"), spec=client.V1ResourceQuotaSpec(
         hard={"count/networkpolicies.networking.k8s.io": "0"}))  # fmt: skip
     c.core.create_namespaced_resource_quota(c.ns, quota)
     wait_for(lambda: c.core.read_namespaced_resource_quota("no-policies", c.ns).status.hard, 30, "the quota to count")
-    c.apply(manifest("fenced", CLUSTER_RUN, resources={"nodes": 1}, runPolicy={"backoffLimit": 1}))
+    c.apply(manifest("fenced", CLUSTER_RUN, runPolicy={"backoffLimit": 1}))
     wait_for(lambda: "exceeded quota: no-policies" in operator.log.read_text(), 30, "the policy to be refused")
-    time.sleep(4)  # the retries after 1 s and 2 s
+    time.sleep(3)  # the retries after 1 s and 2 s
+    assert not c.jobs("fenced"), "a Job without the namespace's policy"
+    # Room for the namespace's policy, none for the gang's: refused beside the Job, which goes again.
+    c.core.patch_namespaced_resource_quota("no-policies", c.ns, {"spec": {"hard": {
+        "count/networkpolicies.networking.k8s.io": "1"}}})  # fmt: skip
+    wait_for(lambda: policies.list_namespaced_network_policy(c.ns).items, 60, "the namespace's policy")
+    time.sleep(8)  # the retries: the Job beside the policy, taken down; then the policy first, refused
     assert not c.jobs("fenced"), "a Job stayed without its NetworkPolicy"
     assert not (c.get("fenced").get("status") or {}).get("attempt")
 
     c.core.delete_namespaced_resource_quota("no-policies", c.ns)
     wait_phase(c, "fenced", "Running", timeout=150)  # the backoff has grown to 8-32 s by now
     assert [job.metadata.name for job in c.jobs("fenced")] == ["fenced-a1"]
-    client.NetworkingV1Api(c.api).read_namespaced_network_policy("fenced", c.ns)
+    policies.read_namespaced_network_policy("fenced", c.ns)
 
     # A quota exactly used up: quota admission comes before the name check, so the retry's create of the policy
     # that exists is refused (403), not answered 409. That is "ours already", not a refusal to take attempt 2 down.
     full = client.V1ResourceQuota(metadata=client.V1ObjectMeta(name="full"), spec=client.V1ResourceQuotaSpec(
-        hard={"count/networkpolicies.networking.k8s.io": "1"}))  # fmt: skip
+        hard={"count/networkpolicies.networking.k8s.io": "2"}))  # fmt: skip
     c.core.create_namespaced_resource_quota(c.ns, full)
     wait_for(lambda: (c.core.read_namespaced_resource_quota("full", c.ns).status.used or {}).get(
-        "count/networkpolicies.networking.k8s.io") == "1", 30, "the quota to count the policy")  # fmt: skip
+        "count/networkpolicies.networking.k8s.io") == "2", 30, "the quota to count the policies")  # fmt: skip
     c.finish_pods("fenced", 1, "Failed", only=0, exit_code="1")
     wait_for(lambda: (s := c.get("fenced")["status"]).get("attempt") == 2 and s.get("phase") == "Running", 60,
              "attempt 2 to run")  # fmt: skip

@@ -113,22 +113,33 @@ def test_a_hub_token_is_passed_by_reference_only():
     assert "HF_TOKEN" not in env_of(build_job(OWNER, spec(), 1, SETTINGS))
 
 
-def test_the_network_policy_admits_the_gang_and_metrics_readers_only():
-    from lorafinetune.operator.builders import build_network_policy
+def test_the_namespace_policy_admits_only_the_metrics_readers_to_every_fine_tunes_pods():
+    from lorafinetune.operator.builders import build_namespace_policy
     from lorafinetune.operator.settings import OperatorSettings
 
     settings = OperatorSettings(operator_namespace="lft-system", metrics_namespaces=["monitoring"])
-    policy = build_network_policy(OWNER, settings)
-    gang = {"matchLabels": {"lorafinetune.io/name": OWNER.name}}
-    assert policy["spec"]["podSelector"] == gang and policy["spec"]["policyTypes"] == ["Ingress"]
-    from_gang, from_readers = policy["spec"]["ingress"]
-    assert from_gang == {"from": [{"podSelector": gang}]}  # every port: rendezvous, gloo and NCCL
+    policy = build_namespace_policy("team-a", settings)
+    assert policy["metadata"]["name"] == "lorafinetune.trainers" and policy["metadata"]["namespace"] == "team-a"
+    assert "ownerReferences" not in policy["metadata"], "it serves every fine-tune of the namespace, outlives each"
+    every_pod = {"matchExpressions": [{"key": "lorafinetune.io/name", "operator": "Exists"}]}
+    assert policy["spec"]["podSelector"] == every_pod
+    [from_readers] = policy["spec"]["ingress"]
     [readers] = from_readers["from"][0]["namespaceSelector"]["matchExpressions"]
     assert readers["values"] == ["lft-system", "monitoring"]
     assert from_readers["ports"] == [{"protocol": "TCP", "port": settings.trainer_metrics_port}]
-    assert policy["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
-    nobody = build_network_policy(OWNER, OperatorSettings(metrics_namespaces=[]))
-    assert nobody["spec"]["ingress"] == [{"from": [{"podSelector": gang}]}]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    nobody = build_namespace_policy("team-a", OperatorSettings(metrics_namespaces=[]))
+    assert nobody["spec"]["ingress"] == [], "no readers: no ingress at all"
+
+
+def test_a_gangs_policy_admits_its_own_pods_on_every_port():
+    from lorafinetune.operator.builders import build_gang_policy
+
+    policy = build_gang_policy(OWNER)
+    gang = {"matchLabels": {"lorafinetune.io/name": OWNER.name}}
+    assert policy["spec"]["podSelector"] == gang and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": gang}]}]  # every port: rendezvous, gloo and NCCL
+    assert policy["metadata"]["name"] == OWNER.name and policy["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
 
 
 def test_headless_service_publishes_not_ready_addresses():
