@@ -172,13 +172,10 @@ class Poller:
                     wait = self._interval * min(2 ** max(target.misses - 1, 0), MAX_BACKOFF)
                     heapq.heappush(self._due, (started + wait, serial, key))
                     self._guard.notify()
-        if fresh is None or not current:
-            return
-        with self._guard:
-            if (target := self._followed.get(key)) is None or target.serial != serial:
-                return
-            target.previous = self._fresh[key] = fresh
-        self._on_fresh(key)
+                    if fresh is not None:
+                        target.previous = self._fresh[key] = fresh
+        if fresh is not None and current:
+            self._on_fresh(key)
 
 
 @dataclass
