@@ -112,6 +112,19 @@ def api_requests(op: Operator) -> dict[str, float]:
     return counts
 
 
+def terminated_watchers(c: Cluster) -> dict[str, float]:
+    """The API server's count of watchers it closed because they did not take events fast enough, by resource
+    (`apiserver_terminated_watchers_total`): its watch cache waits for such a watcher, up to a budget, before
+    dispatching the next event to any watcher of that resource."""
+    body = c.api.call_api("/metrics", "GET", _preload_content=False, auth_settings=["BearerToken"]).data.decode()
+    counts: dict[str, float] = {}
+    for line in body.splitlines():
+        if line.startswith("apiserver_terminated_watchers_total{"):
+            resource = line.split('resource="', 1)[1].split('"', 1)[0]
+            counts[resource] = counts.get(resource, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
 def histogram(op: Operator, name: str, *labels: str) -> dict[float, float]:
     """Cumulative bucket counts {upper bound: count} of one of the operator's histograms, summed over the series
     that have all of `labels` (e.g. 'handler="change"'; none: every series), and their sum of observations under the
@@ -256,7 +269,7 @@ def run_round(c: Cluster, count: int, op: Operator, watcher: Watcher, cluster: s
 
     threading.Thread(target=sample, daemon=True).start()
     cpu0, requests0 = cpu_seconds(op.proc.pid), api_requests(op)
-    shares0 = cpu_by_process(cluster, op.proc.pid)
+    shares0, terminated0 = cpu_by_process(cluster, op.proc.pid), terminated_watchers(c)
     timings0 = {field: histogram(op, *metric) for field, metric in TIMINGS.items()}
 
     def create(n: str) -> None:
@@ -274,7 +287,7 @@ def run_round(c: Cluster, count: int, op: Operator, watcher: Watcher, cluster: s
     elapsed = time.time() - started
     stop.set()
     requests1 = api_requests(op)
-    shares1 = cpu_by_process(cluster, op.proc.pid)
+    shares1, terminated1 = cpu_by_process(cluster, op.proc.pid), terminated_watchers(c)
     to_job = [watcher.job_at[n] - applied[n] for n in names if n in watcher.job_at]
     to_seen = [watcher.seen_at[n] - applied[n] for n in names if n in watcher.seen_at]
     last_job = max((watcher.job_at[n] for n in names if n in watcher.job_at), default=started)
@@ -300,6 +313,9 @@ def run_round(c: Cluster, count: int, op: Operator, watcher: Watcher, cluster: s
         # Where apply -> Job goes inside the operator (an operator without a histogram, the floor: {}).
         **{field: bucket_quantiles(timings0[field], histogram(op, *metric)) for field, metric in TIMINGS.items()},
         "roundSeconds": round(elapsed, 1),
+        # Watchers the API server closed for reading too slowly (each held up the others first)
+        "terminatedWatchers": {r: int(n - terminated0.get(r, 0)) for r, n in terminated1.items()
+                               if n - terminated0.get(r, 0)},  # fmt: skip
         # Who used the machine's CPUs during the round: is the operator the bottleneck, or the control plane?
         "cpuSecondsByProcess": {name: round(shares1[name] - shares0.get(name, 0.0), 1)
                                 for name in sorted(shares1, key=lambda n: shares0.get(n, 0.0) - shares1[n])},
