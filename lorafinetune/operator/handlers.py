@@ -83,8 +83,6 @@ def _enqueue_owner(source: str) -> Callable[[dict], None]:
     return enqueue
 
 
-
-
 def _on_fine_tune(body: dict[str, Any]) -> None:
     """A LoRAFineTune added or changed (the first list included): queue a reconcile. Not the echo of a status patch,
     which the reconcile that wrote it stored from the API server's answer, having planned from exactly this object and
@@ -258,10 +256,10 @@ def _execute(owner: builders.Owner, spec: LoRAFineTuneSpec, p: Plan) -> None:
         for attempt in range(1, p.status.attempt + 1):
             kube.delete("Job", owner.namespace, builders.job_name(owner.name, attempt))
     if p.create_attempt is not None:  # the Job carries the config: mutable fields as they are now reach this attempt
-        if builders.needs_service(spec):
+        gang = builders.needs_service(spec)  # several pods: a Service to rendezvous at, a policy of their own
+        if gang:
             kube.create(builders.build_service(owner, SETTINGS))
-        job = _create_job_with_policy(owner, builders.build_job(owner, spec, p.create_attempt, SETTINGS),
-                                      gang=builders.needs_service(spec))  # fmt: skip
+        job = _create_job_with_policy(owner, builders.build_job(owner, spec, p.create_attempt, SETTINGS), gang)
         seen = _FIRST_SEEN.pop(owner.uid, None)  # kept while the creates fail: their retries count too
         if job is not None:
             JOBS.put(job)  # the next reconcile may run before the watch brings it

@@ -144,9 +144,9 @@ class Informer:
         news = [obj for obj in fresh.values() if self._store(obj, deleted=False)]
         for obj in gone:
             self._store(obj, deleted=True)
-            self._notify(obj, news=True, deleted=True)
+            self._notify(obj, deleted=True)
         for obj in news:
-            self._notify(obj, news=True, deleted=False)
+            self._notify(obj, deleted=False)
         return listing["metadata"]["resourceVersion"]
 
     def _watch(self, version: str) -> str | None:
@@ -164,15 +164,16 @@ class Informer:
                 if kind == "BOOKMARK":
                     continue
                 deleted = kind == "DELETED"
-                self._notify(obj, news=self._store(obj, deleted=deleted), deleted=deleted)
+                if self._store(obj, deleted=deleted):  # news, or a deletion
+                    self._notify(obj, deleted=deleted)
                 if self._stop.is_set():
                     break
         finally:
             response.release_conn()
         return version
 
-    def _notify(self, obj: dict, *, news: bool, deleted: bool) -> None:
-        callback = (self._on_delete or self._on_change) if deleted else self._on_change if news else None
+    def _notify(self, obj: dict, *, deleted: bool) -> None:
+        callback = (self._on_delete or self._on_change) if deleted else self._on_change
         if callback is not None:
             try:
                 callback(obj)
