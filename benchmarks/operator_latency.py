@@ -125,6 +125,12 @@ def terminated_watchers(c: Cluster) -> dict[str, float]:
     return counts
 
 
+def gauge(op: Operator, name: str) -> float:
+    """A gauge of the operator's without labels; 0 if it has none of that name."""
+    return next((float(line.rsplit(" ", 1)[1]) for line in op.metrics().splitlines()
+                 if line.startswith(f"{name} ")), 0.0)  # fmt: skip
+
+
 def histogram(op: Operator, name: str, *labels: str) -> dict[float, float]:
     """Cumulative bucket counts {upper bound: count} of one of the operator's histograms, summed over the series
     that have all of `labels` (e.g. 'handler="change"'; none: every series), and their sum of observations under the
@@ -331,7 +337,10 @@ def at_rest(c: Cluster, op: Operator, watcher: Watcher, total: int, seconds: flo
     deadline = time.time() + 900
     while time.time() < deadline and len(watcher.succeeded) < total:
         time.sleep(1)
-    time.sleep(15)  # the last status patches and events settle
+    time.sleep(15)  # the last status patches settle
+    # and the events still queued behind the pace are posted (an operator without the gauge: none are)
+    while time.time() < deadline and gauge(op, "lorafinetune_operator_events_pending") > 0:
+        time.sleep(1)
     before, cpu0 = api_requests(op), cpu_seconds(op.proc.pid)
     time.sleep(seconds)
     after = api_requests(op)

@@ -81,14 +81,17 @@ class Operator(APIModel):
     workers: int = Field(
         _DEFAULTS.workers, ge=1, le=64, description="Reconciles run at once (one per fine-tune at a time)."
     )
+    events_per_second: float = Field(
+        _DEFAULTS.events_per_second, gt=0,
+        description="The most Kubernetes Events the operator posts a second, after a burst of 25 (best-effort notes: "
+        "in a burst of applies they leave the API server to the Jobs; each keeps the time it was sent).",
+    )  # fmt: skip
     secret_preflight: bool = Field(
         _DEFAULTS.secret_preflight,
         description="Grant `get` on Secrets so a missing spec.s3.credentialsSecret is reported before pods start. "
         "Off by default: `get` on a Secret returns its values. Without it a missing Secret still shows as "
         "Pending/CreateContainerConfigError from the pods.",
     )
-
-
     lease_seconds: float = Field(
         _DEFAULTS.lease_seconds, ge=3, description="A standby replica takes over after the leader's Lease went "
         "unrenewed this long (the leader exits first)."

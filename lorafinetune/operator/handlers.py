@@ -34,7 +34,7 @@ from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.api.status import LoRAFineTuneStatus
 from lorafinetune.operator import builders, fit, kube
 from lorafinetune.operator import progress as progress_reader
-from lorafinetune.operator.events import EventSender
+from lorafinetune.operator.events import EVENT_BURST, EventSender, TokenBucket
 from lorafinetune.operator.informer import Informer, PerNamespace, by_label, wait_synced
 from lorafinetune.operator.metrics import OPERATOR_METRICS
 from lorafinetune.operator.settings import OperatorSettings
@@ -55,7 +55,8 @@ from lorafinetune.operator.workqueue import WorkQueue
 
 SETTINGS = OperatorSettings.from_env()
 QUEUE = WorkQueue(on_wait=OPERATOR_METRICS.waited)
-EVENTS = EventSender(kube.post_event, on_drop=OPERATOR_METRICS.events_dropped.inc)
+EVENTS = EventSender(kube.post_event, on_drop=OPERATOR_METRICS.events_dropped.inc,
+                     pace=TokenBucket(SETTINGS.events_per_second, EVENT_BURST))
 log = logging.getLogger("lorafinetune.operator")
 CRD_WAIT_SECONDS = 60  # a chart installs the CRD and the operator together; the CRD may take a moment to be served
 SYNC_WAIT_SECONDS = 120  # the informers' first lists; no reconcile before (a half-filled cache would mislead it)
@@ -190,7 +191,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
                 "CRD (helm chart with crds.install=true, or kubectl apply -f crds/) and restart the operator"
             )
         time.sleep(2)
-    OPERATOR_METRICS.serve(SETTINGS.metrics_port, QUEUE.depth)
+    OPERATOR_METRICS.serve(SETTINGS.metrics_port, QUEUE.depth, EVENTS.pending)
     for informer in INFORMERS:
         informer.start()
     # No reconcile before every cache holds its first list: planned from half-filled caches, a running attempt would

@@ -54,6 +54,10 @@ class OperatorMetrics:
         self.events_dropped = Counter(
             "lorafinetune_operator_events_dropped", "Events not posted because the buffer was full", registry=r
         )
+        self.events_pending = Gauge(
+            "lorafinetune_operator_events_pending", "Events waiting to be posted (paced: LFT_EVENTS_PER_SECOND)",
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "lorafinetune_operator_queue_depth", "Fine-tunes waiting for a worker in the work queue", registry=r
         )
@@ -72,9 +76,12 @@ class OperatorMetrics:
         for phase in PHASES:
             self.resources.labels(phase=phase).set(0)
 
-    def serve(self, port: int, queue_depth: Callable[[], int] | None = None) -> None:
+    def serve(self, port: int, queue_depth: Callable[[], int] | None = None,
+              events_pending: Callable[[], int] | None = None) -> None:  # fmt: skip
         if queue_depth is not None:
             self.queue_depth.set_function(queue_depth)
+        if events_pending is not None:
+            self.events_pending.set_function(events_pending)
         if port:
             start_http_server(port, registry=self.registry)
 

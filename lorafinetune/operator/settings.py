@@ -85,6 +85,11 @@ class OperatorSettings:
     time). They mostly wait for the API server's answers to writes: with 500 applied at once, 32 gave each its Job
     sooner than 8 (p95 3.0 s against 4.3 s; benchmarks/README.md)."""
 
+    events_per_second: float = 10.0
+    """LFT_EVENTS_PER_SECOND: the most Kubernetes Events the operator posts a second, after a burst of up to
+    25. Events are best-effort notes (the status says the same): paced, they leave the API server to the
+    Jobs in a burst of applies; each keeps the time it was sent, and the buffer holds thousands."""
+
     secret_preflight: bool = False
     """LFT_SECRET_PREFLIGHT: check that spec.s3.credentialsSecret exists before the first attempt. Off by default
     because RBAC cannot grant `get` on a Secret without its values; a missing Secret then shows as the pods'
@@ -111,7 +116,7 @@ class OperatorSettings:
     outbound request."""
 
     def __post_init__(self) -> None:
-        for name in ("reconcile_interval_seconds", "resync_seconds", "progress_interval_seconds"):
+        for name in ("reconcile_interval_seconds", "resync_seconds", "progress_interval_seconds", "events_per_second"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LFT_{name.upper()} must be more than 0, got {getattr(self, name)}")
         if self.workers < 1:
@@ -146,6 +151,7 @@ class OperatorSettings:
             leader_lease=os.environ.get("LFT_LEADER_LEASE", d.leader_lease),
             lease_seconds=float(os.environ.get("LFT_LEASE_SECONDS", d.lease_seconds)),
             workers=int(os.environ.get("LFT_WORKERS", d.workers)),
+            events_per_second=float(os.environ.get("LFT_EVENTS_PER_SECOND", d.events_per_second)),
             secret_preflight=_env_bool("LFT_SECRET_PREFLIGHT", d.secret_preflight),
             network_policy=_env_bool("LFT_NETWORK_POLICY", d.network_policy),
             metrics_namespaces=_env_list("LFT_METRICS_NAMESPACES")

@@ -135,7 +135,8 @@ OPERATOR_VALUES = {
     "watchNamespaces": ["team-a", "team-b"], "trainerImage": "registry.example/lft:9", "reconcileIntervalSeconds": 17.5,
     "resyncSeconds": 123,
     "backoffBaseSeconds": 3, "backoffCapSeconds": 301, "progressIntervalSeconds": 7, "terminationGraceSeconds": 1000000,
-    "trainerMetricsPort": 9411, "metricsPort": 9412, "healthPort": 9413, "workers": 5, "secretPreflight": True,
+    "trainerMetricsPort": 9411, "metricsPort": 9412, "healthPort": 9413, "workers": 5, "eventsPerSecond": 2.5,
+    "secretPreflight": True,
     "leaseSeconds": 21, "logFormat": "json", "networkPolicy": False, "metricsNamespaces": ["mon-a", "mon-b"],
     "hubEndpoint": "https://hub.example",
 }  # fmt: skip
