@@ -58,12 +58,16 @@ class EventSender:
         self._pending: queue.Queue[tuple[dict[str, Any], str, str, str, datetime] | None] = queue.Queue(capacity)
         self._on_drop = on_drop or (lambda: None)
         self._dropped = 0
+        self._unposted = 0  # accepted and not yet tried
+        self._count_guard = threading.Lock()  # reconcile workers send at once
         self._thread: threading.Thread | None = None
 
     def send(self, obj: dict[str, Any], kind: str, reason: str, message: str) -> bool:
         """Queue an event about `obj`, stamped now; False if the buffer was full and it was dropped."""
         try:
-            self._pending.put_nowait((obj, kind, reason, message, datetime.now(UTC)))
+            with self._count_guard:
+                self._pending.put_nowait((obj, kind, reason, message, datetime.now(UTC)))
+                self._unposted += 1
         except queue.Full:
             self._on_drop()
             self._dropped += 1
@@ -81,14 +85,16 @@ class EventSender:
         self._thread.start()
 
     def stop(self, flush_seconds: float = 5.0) -> None:
-        """Post what is queued, for up to `flush_seconds`, then stop."""
+        """Post what is queued, for up to `flush_seconds` (at the pace), then stop; say how many were left."""
         if self._thread is None:
             return
         try:
             self._pending.put(None, timeout=flush_seconds)
+            self._thread.join(timeout=flush_seconds)
         except queue.Full:
-            return  # the daemon thread goes with the process
-        self._thread.join(timeout=flush_seconds)
+            pass  # the daemon thread goes with the process
+        if self._thread.is_alive() and (left := self._unposted):
+            log.warning("stopping with %d event(s) not posted (LFT_EVENTS_PER_SECOND paces them)", left)
         self._thread = None
 
     def _run(self) -> None:
@@ -101,3 +107,5 @@ class EventSender:
             except Exception as err:  # noqa: BLE001 - one failed post must not stop the ones after it
                 why = f"{err.status} {err.reason}" if isinstance(err, ApiException) else repr(err)  # no response body
                 log.warning("could not post event %s about %s: %s", reason, obj["metadata"].get("name"), why)
+            with self._count_guard:
+                self._unposted -= 1

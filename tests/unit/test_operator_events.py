@@ -126,3 +126,15 @@ def test_posts_beyond_the_burst_leave_at_the_pace_and_keep_the_time_they_were_se
     # two at once, then four at 20 a second: the last no sooner than 0.2 s after the first
     assert posted[-1][1] - posted[0][1] >= 0.19
     assert posted[1][1] - sent_at < 0.15
+
+
+def test_stopping_says_how_many_events_the_pace_left_unposted(caplog):
+    posted: list[str] = []
+    sender = EventSender(lambda obj, kind, reason, message, when: posted.append(reason),
+                         pace=TokenBucket(rate=1, burst=2))  # fmt: skip
+    for i in range(6):
+        sender.send(_obj("a"), "Normal", f"R{i}", "m")
+    sender.start()
+    sender.stop(flush_seconds=0.5)
+    assert posted == ["R0", "R1"], "the burst, and then one a second: none more within half a second"
+    assert "stopping with 4 event(s) not posted" in caplog.text
