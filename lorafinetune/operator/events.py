@@ -78,7 +78,8 @@ class EventSender:
         return True
 
     def pending(self) -> int:
-        return self._pending.qsize()
+        """Events accepted and not yet posted, the one waiting for its token included."""
+        return self._unposted
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lft-events", daemon=True)

@@ -137,4 +137,5 @@ def test_stopping_says_how_many_events_the_pace_left_unposted(caplog):
     sender.start()
     sender.stop(flush_seconds=0.5)
     assert posted == ["R0", "R1"], "the burst, and then one a second: none more within half a second"
+    assert sender.pending() == 4, "the gauge counts the one waiting for its token too"
     assert "stopping with 4 event(s) not posted" in caplog.text
