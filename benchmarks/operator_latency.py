@@ -7,7 +7,8 @@ what N finished fine-tunes cost at rest.
 Two arms in one run, each on a fresh cluster (hack/cluster/up.sh: real etcd, API server, controller-manager and
 scheduler, kwok playing the kubelet of 20 CPU nodes): the operator of `--baseline-ref` (checked out into a temporary
 git worktree; default: the commit before the operator read from caches; or `floor`: benchmarks/floor_controller.py,
-the least any controller must do, in the operator's place) and the operator of this checkout. CPU-only
+the least any controller must do, in the operator's place) and the operator of this checkout, baseline first, or in
+the `--order` given (`abba`: each twice, neither always first, for changes smaller than one run's noise). CPU-only
 fine-tunes (1 pod each), so every pod can be placed. Apply -> Job is timed by a watch on Jobs, apply -> Running by a
 watch on the fine-tunes, each in a process of its own (local clock). After the last round all pods are finished
 (Succeeded) and the operator's API requests are counted for `--rest-seconds` with every fine-tune finished. Writes
@@ -18,6 +19,7 @@ numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -29,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.queues import Queue
 from pathlib import Path
@@ -394,6 +397,24 @@ def run_arm(arm: str, repo: Path, counts: list[int], interval: float, rest_secon
     return {"arm": arm, "operatorEnv": operator_env, "rounds": rounds, "atRest": rest}
 
 
+ORDERS = {"ab", "ba", "abba", "baab"}
+
+
+@contextlib.contextmanager
+def baseline_checkout(ref: str, needed: bool) -> Iterator[Path]:
+    """The baseline operator's code: a temporary worktree of `ref` (the floor runs from this checkout)."""
+    if not needed or ref in (FLOOR, FLOOR_KOPF):
+        yield REPO
+        return
+    baseline = Path(tempfile.mkdtemp(prefix="lft-baseline-"))
+    subprocess.run(["git", "worktree", "add", "--detach", str(baseline), ref], cwd=REPO, check=True,
+                   capture_output=True)  # fmt: skip
+    try:
+        yield baseline
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO, capture_output=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 100, 500, 1000])
@@ -410,25 +431,26 @@ def main() -> None:
                     help="operator settings for this checkout's arm, e.g. LFT_WORKERS=32")
     ap.add_argument("--baseline-env", nargs="*", default=[], metavar="KEY=VALUE",
                     help="operator settings for the baseline arm (with --baseline-ref HEAD: a setting side by side)")
+    ap.add_argument("--order", default="ab", choices=sorted(ORDERS),
+                    help="the arms' order, a the baseline and b this checkout: abba runs each twice, so that neither "
+                    "always goes first (the same code's two arms of one run differed by up to 0.7 s at p95)")
     args = ap.parse_args()
     for flag, pairs in (("--env", args.env), ("--baseline-env", args.baseline_env)):
         if any("=" not in p for p in pairs):
             ap.error(f"{flag} takes KEY=VALUE pairs, got {pairs}")
     this_env, baseline_env = (dict(p.split("=", 1) for p in pairs) for pairs in (args.env, args.baseline_env))
     os.environ["LFT_BENCH"] = "1"
+    order = "b" if args.no_baseline else args.order
+    floor = args.baseline_ref in (FLOOR, FLOOR_KOPF)
+    baseline_label = args.baseline_ref if floor else f"baseline {args.baseline_ref}"
     arms = []
-    if args.baseline_ref in (FLOOR, FLOOR_KOPF) and not args.no_baseline:
-        arms.append(run_arm(args.baseline_ref, REPO, args.counts, args.interval, args.rest_seconds, baseline_env))
-    elif not args.no_baseline:
-        baseline = Path(tempfile.mkdtemp(prefix="lft-baseline-"))
-        subprocess.run(["git", "worktree", "add", "--detach", str(baseline), args.baseline_ref], cwd=REPO, check=True,
-                       capture_output=True)  # fmt: skip
-        try:
-            arms.append(run_arm(f"baseline {args.baseline_ref}", baseline, args.counts, args.interval,
-                                args.rest_seconds, baseline_env))  # fmt: skip
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO, capture_output=True)
-    arms.append(run_arm("this checkout", REPO, args.counts, args.interval, args.rest_seconds, this_env))
+    with baseline_checkout(args.baseline_ref, needed="a" in order) as baseline:
+        for position, which in enumerate(order, 1):
+            if which == "a":
+                arm = run_arm(baseline_label, baseline, args.counts, args.interval, args.rest_seconds, baseline_env)
+            else:
+                arm = run_arm("this checkout", REPO, args.counts, args.interval, args.rest_seconds, this_env)
+            arms.append({**arm, "position": position})
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     out = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; etcd, the API "
