@@ -387,7 +387,7 @@ def run_arm(arm: str, repo: Path, counts: list[int], interval: float, rest_secon
             for count in counts:
                 rounds.append({"arm": arm, **run_round(c, count, op, watcher, name)})
                 print(json.dumps(rounds[-1]), flush=True)
-            rest = at_rest(c, op, watcher, sum(counts), rest_seconds)
+            rest = at_rest(c, op, watcher, sum(counts), rest_seconds) if rest_seconds > 0 else None
             print(json.dumps({"arm": arm, "atRest": rest}), flush=True)
         finally:
             watcher.stop()
@@ -423,7 +423,9 @@ def main() -> None:
                     help=f"git commit of the baseline operator, or {FLOOR!r}: benchmarks/floor_controller.py (the "
                     "least any controller must do: the Job, and two status patches) on the same control plane, or "
                     f"{FLOOR_KOPF!r}: the same receiving the fine-tunes from kopf")
-    ap.add_argument("--rest-seconds", type=float, default=60.0)
+    ap.add_argument("--rest-seconds", type=float, default=60.0,
+                    help="how long to count requests at rest; 0: no rest phase (finishing every run and posting the "
+                    "events still paced takes minutes), for runs that compare bursts only")
     ap.add_argument("--no-baseline", action="store_true",
                     help="this checkout only: to re-measure it against the baseline numbers of an earlier run")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/operator_latency.json")
