@@ -1,5 +1,5 @@
 """The operator's handlers: thin. Each reconcile reads what exists, asks the pure planner what to do, does it, and
-writes status (a pass that creates a Job leaves that to the fine-tune's next pass: see _UNRECORDED).
+writes status.
 
     python -m lorafinetune.operator          # or: kopf run -m lorafinetune.operator.handlers --all-namespaces
 
@@ -71,12 +71,6 @@ _FIRST_SEEN: dict[str, float] = {}
 _ALONGSIDE = ThreadPoolExecutor(SETTINGS.workers, thread_name_prefix="lft-alongside")
 _POLICY_GUARD = threading.Lock()  # held while a namespace's policy is written
 _POLICY_REFUSED: set[str] = set()  # UIDs whose NetworkPolicy was refused: theirs is created before the Job
-# Attempts whose Job this operator created but whose status it has not written yet, by UID: the status the creating
-# pass planned. The pass that creates a Job leaves the status to the fine-tune's next pass, which it queues in the
-# other lane: in a burst of new fine-tunes each pass is one request (its Job) instead of two, and a run whose pods
-# are already running by then gets one status patch (attempt and Running) instead of two. Lost with the process: a
-# restarted or new leader finds the Job "already ours" and records the attempt then, as after any crash.
-_UNRECORDED: dict[str, LoRAFineTuneStatus] = {}
 
 
 def _enqueue_owner(source: str) -> Callable[[dict], None]:
@@ -461,7 +455,6 @@ def reconcile(key: str, source: str = "") -> None:
         meta = body["metadata"]
         owner = builders.Owner(meta["name"], meta["namespace"], meta["uid"])
         spec, current = _parsed(body)
-        current = _with_unrecorded_attempt(owner.uid, current)
         now, generation = datetime.now(UTC), meta.get("generation")
         ttl = None
         if isinstance(spec, ValidationError):  # what the CRD let through but the models refuse: say so, never hang
@@ -472,17 +465,13 @@ def reconcile(key: str, source: str = "") -> None:
             _FIRST_SEEN.pop(owner.uid, None)
         new = as_patch(p.status)
         old = body.get("status") or {}
-        if p.create_attempt is not None:  # the next pass records it (see _UNRECORDED), once this one has finished
-            _UNRECORDED[owner.uid] = p.status
-            QUEUE.add(key, "record")
-        elif new != old:
+        if new != old:
             patch = {key: new.get(key) for key in set(old) | set(new) if old.get(key) != new.get(key)}
             patched = kube.patch_status(namespace, name, meta["resourceVersion"], patch)
             if patched is None:  # changed since the cached copy: again once the watch brings the new one
                 QUEUE.schedule(key, 1.0)
                 return
             FINE_TUNES.put(patched)
-            _UNRECORDED.pop(owner.uid, None)
         if p.status.phase in FINISHED:  # rarely looked at again: two models per finished run kept for nothing
             _PARSED.pop(owner.uid, None)
         OPERATOR_METRICS.set_phase(key, p.status.phase)
@@ -518,17 +507,6 @@ def _parsed(body: dict[str, Any]) -> tuple[LoRAFineTuneSpec | ValidationError, L
     return spec, status
 
 
-def _with_unrecorded_attempt(uid: str, current: LoRAFineTuneStatus) -> LoRAFineTuneStatus:
-    """The status as this operator last planned it where that names an attempt the stored one does not yet."""
-    planned = _UNRECORDED.get(uid)
-    if planned is None:
-        return current
-    if planned.attempt > current.attempt:
-        return planned
-    _UNRECORDED.pop(uid, None)  # stored since (a patch whose answer was lost, another replica before a handover)
-    return current
-
-
 def _next_tick(p: Plan, ttl: int | None, now: datetime) -> float | None:
     """When to look again without an event. Live runs: when the plan says the clock changes something (a backoff or
     a deadline expiring, a preflight problem to check again), else after the resync period, a safety net under the
@@ -549,4 +527,3 @@ def _forget_uid(uid: str) -> None:
     _FIRST_SEEN.pop(uid, None)
     _POLICY_REFUSED.discard(uid)
     _PARSED.pop(uid, None)
-    _UNRECORDED.pop(uid, None)
