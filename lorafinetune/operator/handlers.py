@@ -1,5 +1,5 @@
 """The operator's handlers: thin. Each reconcile reads what exists, asks the pure planner what to do, does it, and
-writes status.
+writes status (a new attempt's waits while a burst of new fine-tunes waits for Jobs: see _UNRECORDED).
 
     python -m lorafinetune.operator          # or: kopf run -m lorafinetune.operator.handlers --all-namespaces
 
@@ -71,6 +71,15 @@ _FIRST_SEEN: dict[str, float] = {}
 _ALONGSIDE = ThreadPoolExecutor(SETTINGS.workers, thread_name_prefix="lft-alongside")
 _POLICY_GUARD = threading.Lock()  # held while a namespace's policy is written
 _POLICY_REFUSED: set[str] = set()  # UIDs whose NetworkPolicy was refused: theirs is created before the Job
+# Attempts this process created whose status is not written yet, by UID: the status last planned for them and when
+# the attempt was created (monotonic). While other new fine-tunes wait for their Jobs (a burst of applies), a new
+# attempt's status waits, up to RECORD_WAIT_SECONDS: every status patch is an event on every watch of the
+# fine-tunes, the operator's own included, and in a burst of 500 those events queued ahead of the new fine-tunes'
+# (the watch's p50 delivery went from 0.15 to 0.5-0.9 s; see benchmarks/README). Planned from in memory meanwhile; lost
+# with the process, which is safe: a restarted or new leader finds the Job "already ours" and records it then.
+_UNRECORDED: dict[str, tuple[LoRAFineTuneStatus, float]] = {}
+RECORD_WAIT_SECONDS = 10.0
+RECORD_RECHECK_SECONDS = 0.5  # how soon a waiting status looks again whether the burst is over
 
 
 def _enqueue_owner(source: str) -> Callable[[dict], None]:
@@ -455,6 +464,7 @@ def reconcile(key: str, source: str = "") -> None:
         meta = body["metadata"]
         owner = builders.Owner(meta["name"], meta["namespace"], meta["uid"])
         spec, current = _parsed(body)
+        current = _with_unrecorded_attempt(owner.uid, current)
         now, generation = datetime.now(UTC), meta.get("generation")
         ttl = None
         if isinstance(spec, ValidationError):  # what the CRD let through but the models refuse: say so, never hang
@@ -465,17 +475,23 @@ def reconcile(key: str, source: str = "") -> None:
             _FIRST_SEEN.pop(owner.uid, None)
         new = as_patch(p.status)
         old = body.get("status") or {}
-        if new != old:
+        tick = _next_tick(p, ttl, now)
+        if p.create_attempt is not None:
+            _UNRECORDED[owner.uid] = (p.status, time.monotonic())
+        if new != old and _status_waits(owner.uid, key, p):
+            tick = RECORD_RECHECK_SECONDS if tick is None else min(tick, RECORD_RECHECK_SECONDS)
+        elif new != old:
             patch = {key: new.get(key) for key in set(old) | set(new) if old.get(key) != new.get(key)}
             patched = kube.patch_status(namespace, name, meta["resourceVersion"], patch)
             if patched is None:  # changed since the cached copy: again once the watch brings the new one
                 QUEUE.schedule(key, 1.0)
                 return
             FINE_TUNES.put(patched)
+            _UNRECORDED.pop(owner.uid, None)
         if p.status.phase in FINISHED:  # rarely looked at again: two models per finished run kept for nothing
             _PARSED.pop(owner.uid, None)
         OPERATOR_METRICS.set_phase(key, p.status.phase)
-        QUEUE.schedule(key, _next_tick(p, ttl, now))
+        QUEUE.schedule(key, tick)
         for kind, reason, message in p.events:
             EVENTS.send(body, kind, reason, message[:1000])
             log.log(logging.WARNING if kind == "Warning" else logging.INFO, "%s: %s: %s", key, reason, message,
@@ -507,6 +523,27 @@ def _parsed(body: dict[str, Any]) -> tuple[LoRAFineTuneSpec | ValidationError, L
     return spec, status
 
 
+def _with_unrecorded_attempt(uid: str, current: LoRAFineTuneStatus) -> LoRAFineTuneStatus:
+    """The status as this process last planned it where that names an attempt the stored one does not yet."""
+    held = _UNRECORDED.get(uid)
+    if held is None:
+        return current
+    if held[0].attempt > current.attempt:
+        return held[0]
+    _UNRECORDED.pop(uid, None)  # stored since (a patch whose answer was lost, another replica before a handover)
+    return current
+
+
+def _status_waits(uid: str, key: str, p: Plan) -> bool:
+    """Whether the status of an attempt this process created and has not recorded yet waits for a later pass: while
+    other new fine-tunes wait for their Jobs, for up to RECORD_WAIT_SECONDS after its creation."""
+    held = _UNRECORDED.get(uid)
+    if held is None or time.monotonic() - held[1] >= RECORD_WAIT_SECONDS or not QUEUE.new_waiting(besides=key):
+        return False
+    _UNRECORDED[uid] = (p.status, held[1])
+    return True
+
+
 def _next_tick(p: Plan, ttl: int | None, now: datetime) -> float | None:
     """When to look again without an event. Live runs: when the plan says the clock changes something (a backoff or
     a deadline expiring, a preflight problem to check again), else after the resync period, a safety net under the
@@ -527,3 +564,4 @@ def _forget_uid(uid: str) -> None:
     _FIRST_SEEN.pop(uid, None)
     _POLICY_REFUSED.discard(uid)
     _PARSED.pop(uid, None)
+    _UNRECORDED.pop(uid, None)

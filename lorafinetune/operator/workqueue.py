@@ -101,6 +101,13 @@ class WorkQueue:
             due = self._due.get(key)
         return None if due is None else due.at - time.monotonic()
 
+    def new_waiting(self, besides: str = "") -> int:
+        """New fine-tunes waiting for a worker or being reconciled as new, but `besides`: while there are any, a
+        burst of applies is still being turned into Jobs."""
+        with self._cond:
+            waiting = sum(w.new for key, w in self._waiting.items() if key != besides)
+            return waiting + sum(new for key, new in self._processing.items() if key != besides)
+
     def depth(self) -> int:
         """Keys waiting for a worker."""
         with self._cond:

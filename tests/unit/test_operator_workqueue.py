@@ -196,3 +196,26 @@ def test_a_new_fine_tune_whose_reconcile_failed_is_retried_in_the_new_lane():
         assert ran.index(("ns/new", "retry")) < 6, ran
     finally:
         q.stop()
+
+
+def test_new_waiting_counts_new_fine_tunes_queued_or_running_as_new_but_the_one_asking():
+    q, release, started = WorkQueue(resolution=0.01), threading.Event(), threading.Event()
+    q.add("ns/new-1", "change", new=True)
+    q.add("ns/old", "pod-event")
+    q.add("ns/new-2", "change", new=True)
+    assert q.new_waiting() == 2 and q.new_waiting(besides="ns/new-1") == 1
+
+    def run(key, source):
+        started.set()
+        release.wait(5)
+
+    q.start(1, run)  # takes ns/new-1 (the new lane first) and holds it
+    try:
+        assert started.wait(5)
+        assert q.new_waiting() == 2, "one queued, one being reconciled as new"
+        assert q.new_waiting(besides="ns/new-2") == 1
+        release.set()
+        assert _wait(lambda: q.depth() == 0 and q.new_waiting() == 0)
+    finally:
+        release.set()
+        q.stop()
