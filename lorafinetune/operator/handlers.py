@@ -75,8 +75,9 @@ _POLICY_REFUSED: set[str] = set()  # UIDs whose NetworkPolicy was refused: their
 # the attempt was created (monotonic). While other new fine-tunes wait for their Jobs (a burst of applies), a new
 # attempt's status waits, up to RECORD_WAIT_SECONDS: every status patch is an event on every watch of the
 # fine-tunes, the operator's own included, and in a burst of 500 those events queued ahead of the new fine-tunes'
-# (the watch's p50 delivery went from 0.15 to 0.5-0.9 s; see benchmarks/README). Planned from in memory meanwhile; lost
-# with the process, which is safe: a restarted or new leader finds the Job "already ours" and records it then.
+# (a watch's p50 delivery of them was 0.5-0.9 s, against 0.1-0.2 s without; see benchmarks/README). Planned from
+# memory meanwhile; lost with the process, which is safe: a restarted or new leader finds the Job "already ours" and
+# records it then.
 _UNRECORDED: dict[str, tuple[LoRAFineTuneStatus, float]] = {}
 RECORD_WAIT_SECONDS = 10.0
 RECORD_RECHECK_SECONDS = 0.5  # how soon a waiting status looks again whether the burst is over
