@@ -56,11 +56,13 @@ def main() -> int:
     if published is not None:  # never retrain over, or overwrite, a published adapter
         changed = changed_sections(published.get("fingerprint", {}), spec_fingerprint(spec))
         if changed:
+            message = (f"{run} already holds an adapter trained with a different spec (changed: "
+                       f"{', '.join(changed)}); it is left untouched. Use a new output.uri to train again")
             if rank == 0:
-                message = (f"{run} already holds an adapter trained with a different spec (changed: "
-                           f"{', '.join(changed)}); it is left untouched. Use a new output.uri to train again")
                 print(message, file=sys.stderr)
-                _write_termination(ExitCode.INVALID_CONFIG, "OutputHoldsAnotherAdapter", message)
+            # Every rank records it: the first rank to exit makes torchrun stop the others, rank 0 perhaps before
+            # it wrote anything, and without a record the launcher only sees torchrun's 1 (a retry).
+            _write_termination(ExitCode.INVALID_CONFIG, "OutputHoldsAnotherAdapter", message)
             return ExitCode.INVALID_CONFIG
         if rank == 0:
             print(f"{run} already holds a complete adapter of this spec; nothing to do")

@@ -19,7 +19,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafinetune.contract import ENV_LOSS_CHUNK, ExitCode, read_termination
+from lorafinetune.contract import (
+    CONFIG_FILE,
+    ENV_CONFIG,
+    ENV_LOSS_CHUNK,
+    ENV_RUN_DIR,
+    ENV_TERMINATION_LOG,
+    ExitCode,
+    read_termination,
+)
 from tests.conftest import REPO, free_port, run_cli, write_manifest
 from tests.manifests import manifest, tiny_cpu_run
 
@@ -115,6 +123,15 @@ def test_finished_output_is_not_trained_again(tmp_path, tiny_model, chat_data):
     assert proc.returncode == ExitCode.INVALID_CONFIG
     assert "already holds an adapter trained with a different spec (changed: training)" in proc.stderr
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    # A rank other than 0 records the refusal too: when it exits first, torchrun stops rank 0, perhaps before rank 0
+    # wrote anything, and without a record the launcher sees only torchrun's 1 and would retry.
+    record_path = tmp_path / "rank-1-termination.json"
+    env = {**os.environ, "RANK": "1", "CUDA_VISIBLE_DEVICES": "", ENV_CONFIG: str(out / CONFIG_FILE),
+           ENV_RUN_DIR: str(out), ENV_TERMINATION_LOG: str(record_path)}  # fmt: skip
+    rank_1 = subprocess.run([sys.executable, "-m", "lorafinetune.trainer"], env=env, cwd=REPO, timeout=120)
+    assert rank_1.returncode == ExitCode.INVALID_CONFIG
+    refused = read_termination(record_path)
+    assert refused.exit_code == ExitCode.INVALID_CONFIG and refused.reason == "OutputHoldsAnotherAdapter"
 
 
 def test_crash_and_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path, tiny_model, chat_data):
