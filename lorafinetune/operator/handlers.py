@@ -201,7 +201,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
                 "CRD (helm chart with crds.install=true, or kubectl apply -f crds/) and restart the operator"
             )
         time.sleep(2)
-    OPERATOR_METRICS.serve(SETTINGS.metrics_port, QUEUE.depth, EVENTS.pending)
+    OPERATOR_METRICS.serve(SETTINGS.metrics_port, QUEUE.depth, EVENTS.pending, lambda: len(_UNRECORDED))
     for informer in INFORMERS:
         informer.start()
     # No reconcile before every cache holds its first list: planned from half-filled caches, a running attempt would
@@ -488,7 +488,8 @@ def reconcile(key: str, source: str = "") -> None:
                 QUEUE.schedule(key, 1.0)
                 return
             FINE_TUNES.put(patched)
-            _UNRECORDED.pop(owner.uid, None)
+            if (held := _UNRECORDED.pop(owner.uid, None)) is not None:
+                OPERATOR_METRICS.attempt_recorded.observe(time.monotonic() - held[1])
         if p.status.phase in FINISHED:  # rarely looked at again: two models per finished run kept for nothing
             _PARSED.pop(owner.uid, None)
         OPERATOR_METRICS.set_phase(key, p.status.phase)

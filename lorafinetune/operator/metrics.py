@@ -51,6 +51,18 @@ class OperatorMetrics:
             "Time from the operator first seeing a new fine-tune to its first Job created",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), registry=r,
         )  # fmt: skip
+        # A new attempt's status waits while a burst of new fine-tunes waits for Jobs (operator/handlers.py):
+        # how many wait now, and how long each attempt went unrecorded in its fine-tune's status.
+        self.statuses_held = Gauge(
+            "lorafinetune_operator_statuses_held",
+            "New attempts whose status waits for other new fine-tunes to get their Jobs (at most 10 s each)",
+            registry=r,
+        )  # fmt: skip
+        self.attempt_recorded = Histogram(
+            "lorafinetune_operator_attempt_recorded_seconds",
+            "Time from an attempt's Job created to the attempt written in its fine-tune's status",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 15), registry=r,
+        )  # fmt: skip
         self.events_dropped = Counter(
             "lorafinetune_operator_events_dropped", "Events not posted because the buffer was full", registry=r
         )
@@ -77,9 +89,12 @@ class OperatorMetrics:
             self.resources.labels(phase=phase).set(0)
 
     def serve(self, port: int, queue_depth: Callable[[], int] | None = None,
-              events_pending: Callable[[], int] | None = None) -> None:  # fmt: skip
+              events_pending: Callable[[], int] | None = None,
+              statuses_held: Callable[[], int] | None = None) -> None:  # fmt: skip
         if queue_depth is not None:
             self.queue_depth.set_function(queue_depth)
+        if statuses_held is not None:
+            self.statuses_held.set_function(statuses_held)
         if events_pending is not None:
             self.events_pending.set_function(events_pending)
         if port:

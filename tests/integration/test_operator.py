@@ -444,6 +444,11 @@ def test_operator_metrics_count_reconciles_and_phases(cluster: Cluster, operator
     assert new("lorafinetune_operator_first_job_seconds_count") >= 1
     assert 0 < new("lorafinetune_operator_first_job_seconds_sum") < 30
     assert new('lorafinetune_operator_api_request_duration_seconds_count{resource="jobs",verb="create"}') >= 1
+    # Its attempt written to its status (held at most 10 s while other new fine-tunes wait for Jobs), and the gauge
+    # of statuses held exported
+    assert new("lorafinetune_operator_attempt_recorded_seconds_count") >= 1
+    assert 0 < new("lorafinetune_operator_attempt_recorded_seconds_sum") < 15
+    assert "lorafinetune_operator_statuses_held" in values
 
 
 def test_a_running_run_is_reconciled_on_its_events_and_deadlines_not_on_a_timer(cluster: Cluster, operator,

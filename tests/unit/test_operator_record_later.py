@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from lorafinetune.operator import builders, handlers, kube
+from lorafinetune.operator.metrics import OPERATOR_METRICS
 from tests.manifests import CLUSTER_RUN, manifest
 
 NAMESPACE = "ns"
@@ -91,6 +92,11 @@ def _apply() -> tuple[str, dict[str, Any]]:
     return f"{NAMESPACE}/{name}", body
 
 
+def _recorded() -> float:
+    """How many attempts the operator's histogram saw written to their status so far."""
+    return OPERATOR_METRICS.registry.get_sample_value("lorafinetune_operator_attempt_recorded_seconds_count") or 0
+
+
 def _running_pod(job: dict[str, Any]) -> dict[str, Any]:
     labels = job["spec"]["template"]["metadata"]["labels"]
     return {"metadata": {"name": f"{job['metadata']['name']}-0", "namespace": NAMESPACE, "labels": labels,
@@ -116,8 +122,10 @@ def test_in_a_burst_the_status_waits_and_a_run_whose_pods_run_by_then_gets_one_p
     created, patches, _, recorder = api
     key, _ = _apply()
     recorder.burst = 3
+    recorded = _recorded()
     handlers.reconcile(key, "change")
     assert [obj["kind"] for obj in created] == ["Job"] and patches == []
+    assert len(handlers._UNRECORDED) == 1 and _recorded() == recorded  # what the statuses_held gauge reports
     assert recorder.scheduled[-1] == handlers.RECORD_RECHECK_SECONDS and recorder.events == ["AttemptCreated"]
     handlers.reconcile(key, "clock")  # still a burst: planned from what this process created, nothing written
     assert patches == [] and [obj["kind"] for obj in created] == ["Job"], "the Job is not created again"
@@ -130,7 +138,7 @@ def test_in_a_burst_the_status_waits_and_a_run_whose_pods_run_by_then_gets_one_p
     handlers.reconcile(key, "clock")
     [patch] = patches
     assert patch["attempt"] == 1 and patch["phase"] == "Running" and patch["startTime"]
-    assert handlers._UNRECORDED == {}
+    assert handlers._UNRECORDED == {} and _recorded() == recorded + 1
     handlers.reconcile(key, "pod-event")  # recorded: nothing more to write
     assert len(patches) == 1 and [obj["kind"] for obj in created] == ["Job"]
 
