@@ -170,6 +170,8 @@ TIMINGS = {
     # from the operator's first watch event of a fine-tune to its Job created; apply -> Job less this is the API
     # server's delivery of the fine-tune to the operator and of the Job to this client's watch
     "operatorFirstJobSeconds": ("lorafinetune_operator_first_job_seconds",),
+    # from an attempt's Job created to the attempt written in its status (held while a burst of new ones waits)
+    "operatorAttemptRecordedSeconds": ("lorafinetune_operator_attempt_recorded_seconds",),
     "operatorQueueWaitNewSeconds": ("lorafinetune_operator_queue_wait_seconds", 'lane="new"'),
     "operatorQueueWaitOtherSeconds": ("lorafinetune_operator_queue_wait_seconds", 'lane="other"'),
     "operatorChangeReconcileSeconds": ("lorafinetune_operator_reconcile_duration_seconds", 'handler="change"'),
