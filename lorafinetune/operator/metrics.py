@@ -55,7 +55,7 @@ class OperatorMetrics:
         # how many wait now, and how long each attempt went unrecorded in its fine-tune's status.
         self.statuses_held = Gauge(
             "lorafinetune_operator_statuses_held",
-            "New attempts whose status waits for other new fine-tunes to get their Jobs (at most 10 s each)",
+            "New attempts whose status waits (a bounded time) for other new fine-tunes to get their Jobs",
             registry=r,
         )  # fmt: skip
         self.attempt_recorded = Histogram(
