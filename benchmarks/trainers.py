@@ -32,9 +32,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("LFT_BENCH_DIR", "/tmp/lft-bench-trainers"))
-ARMS = ("hf-padded", "trl-packed", "ours-padded", "ours-packed", "ours-packed-masks", "ours-packed-nf4")
-# ours-packed-masks: packed with the 4-D block-diagonal masks, where ours-packed takes varlen attention (on a GPU)
-ARM_ENV = {"ours-packed-masks": {"LFT_ATTENTION": "sdpa"}}
+ARMS = ("hf-padded", "trl-packed", "ours-padded", "ours-padded-peft-lora", "ours-packed", "ours-packed-masks",
+        "ours-packed-nf4")  # fmt: skip
+# ours-packed-masks: packed with the 4-D block-diagonal masks, where ours-packed takes varlen attention (on a GPU);
+# ours-padded-peft-lora: PEFT's LoRA layers instead of the fused ones (trainer/lora_linear.py)
+ARM_ENV = {"ours-packed-masks": {"LFT_ATTENTION": "sdpa"}, "ours-padded-peft-lora": {"LFT_LORA_KERNEL": "peft"}}
 GPU_ONLY = {"ours-packed-nf4": "QLoRA (nf4) needs bitsandbytes' CUDA kernels: minutes a step on a CPU"}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 TRAINING = {"learningRate": 0.001, "lrScheduler": "cosine", "warmupRatio": 0.1, "seed": 42, "maxGradNorm": 1.0}

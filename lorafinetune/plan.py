@@ -8,8 +8,9 @@ The estimate counts what a rank holds at its peak, the start of the backward pas
 - LoRA parameters, their gradients, fp32 master copies and AdamW moments (ZeRO >= 1 shards the optimizer states,
   >= 2 the gradients; offloadOptimizer moves the states to CPU memory);
 - activations autograd saves per token per decoder layer, counted for a Llama-style block (RMSNorm, attention with
-  rotary embeddings via SDPA, gated MLP) with PEFT's LoRA (each adapted module's input, or with dropout its own
-  dropped-out copy and mask); with gradient checkpointing only each layer's input is kept, plus one layer recomputed;
+  rotary embeddings via SDPA, gated MLP) with LoRA (each adapted module's input; with dropout a mask, and on a GPU
+  or with PEFT's layers a dropped-out copy); with gradient checkpointing only each layer's input is kept, plus one
+  layer recomputed;
 - the output layer's logits and the loss's buffers for one chunk of targets (the trainer scores at most
   LOSS_CHUNK_ELEMENTS logits at once, fusing the loss's gradient into that pass; under ZeRO-3 all of a micro-batch's
   at once, kept for backward), every token of the micro-batch taken as a target (prompts are not, so real chat and
@@ -232,8 +233,14 @@ def _estimate(spec: LoRAFineTuneSpec, shape: Shape, capacity: int | None) -> Pla
 
     # Activations saved for backward, per token.
     tokens = t.micro_batch_size * spec.dataset.max_seq_length
+    # With LoRA dropout, what backward keeps of each adapted layer's input (trainer/lora_linear.py): the fused layers
+    # (ZeRO <= 2, an unquantized base, plain LoRA) keep a bool mask and, on a GPU, the dropped-out copy, while on a
+    # CPU they share the input itself; PEFT's layers keep the copy and a mask, in the input's dtype on a CPU.
+    fused_lora = ds.zero_stage < 3 and not spec.model.quantization and not lora.use_dora
     dropped = lora.dropout > 0
-    per_layer = _saved_per_token_per_layer(shape, adapted, r, d, dropped, 1 if device == "gpu" else d)
+    copy = dropped and not (fused_lora and device == "cpu")
+    mask_bytes = (1 if fused_lora or device == "gpu" else d) if dropped else 0
+    per_layer = _saved_per_token_per_layer(shape, adapted, r, d, copy, mask_bytes)
     if t.gradient_checkpointing:
         held_acts = tokens * (shape.layers * h * d + per_layer)  # every layer's input + one layer recomputed
         how = "layer inputs + one layer recomputed (gradient checkpointing)"
@@ -266,12 +273,12 @@ _INPUT_OF = {"q_proj": "attention input", "k_proj": "attention input", "v_proj":
 
 
 def _saved_per_token_per_layer(shape: Shape, adapted: Mapping[str, tuple[int, int]], r: int, d: int,
-                               dropped: bool, mask_bytes: int) -> int:  # fmt: skip
+                               dropped_copy: bool, mask_bytes: int) -> int:  # fmt: skip
     """Bytes autograd keeps per token for one decoder block (frozen base, LoRA on `adapted`).
 
     A frozen linear layer keeps nothing of its input; LoRA's A keeps what it reads: the layer's input itself (one
-    copy per shared input) or, with dropout, its own dropped-out copy plus the dropout mask (bool on a GPU; on a CPU
-    PyTorch keeps the mask in the input's dtype)."""
+    copy per shared input) or, with `dropped_copy`, its own dropped-out copy; and with dropout a mask of `mask_bytes`
+    per input element."""
     h, i_ = shape.hidden, shape.intermediate
     q = shape.heads * shape.head_dim
     total = 2 * h * 4  # two RMSNorms keep their fp32 input
@@ -282,9 +289,9 @@ def _saved_per_token_per_layer(shape: Shape, adapted: Mapping[str, tuple[int, in
     width = {"attention input": h, "attention output": 0, "MLP input": h, "MLP product": i_}  # 0: kept anyway
     kept_inputs = set()
     for name, (a, _b) in adapted.items():
-        total += r * d  # lora_A's output, kept by lora_B
-        if dropped:
-            total += a * d + a * mask_bytes
+        total += r * d + a * mask_bytes  # lora_A's output, kept by lora_B; the dropout mask
+        if dropped_copy:
+            total += a * d
         else:
             kept_inputs.add(_INPUT_OF[name])
     return total + sum(width[i] * d for i in kept_inputs)

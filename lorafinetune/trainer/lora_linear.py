@@ -1,11 +1,19 @@
-"""A LoRA linear layer's forward and backward in one autograd function, for GPU training.
+"""A LoRA linear layer's forward and backward in one autograd function.
 
 PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate operations. On a GPU with a frozen base,
 the `* scaling` and the `+` are each a pass over a tokens x out_features tensor, in forward and again in backward,
 and they measured as much GPU time per step as all attention (benchmarks/README, step profile on an H200). Here the
 LoRA product is accumulated into the base output by the same matrix multiply (`addmm`, beta 1, alpha scaling), and
-backward folds the scaling into the rank-r products. Dropout is PEFT's (on a GPU the same fused kernel and random
-stream). Same parameters, same adapter files; numerically the sum is rounded once instead of three times.
+backward folds the scaling into the rank-r products. Same parameters, same adapter files; numerically the sum is
+rounded once instead of three times.
+
+What backward keeps of a layer's input is the other half. With LoRA dropout, PEFT on a CPU keeps, per adapted layer,
+the dropped-out copy of its input (for lora_A's gradient) and the dropout mask in the input's dtype: 8 bytes per
+input element in fp32, for each of q, k and v although they read one tensor. This function keeps a bool mask, and
+either the dropped-out copy (`keep_dropped`, the GPU's choice: no extra pass in backward) or the input itself, which
+layers reading the same tensor share, redoing `input x mask x scale` in backward (one elementwise pass; the CPU's
+choice, where activations are most of a rank's resident set). Dropout draws with PyTorch's own kernel and random
+stream.
 
 Used for plain LoRA on an unquantized nn.Linear with one active adapter (the trainer's case); anything else (DoRA,
 merged or disabled adapters, several adapters, ZeRO-3, whose parameters exist whole only inside their module's own
@@ -14,6 +22,7 @@ call) keeps PEFT's forward.
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 from typing import Any
@@ -27,7 +36,7 @@ ENV_LORA_KERNEL = "LFT_LORA_KERNEL"  # "peft" keeps PEFT's forward (benchmarks c
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float, dropout: float) -> torch.Tensor:  # fmt: skip
+                lora_b: torch.Tensor, scaling: float, dropout: float, keep_dropped: bool) -> torch.Tensor:  # fmt: skip
         x2 = x.reshape(-1, x.shape[-1])
         out = F.linear(x2, weight, bias)
         xa = x2.to(lora_a.dtype)
@@ -36,13 +45,16 @@ class _LoRALinear(torch.autograd.Function):
             xa, mask = torch.ops.aten.native_dropout(xa, dropout, True)
         h = xa @ lora_a.t()
         out = out.addmm_(h.to(out.dtype), lora_b.t().to(out.dtype), alpha=scaling)
-        ctx.save_for_backward(weight, lora_a, lora_b, xa, mask, h)
+        ctx.redo_dropout = mask is not None and not keep_dropped
+        ctx.save_for_backward(weight, lora_a, lora_b, x2 if ctx.redo_dropout else xa, mask, h)
         ctx.scaling, ctx.keep_scale, ctx.x_dtype = scaling, 1.0 / (1.0 - dropout), x.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         weight, lora_a, lora_b, xa, mask, h = ctx.saved_tensors
+        if ctx.redo_dropout:  # saved the input, not its dropped-out copy: the same mask and scale again
+            xa = torch.ops.aten.native_dropout_backward(xa.to(lora_a.dtype), mask, ctx.keep_scale)
         g = grad_out.reshape(-1, grad_out.shape[-1])
         g_h = (g @ lora_b.to(g.dtype)).mul_(ctx.scaling)  # tokens x r: the scaling costs nothing here
         grad_a = (g_h.t().to(xa.dtype) @ xa).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
@@ -56,10 +68,10 @@ class _LoRALinear(torch.autograd.Function):
             else:
                 grad_x.add_(torch.ops.aten.native_dropout_backward(lora_part, mask, ctx.keep_scale).to(grad_x.dtype))
             grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.x_dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
-def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, keep_dropped: bool, **kwargs: Any) -> torch.Tensor:
     adapters = layer.active_adapters
     if args or kwargs or layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] in getattr(
         layer, "lora_variant", {}
@@ -69,11 +81,12 @@ def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     base, dropout = layer.get_base_layer(), layer.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     return _LoRALinear.apply(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                             layer.scaling[name], p)  # fmt: skip
+                             layer.scaling[name], p, keep_dropped)  # fmt: skip
 
 
-def fuse_lora_linears(model: torch.nn.Module) -> int:
-    """Give every plain LoRA linear layer of `model` the fused forward; returns how many. Unset with
+def fuse_lora_linears(model: torch.nn.Module, keep_dropped: bool) -> int:
+    """Give every plain LoRA linear layer of `model` the fused forward; returns how many. `keep_dropped`: backward
+    keeps each layer's dropped-out input rather than redoing the dropout (see above). Unset with
     LFT_LORA_KERNEL=peft."""
     if os.environ.get(ENV_LORA_KERNEL) == "peft":
         return 0
@@ -87,6 +100,6 @@ def fuse_lora_linears(model: torch.nn.Module) -> int:
             continue
         if any(getattr(m, "bias", None) is not None for m in (*module.lora_A.values(), *module.lora_B.values())):
             continue
-        module.forward = types.MethodType(_fused_forward, module)
+        module.forward = types.MethodType(functools.partial(_fused_forward, keep_dropped=keep_dropped), module)
         fused += 1
     return fused

@@ -142,8 +142,10 @@ class LoRAFineTuneRecipe:
         self.attention = self._use_attention(base, device, dtype)
         self.quantized_layers = sum(1 for m in base.modules() if type(m).__name__ in model.QUANTIZED_LINEARS)
         self.peft_model = model.wrap_with_lora(base, spec.lora, spec.training.gradient_checkpointing)
-        if self.on_gpu and spec.deepspeed.zero_stage < 3:  # ZeRO-3 gathers weights in each module's own call
-            fused = lora_linear.fuse_lora_linears(self.peft_model)
+        if spec.deepspeed.zero_stage < 3:  # ZeRO-3 gathers weights in each module's own call
+            # A GPU keeps each layer's dropped-out input (no extra pass in backward); a CPU, whose resident set is
+            # mostly activations, keeps the shared inputs and redoes the dropout (lora_linear.py).
+            fused = lora_linear.fuse_lora_linears(self.peft_model, keep_dropped=self.on_gpu)
             if self.is_main:
                 print(f"LoRA layers: {fused} with the fused forward (lora_linear.py)", flush=True)
         if layers := compiled.compile_decoder_layers(self.peft_model, spec.deepspeed.zero_stage):  # experimental

@@ -70,6 +70,27 @@ def test_activations_scale_with_tokens_and_checkpointing_keeps_only_layer_inputs
     assert acts(lora={"dropout": 0.0}) < base  # no dropped-out copies of the inputs
 
 
+def test_lora_dropout_is_counted_as_the_layers_that_run_keep_it():
+    """Per token per layer, SmolLM2's 7 adapted layers read 6 x 576 + 1,536 input elements, in fp32 here. On a CPU
+    the fused layers keep a bool mask per element and share the inputs themselves; PEFT's layers (ZeRO-3) keep a
+    dropped-out copy and an fp32 mask; on a GPU the fused layers keep a copy and a bool mask."""
+    def acts(gpus: int = 0, dropout: float = 0.05, stage: int = 2) -> int:
+        plan = estimate(spec(training={"precision": "fp32"}, lora={"r": 16, "dropout": dropout},
+                             resources={"nodes": 1, "gpusPerNode": gpus}, deepspeed={"zeroStage": stage}),
+                        SMOLLM2_135M)  # fmt: skip
+        per_token_per_layer, rest = divmod(next(i.bytes for i in plan.items if i.what.startswith("activations")),
+                                           4 * 1024 * 30)  # fmt: skip
+        assert rest == 0
+        return per_token_per_layer
+
+    inputs = 6 * 576 + 1536
+    inputs_kept = 2 * 576 + 1536  # attention input, MLP input, MLP product (o_proj's input is SDPA's, kept anyway)
+    fused_cpu = acts()
+    assert acts(dropout=0.0) == fused_cpu - inputs  # no masks
+    assert acts(stage=3) == fused_cpu - inputs + 8 * inputs - 4 * inputs_kept  # PEFT's: an fp32 mask and a copy
+    assert acts(gpus=1) == fused_cpu - inputs + 5 * inputs - 4 * inputs_kept  # a bool mask and a copy
+
+
 def test_zero3_shards_the_frozen_weights_over_the_ranks():
     def weights(**override):
         return estimate(spec(**override), LLAMA_8B).items[0].bytes
