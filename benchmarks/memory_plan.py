@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the project, as `python benchmarks/memory_plan.py` runs it
 WORK = Path(os.environ.get("LFT_BENCH_DIR", "/tmp/lft-bench-memory"))
 # (name, microBatchSize, maxSeqLength, gradientCheckpointing, zeroStage, lora dropout[, model.quantization])
 GPU_CONFIGS = [

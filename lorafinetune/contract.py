@@ -40,6 +40,9 @@ ENV_TERMINATION_LOG = "LFT_TERMINATION_LOG"  # the failing process writes {exitC
 ENV_FAIL_AT_STEP = "LFT_FAIL_AT_STEP"  # fault injection for tests: rank 0 exits with FAILED after this step
 ENV_LOSS_CHUNK = "LFT_LOSS_CHUNK_ELEMENTS"  # logits scored at once (default LOSS_CHUNK_ELEMENTS)
 LOSS_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of fp32 logits: the trainer scores targets in chunks of this (see plan.py)
+# On a CPU the trainer has glibc mmap buffers from this size up, which go back to the system when freed; smaller ones
+# stay in its heap (trainer/heap.py; plan.py counts what that heap keeps).
+CPU_MMAP_THRESHOLD_BYTES = 4 << 20
 # A token unique to this attempt (operator: the fine-tune's UID and the attempt; local runner: one per `run`). The
 # attempt's first act is to write it to ATTEMPT_FILE; a rank publishes a checkpoint or an adapter only while that
 # file still holds its own token, so a stale rank (a partitioned node, a paused process) cannot overwrite the work of

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lorafinetune.api.spec import PRECISION_DTYPE, LoRAFineTuneSpec
-from lorafinetune.contract import LOSS_CHUNK_ELEMENTS
+from lorafinetune.contract import CPU_MMAP_THRESHOLD_BYTES, LOSS_CHUNK_ELEMENTS
 
 GIB = 1024**3
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -240,14 +240,24 @@ def _estimate(spec: LoRAFineTuneSpec, shape: Shape, capacity: int | None) -> Pla
     dropped = lora.dropout > 0
     copy = dropped and not (fused_lora and device == "cpu")
     mask_bytes = (1 if fused_lora or device == "gpu" else d) if dropped else 0
-    per_layer = _saved_per_token_per_layer(shape, adapted, r, d, copy, mask_bytes)
+    saved = _saved_per_token_per_layer(shape, adapted, r, d, copy, mask_bytes)
+    per_layer = sum(saved)
     if t.gradient_checkpointing:
-        held_acts = tokens * (shape.layers * h * d + per_layer)  # every layer's input + one layer recomputed
+        kept = [h * d] * shape.layers + saved  # every layer's input + one layer recomputed
         how = "layer inputs + one layer recomputed (gradient checkpointing)"
     else:
-        held_acts = tokens * shape.layers * per_layer
+        kept = saved * shape.layers
         how = f"{per_layer / 1024:.0f} KiB per token per layer x {shape.layers} layers"
-    items.append(Item(f"activations ({t.micro_batch_size} x {spec.dataset.max_seq_length} tokens; {how})", held_acts))
+    items.append(Item(f"activations ({t.micro_batch_size} x {spec.dataset.max_seq_length} tokens; {how})",
+                      tokens * sum(kept)))  # fmt: skip
+    if device == "cpu":
+        # glibc keeps buffers under the trainer's mmap threshold in its heap, and a step's do not fit the holes the
+        # last step's left: at steady state the heap holds about one more step's worth of them (mallinfo2 on the
+        # development machine: 1 x 256 tokens, 531 MiB live and 362-392 MiB free at each forward's end).
+        in_heap = sum(b for b in kept if tokens * b < CPU_MMAP_THRESHOLD_BYTES)
+        if in_heap:
+            items.append(Item(f"heap holes (activations under {CPU_MMAP_THRESHOLD_BYTES >> 20} MiB each, CPU)",
+                              tokens * in_heap))  # fmt: skip
 
     # Logits and loss (trainer/loss.py). Fused (a frozen output layer, ZeRO <= 2): one chunk's fp32 logits, turned
     # into their gradient in place, beside the compute-dtype output while it is copied (or the gradient's cast).
@@ -273,28 +283,30 @@ _INPUT_OF = {"q_proj": "attention input", "k_proj": "attention input", "v_proj":
 
 
 def _saved_per_token_per_layer(shape: Shape, adapted: Mapping[str, tuple[int, int]], r: int, d: int,
-                               dropped_copy: bool, mask_bytes: int) -> int:  # fmt: skip
-    """Bytes autograd keeps per token for one decoder block (frozen base, LoRA on `adapted`).
+                               dropped_copy: bool, mask_bytes: int) -> list[int]:  # fmt: skip
+    """Bytes per token of each tensor autograd keeps for one decoder block (frozen base, LoRA on `adapted`).
 
     A frozen linear layer keeps nothing of its input; LoRA's A keeps what it reads: the layer's input itself (one
     copy per shared input) or, with `dropped_copy`, its own dropped-out copy; and with dropout a mask of `mask_bytes`
     per input element."""
     h, i_ = shape.hidden, shape.intermediate
     q = shape.heads * shape.head_dim
-    total = 2 * h * 4  # two RMSNorms keep their fp32 input
+    saved = [h * 4] * 2  # two RMSNorms keep their fp32 input
     # SDPA keeps q, k and v (k and v repeated to every query head, as transformers passes them), its output (o_proj's
     # input), and the log-sum-exp.
-    total += 4 * q * d + 4 * shape.heads
-    total += 3 * i_ * d  # gate output (SiLU), its activation and the up projection (the product's factors)
+    saved += [q * d] * 4 + [4 * shape.heads]
+    saved += [i_ * d] * 3  # gate output (SiLU), its activation and the up projection (the product's factors)
     width = {"attention input": h, "attention output": 0, "MLP input": h, "MLP product": i_}  # 0: kept anyway
     kept_inputs = set()
     for name, (a, _b) in adapted.items():
-        total += r * d + a * mask_bytes  # lora_A's output, kept by lora_B; the dropout mask
+        saved.append(r * d)  # lora_A's output, kept by lora_B
+        if mask_bytes:
+            saved.append(a * mask_bytes)
         if dropped_copy:
-            total += a * d
+            saved.append(a * d)
         else:
             kept_inputs.add(_INPUT_OF[name])
-    return total + sum(width[i] * d for i in kept_inputs)
+    return saved + [width[i] * d for i in sorted(kept_inputs) if width[i]]
 
 
 Changes = dict[str, dict[str, Any]]

@@ -15,8 +15,9 @@ from __future__ import annotations
 import ctypes
 import os
 
+from lorafinetune.contract import CPU_MMAP_THRESHOLD_BYTES
+
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-MMAP_THRESHOLD_BYTES = 4 << 20
 ENV_OVERRIDE = "MALLOC_MMAP_THRESHOLD_"  # glibc's own variable: a user who sets it keeps their choice
 
 
@@ -29,4 +30,4 @@ def release_freed_buffers() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return bool(mallopt(M_MMAP_THRESHOLD, CPU_MMAP_THRESHOLD_BYTES))
