@@ -15,6 +15,8 @@ The estimate counts what a rank holds at its peak, the start of the backward pas
   LOSS_CHUNK_ELEMENTS logits at once, fusing the loss's gradient into that pass; under ZeRO-3 all of a micro-batch's
   at once, kept for backward), every token of the micro-batch taken as a target (prompts are not, so real chat and
   completion runs hold less);
+- on a CPU, the holes glibc's heap keeps among the activations under the trainer's mmap threshold (about one more
+  step's worth of them; larger buffers are mmap'ed and given back);
 - DeepSpeed's gradient buckets (sized by the trainer to the trainable parameters) and a fixed runtime reserve (the
   CUDA context with cuBLAS and NCCL workspaces on a GPU; the interpreter and libraries on a CPU).
 

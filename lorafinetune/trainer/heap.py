@@ -7,7 +7,7 @@ A threshold fixed at 4 MiB sends the large buffers (a 4 x 512 x 576 fp32 hidden 
 3x that) to mmap, which gives them back when freed, and leaves the many smaller ones in the heap. Measured side by
 side (benchmarks/README): the 4 x 512 peaks fell 21-58 % to within 12 % of the plan, with no loss of speed on the
 quick start; 1 MiB was within 15 % everywhere but 6 % slower there, and 128 KiB 10-35 % slower (page faults on every
-buffer).
+buffer). What the heap still keeps of the smaller buffers (about one more step's worth) the plan counts.
 """
 
 from __future__ import annotations

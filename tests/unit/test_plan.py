@@ -259,3 +259,20 @@ def test_plan_command_prints_the_breakdown_and_exits_1_when_it_does_not_fit(tmp_
     assert "no verdict: pass --gpu-memory" in capsys.readouterr().out
     assert cli(["plan", path, "--model-config", config, "--gpu-memory", "lots"]) == 2
     assert "--gpu-memory 'lots': expected a size such as 80Gi" in capsys.readouterr().err
+
+
+def test_a_cpu_plan_counts_the_heap_holes_left_by_activations_under_the_mmap_threshold():
+    """glibc keeps freed buffers under the trainer's mmap threshold (4 MiB) in its heap, which then holds about one
+    more step's worth of them; larger ones are mmap'ed and given back. A GPU has no such term."""
+    def items(micro: int, length: int, gpus: int = 0) -> dict[str, int]:
+        plan = estimate(spec(training={"precision": "fp32", "microBatchSize": micro}, lora={"r": 16, "dropout": 0.05},
+                             dataset={"maxSeqLength": length}, resources={"nodes": 1, "gpusPerNode": gpus}),
+                        SMOLLM2_135M)  # fmt: skip
+        return {i.what.split(" (")[0]: i.bytes for i in plan.items}
+
+    short = items(1, 256)  # the largest saved tensor, 256 x 1,536 fp32, is 1.5 MiB: all of them in the heap
+    assert short["heap holes"] == short["activations"]
+    long = items(4, 512)  # 2,048 x 576 fp32 is 4.5 MiB: only the bool masks and the rank-16 outputs stay there
+    per_token_per_layer = 6 * 576 + 1536 + 7 * 16 * 4 + 9 * 4  # masks, lora_A outputs, SDPA's log-sum-exp
+    assert long["heap holes"] == 4 * 512 * 30 * per_token_per_layer
+    assert "heap holes" not in items(4, 512, gpus=1)
