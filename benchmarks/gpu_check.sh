@@ -16,7 +16,8 @@
 # 2. benchmarks/step_profile.py --device cuda: the trainer's own steps at a batch that fills the GPU, timed (MFU)
 #    and profiled (GPU time by kernel kind, GPU idle share); the trainer's defaults against compiled decoder layers
 #    (LFT_COMPILE=layers, not on by default until this shows it winning; PROFILE_ARMS="defaults masks peft-lora
-#    compiled" adds the 4-D masks and PEFT's LoRA forward).
+#    compiled redo-dropout" adds the 4-D masks, PEFT's LoRA forward, and the fused LoRA layers redoing the dropout
+#    in backward as on a CPU: its memory saved against its time).
 # 3. benchmarks/trainers.py --device cuda: HF Trainer + PEFT with padding (the baseline) beside `lorafinetune run`
 #    padded and packed, on the long-tailed data and the quick start's; tokens/s, peak GPU memory, eval loss and MFU
 #    per arm (more arms: TRL packed when installed, `ours-packed-nf4` on an nf4 base, `ours-packed-masks`).

@@ -6,7 +6,9 @@ the long-tailed data of trainers.py, timed and then profiled, once per attention
 
 Arms: `defaults` (the trainer as it runs; on a GPU varlen attention, lorafinetune/trainer/attention.py, and fused
 LoRA layers, lora_linear.py), `masks` (LFT_ATTENTION=sdpa: the 4-D block-diagonal mask built on the host each
-micro-batch, as before) and `peft-lora` (LFT_LORA_KERNEL=peft: PEFT's own LoRA forward). Each arm runs in a fresh
+micro-batch, as before), `peft-lora` (LFT_LORA_KERNEL=peft: PEFT's own LoRA forward), `compiled` (LFT_COMPILE=layers)
+and `redo-dropout` (LFT_LORA_KERNEL=redo-dropout: the fused LoRA layers redo the dropout in backward on a GPU too,
+keeping their inputs instead of dropped-out copies, as on a CPU). Each arm runs in a fresh
 process: the first steps warm up, the next are timed (median seconds per step, non-padding
 tokens per second, MFU on a GPU as trainers.py counts it), the last few run under torch.profiler. Reported per arm:
 the step time split into GPU kernel time by kind (matrix multiplies, attention, the rest) and the time the GPU sat
@@ -32,8 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("LFT_BENCH_DIR", "/tmp/lft-bench-profile"))
 # defaults: the trainer as it runs (on a GPU: varlen attention, fused LoRA layers); each other arm undoes one of them
 # (and `compiled` adds one not on by default: each decoder layer under torch.compile, trainer/compiled.py)
+# (`redo-dropout` changes one: on a GPU the fused LoRA layers keep their inputs and redo the dropout in backward, as
+# on a CPU, instead of keeping a dropped-out copy per layer: less memory, one more elementwise pass per layer)
 ARMS = {"defaults": {}, "masks": {"LFT_ATTENTION": "sdpa"}, "peft-lora": {"LFT_LORA_KERNEL": "peft"},
-        "compiled": {"LFT_COMPILE": "layers"}}  # fmt: skip
+        "compiled": {"LFT_COMPILE": "layers"}, "redo-dropout": {"LFT_LORA_KERNEL": "redo-dropout"}}  # fmt: skip
 PROFILED_STEPS = 3
 # The kind of a GPU kernel, from its name: the first pattern that matches.
 KINDS = (("attention", ("flash", "fmha", "attention", "softmax")), ("matmul", ("gemm", "sm90", "cutlass", "matmul",

@@ -30,7 +30,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-ENV_LORA_KERNEL = "LFT_LORA_KERNEL"  # "peft" keeps PEFT's forward (benchmarks compare the two)
+# The benchmarks' switch: "peft" keeps PEFT's forward; "redo-dropout" redoes the dropout in backward on a GPU too
+# (the memory it saves there against the time it costs).
+ENV_LORA_KERNEL = "LFT_LORA_KERNEL"
+PEFT, REDO_DROPOUT = "peft", "redo-dropout"
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -88,8 +91,10 @@ def fuse_lora_linears(model: torch.nn.Module, keep_dropped: bool) -> int:
     """Give every plain LoRA linear layer of `model` the fused forward; returns how many. `keep_dropped`: backward
     keeps each layer's dropped-out input rather than redoing the dropout (see above). Unset with
     LFT_LORA_KERNEL=peft."""
-    if os.environ.get(ENV_LORA_KERNEL) == "peft":
+    kernel = os.environ.get(ENV_LORA_KERNEL)
+    if kernel == PEFT:
         return 0
+    keep_dropped = keep_dropped and kernel != REDO_DROPOUT
     from peft.tuners.lora.layer import Linear as LoRALinear
 
     fused = 0
