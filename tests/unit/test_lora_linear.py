@@ -32,12 +32,29 @@ def test_fused_function_matches_the_unfused_arithmetic(dropout, with_bias, keep_
     got = torch.autograd.grad(out, (x, a, b), grad)
 
     torch.manual_seed(1)  # the same draw: dropout is the first random number the function takes
-    kept = torch.ops.aten.native_dropout(x.detach(), dropout, True)[1] if dropout else torch.ones_like(x, dtype=bool)
-    ref = torch.nn.functional.linear(x, weight, bias) + (x * kept / (1 - dropout)) @ a.t() @ b.t() * 0.5
+    _, kept, scale = lora_linear.masked_dropout(x.detach(), dropout) if dropout else (None, 1, 1.0)
+    ref = torch.nn.functional.linear(x, weight, bias) + (x * kept * scale) @ a.t() @ b.t() * 0.5
     want = torch.autograd.grad(ref, (x, a, b), grad)
     torch.testing.assert_close(out, ref)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_cpu_dropout_keeps_each_element_independently_and_is_unbiased(p):
+    """The CPU's mask cuts 64-bit draws into 16-bit lanes: every lane must keep at the rate asked (a lane that lost
+    its sign bit would keep everything), and x x mask x scale must average to x."""
+    torch.manual_seed(0)
+    x = torch.ones(1000, 4000)  # 4 M elements, 1 M per lane position
+    dropped, mask, scale = lora_linear.masked_dropout(x, p)
+    assert mask.dtype == torch.bool and mask.shape == x.shape
+    by_lane = mask.reshape(-1, 4).float().mean(dim=0)
+    tolerance = 5 * (p * (1 - p) / 1e6) ** 0.5  # five standard deviations of a lane's keep rate
+    assert (by_lane - (1 - p)).abs().max() < tolerance, by_lane
+    assert abs(dropped.mean().item() - 1.0) < 5 * (p / (1 - p) / 4e6) ** 0.5
+    assert abs(scale * (1 - p) - 1) < 1e-4  # the probability drawn is p to within 1/65536
+    torch.testing.assert_close(dropped, x * mask * scale)
+    assert not torch.equal(mask, lora_linear.masked_dropout(x, p)[1])  # a fresh draw each call
 
 
 @pytest.mark.parametrize("keep_dropped", [True, False], ids=["keep-dropped", "redo-dropout"])
