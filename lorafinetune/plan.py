@@ -242,7 +242,9 @@ def _estimate(spec: LoRAFineTuneSpec, shape: Shape, capacity: int | None) -> Pla
     dropped = lora.dropout > 0
     copy = dropped and not (fused_lora and device == "cpu")
     mask_bytes = (1 if fused_lora or device == "gpu" else d) if dropped else 0
-    saved = _saved_per_token_per_layer(shape, adapted, r, d, copy, mask_bytes)
+    # SDPA runs in fp32 on a CPU in half precision (trainer/attention.py): it keeps fp32 copies.
+    attention_bytes = 4 if device == "cpu" else d
+    saved = _saved_per_token_per_layer(shape, adapted, r, d, copy, mask_bytes, attention_bytes)
     per_layer = sum(saved)
     if t.gradient_checkpointing:
         kept = [h * d] * shape.layers + saved  # every layer's input + one layer recomputed
@@ -285,20 +287,22 @@ _INPUT_OF = {"q_proj": "attention input", "k_proj": "attention input", "v_proj":
 
 
 def _saved_per_token_per_layer(shape: Shape, adapted: Mapping[str, tuple[int, int]], r: int, d: int,
-                               dropped_copy: bool, mask_bytes: int) -> list[int]:  # fmt: skip
+                               dropped_copy: bool, mask_bytes: int, attention_bytes: int) -> list[int]:  # fmt: skip
     """Bytes per token of each tensor autograd keeps for one decoder block (frozen base, LoRA on `adapted`).
 
     A frozen linear layer keeps nothing of its input; LoRA's A keeps what it reads: the layer's input itself (one
     copy per shared input) or, with `dropped_copy`, its own dropped-out copy; and with dropout a mask of `mask_bytes`
-    per input element."""
+    per input element. Attention computes in `attention_bytes` per element."""
     h, i_ = shape.hidden, shape.intermediate
     q = shape.heads * shape.head_dim
     saved = [h * 4] * 2  # two RMSNorms keep their fp32 input
     # SDPA keeps q, k and v (k and v repeated to every query head, as transformers passes them), its output (o_proj's
-    # input), and the log-sum-exp.
-    saved += [q * d] * 4 + [4 * shape.heads]
+    # input unless attention computes in another dtype), and the log-sum-exp.
+    saved += [q * attention_bytes] * 4 + [4 * shape.heads]
     saved += [i_ * d] * 3  # gate output (SiLU), its activation and the up projection (the product's factors)
-    width = {"attention input": h, "attention output": 0, "MLP input": h, "MLP product": i_}  # 0: kept anyway
+    # What the layers reading a shared input keep of it (0: SDPA's output, kept anyway, when o_proj reads it as is)
+    width = {"attention input": h, "attention output": 0 if attention_bytes == d else q, "MLP input": h,
+             "MLP product": i_}  # fmt: skip
     kept_inputs = set()
     for name, (a, _b) in adapted.items():
         saved.append(r * d)  # lora_A's output, kept by lora_B

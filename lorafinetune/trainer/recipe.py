@@ -235,12 +235,13 @@ class LoRAFineTuneRecipe:
 
     # ---------------------------------------------------------------- train
     def _use_attention(self, base: Any, device: torch.device, dtype: torch.dtype) -> str:
-        """Varlen attention where it can run (see attention.py), else SDPA with masks; logged either way."""
+        """Varlen attention where it can run, SDPA in fp32 on a CPU in half precision (see attention.py), else SDPA
+        with masks; logged either way."""
         chosen, why = attention.choose(device, dtype, base.config.to_dict())
-        if chosen == attention.VARLEN:
-            attention.register()
-            base.set_attn_implementation(attention.VARLEN)
-            if base.config._attn_implementation != attention.VARLEN:  # a model that cannot switch: masks, as before
+        if chosen != attention.SDPA:
+            attention.register(chosen)
+            base.set_attn_implementation(chosen)
+            if base.config._attn_implementation != chosen:  # a model that cannot switch: SDPA, as before
                 chosen, why = attention.SDPA, f"{type(base).__name__} cannot switch its attention implementation"
         if self.is_main:
             print(f"attention: {chosen} ({why})", flush=True)

@@ -1,6 +1,6 @@
 """Varlen attention (a GPU path): its plumbing on CPU, with a reference kernel in place of flash's varlen kernel,
 which has no CPU implementation. benchmarks/gpu_check.sh runs the real kernel (the trainer checks it against SDPA
-at start and says which attention it uses)."""
+at start and says which attention it uses). And SDPA in fp32 for a half-precision model on a CPU."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_varlen_attention_trains_exactly_as_sdpa_with_masks(tiny_model, tiny_tok
 
     masked = collate(units, tiny_tokenizer.pad_token_id, packing)
     want, want_grads = loss_and_grads(masked)
-    attention.register()
+    attention.register(attention.VARLEN)
     base.set_attn_implementation(attention.VARLEN)
     assert base.config._attn_implementation == attention.VARLEN
     varlen = collate(units, tiny_tokenizer.pad_token_id, packing, varlen=True)
@@ -72,6 +72,48 @@ def test_varlen_attention_trains_exactly_as_sdpa_with_masks(tiny_model, tiny_tok
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_sdpa_in_fp32_trains_a_bf16_model_as_sdpa_does_with_the_same_masks(tiny_model, tiny_tokenizer, packing):
+    """The same loss and gradients as bf16 SDPA to bf16's precision, with the batch's masks: packed rows carry
+    block-diagonal additive masks in bf16, and attention across their examples would differ by far more. (Padded rows
+    pad at the end, which causal attention never reads: their mask makes no difference to the loss.)"""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.bfloat16)
+    model = wrap_with_lora(base, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), False)
+    model.to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    fmt = Formatter(tiny_tokenizer, "chat", 256)
+    examples = [fmt(f"x:{i}", row) for i, row in enumerate(chat_rows(7, seed=5))]
+    units = make_units(examples, 256, True) if packing else [Unit((e,)) for e in examples]
+    batch = collate(units, tiny_tokenizer.pad_token_id, packing)
+    if batch["attention_mask"].dim() == 4:  # as the trainer hands it over (recipe._to_device)
+        batch["attention_mask"] = batch["attention_mask"].to(torch.bfloat16)
+    token_loss = TokenLoss(model)
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = token_loss(model, batch)
+        loss.backward()
+        return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+    want, want_grads = loss_and_grads()
+    attention.register(attention.SDPA_FP32)
+    base.set_attn_implementation(attention.SDPA_FP32)
+    assert base.config._attn_implementation == attention.SDPA_FP32
+    got, got_grads = loss_and_grads()
+    if packing:
+        across_examples = token_loss(model, {k: v for k, v in batch.items() if k != "attention_mask"}).detach()
+        assert abs(across_examples.float() - want) > 10 * abs(got - want), "the test cannot tell masked from unmasked"
+    base.set_attn_implementation("sdpa")
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=0.1, atol=grad.abs().max().item() * 0.05, msg=name)
 
 
 def test_varlen_attention_refuses_a_batch_without_boundaries(tiny_model, monkeypatch):
@@ -92,10 +134,11 @@ def test_the_start_check_passes_a_right_kernel_and_fails_a_wrong_one(monkeypatch
     assert attention._check_against_sdpa(torch.device("cpu")) > 10 * attention.CHECK_TOLERANCE
 
 
-def test_choose_keeps_sdpa_where_varlen_cannot_run(monkeypatch):
+def test_choose_keeps_sdpa_where_varlen_cannot_run_and_fp32_sdpa_for_a_cpus_bf16(monkeypatch):
     monkeypatch.delenv(attention.ENV_ATTENTION, raising=False)
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
-    assert attention.choose(torch.device("cpu"), bf16, {})[0] == attention.SDPA
+    assert attention.choose(torch.device("cpu"), torch.float32, {})[0] == attention.SDPA
+    assert attention.choose(torch.device("cpu"), bf16, {})[0] == attention.SDPA_FP32
     assert attention.choose(cuda, torch.float32, {})[0] == attention.SDPA
     monkeypatch.setenv(attention.ENV_ATTENTION, "sdpa")
     assert attention.choose(cuda, bf16, {}) == (attention.SDPA, "LFT_ATTENTION=sdpa")

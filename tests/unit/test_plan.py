@@ -91,6 +91,19 @@ def test_lora_dropout_is_counted_as_the_layers_that_run_keep_it():
     assert acts(gpus=1) == fused_cpu - inputs + 5 * inputs - 4 * inputs_kept  # a bool mask and a copy
 
 
+def test_a_cpu_in_bf16_keeps_attentions_fp32_copies():
+    """On a CPU in bf16, SDPA computes in fp32 (trainer/attention.py): q, k, v and the output kept in 4 bytes, and
+    o_proj's LoRA keeps its own bf16 input, no longer SDPA's output."""
+    def acts(precision: str) -> int:
+        plan = estimate(spec(training={"precision": precision}, lora={"r": 16, "dropout": 0.05},
+                             resources={"nodes": 1, "gpusPerNode": 0}), SMOLLM2_135M)  # fmt: skip
+        return next(i.bytes for i in plan.items if i.what.startswith("activations")) // (4 * 1024 * 30)
+
+    h, i_, r, q = 576, 1536, 16, 9 * 64  # q: heads x head size, as each of q, k and v (repeated) and the output
+    halved = 3 * i_ + 7 * r + (2 * h + i_)  # MLP, lora_A outputs, the inputs the fused layers keep: 2 bytes less
+    assert acts("fp32") - acts("bf16") == 2 * halved - 2 * q  # attention not halved; o_proj's input added
+
+
 def test_zero3_shards_the_frozen_weights_over_the_ranks():
     def weights(**override):
         return estimate(spec(**override), LLAMA_8B).items[0].bytes
