@@ -83,7 +83,7 @@ def model_spec(model_dir: Path | None) -> dict:
 
 
 def manifest(name: str, train: Path, val: Path, max_len: int, micro: int, packing: bool, out: Path,
-             model_dir: Path | None, gpu: bool, quantization: str | None = None) -> dict:  # fmt: skip
+             model_dir: Path | None, gpu: bool, precision: str, quantization: str | None = None) -> dict:  # fmt: skip
     return {
         "apiVersion": "lorafinetune.io/v1alpha1",
         "kind": "LoRAFineTune",
@@ -93,7 +93,7 @@ def manifest(name: str, train: Path, val: Path, max_len: int, micro: int, packin
             "dataset": {"train": f"file://{train}", "validation": f"file://{val}", "format": "chat",
                         "maxSeqLength": max_len, "packing": packing},  # fmt: skip
             "lora": {**LORA, "targetModules": ["all-linear"]},
-            "training": {**TRAINING, "epochs": 1, "microBatchSize": micro, "precision": "bf16" if gpu else "fp32"},
+            "training": {**TRAINING, "epochs": 1, "microBatchSize": micro, "precision": precision},
             "deepspeed": {"zeroStage": 2},
             "evaluation": {"everySteps": 100_000},  # before training and after the last step only
             "checkpointing": {"everySteps": 100_000},
@@ -109,7 +109,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     out = WORK / "runs" / args.arm
     shutil.rmtree(out, ignore_errors=True)
     spec = manifest(f"bench-{args.arm}", args.train, args.validation, args.max_len, args.micro,
-                    args.arm.startswith("ours-packed"), out, args.model_dir, args.device == "cuda",
+                    args.arm.startswith("ours-packed"), out, args.model_dir, args.device == "cuda", args.precision,
                     "nf4" if args.arm.endswith("-nf4") else None)  # fmt: skip
     path = WORK / f"{args.arm}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -138,7 +138,8 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     fmt = data.Formatter(tok, "chat", args.max_len)
     train, val = data.load_examples(args.train, fmt), data.load_examples(args.validation, fmt)
     torch.manual_seed(TRAINING["seed"])
-    dtype = torch.bfloat16 if gpu else torch.float32
+    bf16 = args.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
@@ -160,7 +161,7 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
         output_dir=str(WORK / "runs" / args.arm), num_train_epochs=1, per_device_train_batch_size=args.micro,
         learning_rate=TRAINING["learningRate"], lr_scheduler_type=TRAINING["lrScheduler"],
         warmup_steps=TRAINING["warmupRatio"], max_grad_norm=TRAINING["maxGradNorm"], weight_decay=0.0,
-        seed=TRAINING["seed"], optim="adamw_torch", use_cpu=not gpu, bf16=gpu, dataloader_drop_last=True,
+        seed=TRAINING["seed"], optim="adamw_torch", use_cpu=not gpu, bf16=bf16, dataloader_drop_last=True,
         save_strategy="no",
         eval_strategy="no", logging_steps=10_000, report_to=[], disable_tqdm=True,
     )  # fmt: skip
@@ -272,7 +273,7 @@ def measure(arm: str, dataset: str, train: Path, val: Path, args: argparse.Names
     result.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--arm", arm, "--train", str(train), "--validation", str(val),
            "--max-len", str(args.max_len or MAX_LEN[dataset]), "--micro", str(micro_of(arm, args)),
-           "--result", str(result), "--device", args.device]  # fmt: skip
+           "--result", str(result), "--device", args.device, "--precision", args.precision]  # fmt: skip
     cmd += ["--model-dir", str(args.model_dir)] if args.model_dir else []
     log = (WORK / f"{arm}-{dataset}.log").open("w")
     start = time.perf_counter()
@@ -323,6 +324,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="repeat every arm, alternating the order")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/trainers.json")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: bf16 on one GPU (gpu_check.sh)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"),
+                    help="every arm's compute precision (default: bf16 on cuda, fp32 on cpu); bf16 loads the frozen "
+                         "weights in bf16 for every arm")
     ap.add_argument("--model-dir", type=Path, help="a model folder instead of the quick start's packaged model")
     ap.add_argument("--max-len", type=int, help="maxSeqLength for every data set (default: per data set)")
     # one arm in its own process (internal)
@@ -330,6 +334,7 @@ def main() -> None:
     for flag in ("--train", "--validation", "--result"):
         ap.add_argument(flag, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     if args.arm:
         return arm_main(args)
 
@@ -342,7 +347,7 @@ def main() -> None:
     arms = [a for a in args.arms if a not in skipped]
     results: dict[str, Any] = {
         "machine": machine(args.device),
-        "model": f"{args.model_dir or 'SmolLM2-135M-Instruct'} ({'bf16' if args.device == 'cuda' else 'fp32'}) "
+        "model": f"{args.model_dir or 'SmolLM2-135M-Instruct'} ({args.precision}) "
                  f"+ LoRA r=16 alpha=32 dropout 0.05 on all linear layers",
         "settings": {**TRAINING, "epochs": 1, "microBatchSize": args.micro,
                      "packedMicroBatchSize": args.packed_micro or args.micro, "rows": args.rows,
