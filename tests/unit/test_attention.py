@@ -36,38 +36,49 @@ def test_boundaries_cover_every_example_and_each_rows_padding():
     assert longest == 6
 
 
-@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
-def test_varlen_attention_trains_exactly_as_sdpa_with_masks(tiny_model, tiny_tokenizer, monkeypatch, packing):
+def _lora_model(tiny_model: str, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module, TokenLoss]:
+    """(base, LoRA model with non-zero B, its token loss) on SDPA."""
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(attention, "kernel", reference_kernel)
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=dtype)
     assert base.config.num_key_value_heads < base.config.num_attention_heads, "the test needs grouped-query heads"
     model = wrap_with_lora(base, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), False)
+    model.to(dtype)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
+    return base, model, TokenLoss(model)
+
+
+def _units(tiny_tokenizer, packing: bool) -> list[Unit]:
+    """7 chat examples: packed rows holding several, or one per row at different lengths."""
     fmt = Formatter(tiny_tokenizer, "chat", 256)
     examples = [fmt(f"x:{i}", row) for i, row in enumerate(chat_rows(7, seed=5))]
     units = make_units(examples, 256, True) if packing else [Unit((e,)) for e in examples]
     assert any(len(u.examples) > 1 for u in units) if packing else len({u.length for u in units}) > 1
-    token_loss = TokenLoss(model)
+    return units
 
-    def loss_and_grads(batch):
-        model.zero_grad()
-        loss = token_loss(model, batch)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    masked = collate(units, tiny_tokenizer.pad_token_id, packing)
-    want, want_grads = loss_and_grads(masked)
+def _loss_and_grads(model: torch.nn.Module, token_loss: TokenLoss, batch: dict) -> tuple[torch.Tensor, dict]:
+    model.zero_grad()
+    loss = token_loss(model, batch)
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_varlen_attention_trains_exactly_as_sdpa_with_masks(tiny_model, tiny_tokenizer, monkeypatch, packing):
+    monkeypatch.setattr(attention, "kernel", reference_kernel)
+    base, model, token_loss = _lora_model(tiny_model, torch.float32)
+    units = _units(tiny_tokenizer, packing)
+    want, want_grads = _loss_and_grads(model, token_loss, collate(units, tiny_tokenizer.pad_token_id, packing))
     attention.register(attention.VARLEN)
     base.set_attn_implementation(attention.VARLEN)
     assert base.config._attn_implementation == attention.VARLEN
     varlen = collate(units, tiny_tokenizer.pad_token_id, packing, varlen=True)
     assert "attention_mask" not in varlen
-    got, got_grads = loss_and_grads(varlen)
+    got, got_grads = _loss_and_grads(model, token_loss, varlen)
     base.set_attn_implementation("sdpa")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for name, grad in want_grads.items():
@@ -79,34 +90,15 @@ def test_sdpa_in_fp32_trains_a_bf16_model_as_sdpa_does_with_the_same_masks(tiny_
     """The same loss and gradients as bf16 SDPA to bf16's precision, with the batch's masks: packed rows carry
     block-diagonal additive masks in bf16, and attention across their examples would differ by far more. (Padded rows
     pad at the end, which causal attention never reads: their mask makes no difference to the loss.)"""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.bfloat16)
-    model = wrap_with_lora(base, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), False)
-    model.to(torch.bfloat16)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    fmt = Formatter(tiny_tokenizer, "chat", 256)
-    examples = [fmt(f"x:{i}", row) for i, row in enumerate(chat_rows(7, seed=5))]
-    units = make_units(examples, 256, True) if packing else [Unit((e,)) for e in examples]
-    batch = collate(units, tiny_tokenizer.pad_token_id, packing)
+    base, model, token_loss = _lora_model(tiny_model, torch.bfloat16)
+    batch = collate(_units(tiny_tokenizer, packing), tiny_tokenizer.pad_token_id, packing)
     if batch["attention_mask"].dim() == 4:  # as the trainer hands it over (recipe._to_device)
         batch["attention_mask"] = batch["attention_mask"].to(torch.bfloat16)
-    token_loss = TokenLoss(model)
-
-    def loss_and_grads():
-        model.zero_grad()
-        loss = token_loss(model, batch)
-        loss.backward()
-        return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
-
-    want, want_grads = loss_and_grads()
+    want, want_grads = _loss_and_grads(model, token_loss, batch)
     attention.register(attention.SDPA_FP32)
     base.set_attn_implementation(attention.SDPA_FP32)
     assert base.config._attn_implementation == attention.SDPA_FP32
-    got, got_grads = loss_and_grads()
+    got, got_grads = _loss_and_grads(model, token_loss, batch)
     if packing:
         across_examples = token_loss(model, {k: v for k, v in batch.items() if k != "attention_mask"}).detach()
         assert abs(across_examples.float() - want) > 10 * abs(got - want), "the test cannot tell masked from unmasked"
