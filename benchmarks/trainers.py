@@ -2,6 +2,7 @@
 packing, on the same model, rows, LoRA, micro-batch, sequence length, LR schedule and seed.
 
     $(scripts/env.sh)/bin/python benchmarks/trainers.py [--datasets quickstart varlen] [--rows 160] [--rounds 1]
+                                                        [--precision fp32|bf16]   # default: fp32 on a CPU
 
 TRL is a benchmark-only extra: `"$(scripts/env.sh)/bin/pip" install trl==1.16.0` (it installs beside the project's
 pins); without it its arm is skipped and the result says so.
