@@ -138,6 +138,8 @@ class LoRAFineTuneRecipe:
         torch.manual_seed(spec.training.seed)
         dtype = model.load_dtype(spec.model, spec.training.precision)
         device = torch.device("cuda", self.local_rank) if self.on_gpu else torch.device("cpu")
+        if not self.on_gpu and self.is_main and (slow := model.emulated_on_cpu(spec.model, spec.training.precision)):
+            print(f"warning: {slow}", flush=True)
         base = model.load_base_model(self.model_dir, spec.model, dtype, revision, quantized_on=device)
         self.attention = self._use_attention(base, device, dtype)
         self.quantized_layers = sum(1 for m in base.modules() if type(m).__name__ in model.QUANTIZED_LINEARS)

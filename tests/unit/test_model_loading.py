@@ -111,3 +111,21 @@ get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj
                           timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "is_gradient_checkpointing" not in done.stderr + done.stdout, done.stderr
+
+
+@pytest.mark.parametrize(("precision", "dtype", "field"), [
+    ("bf16", "auto", "training.precision bf16"),
+    ("fp16", "float32", "training.precision fp16"),  # DeepSpeed casts to fp16 whatever the load dtype
+    ("fp32", "bfloat16", "model.dtype bfloat16"),  # fp32 training computes in the frozen weights' dtype
+])  # fmt: skip
+def test_half_precision_on_a_cpu_that_emulates_it_is_named_with_its_field(precision, dtype, field):
+    spec = ModelSpec(uri="file:///models/m", dtype=dtype)
+    warning = model.emulated_on_cpu(spec, precision, native=False)
+    assert warning is not None and warning.startswith(f"{field} on this CPU")
+    assert "training.precision: fp32" in warning
+    assert model.emulated_on_cpu(spec, precision, native=True) is None
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float32"])
+def test_fp32_on_any_cpu_is_not_flagged(dtype):
+    assert model.emulated_on_cpu(ModelSpec(uri="file:///models/m", dtype=dtype), "fp32", native=False) is None
