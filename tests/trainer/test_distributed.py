@@ -184,7 +184,10 @@ def test_batch_8_accum_1_equals_batch_1_accum_8_on_variable_length_data(tmp_path
         runs[(micro, accum)] = out
     a, b = adapter_tensors(runs[(8, 1)]), adapter_tensors(runs[(1, 8)])
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+        # Equal up to fp32 summation order, which differs between CPUs' kernels (AVX2 against AVX512: 2.8e-6 at most
+        # in a tensor whose largest element is 0.04); a wrong loss normalisation is off by whole updates (~lr).
+        atol = 1e-4 * a[name].abs().max().item()
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=atol, msg=name)
     la = [h.get("trainLoss") for h in summary(runs[(8, 1)])["history"] if "trainLoss" in h]
     lb = [h.get("trainLoss") for h in summary(runs[(1, 8)])["history"] if "trainLoss" in h]
     assert la == pytest.approx(lb, rel=1e-4)
