@@ -34,11 +34,11 @@ def load_dtype(spec: ModelSpec, precision: str) -> torch.dtype:
 
 
 def emulated_on_cpu(spec: ModelSpec, precision: str, native: bool | None = None) -> str | None:
-    """Why training with these settings on this CPU will crawl, or None. oneDNN computes bf16 and fp16 matrix
-    multiplies natively only with AVX512 or AMX; elsewhere PyTorch emulates them. Measured on an AMD EPYC with AVX2
-    only (benchmarks/README, cpu_matmul.py): a SmolLM2 block's matrix multiplies ran at 0.05x fp32's speed in bf16,
-    and a quick start step took 88 s in bf16, 95 % of it in them, against 27-33 s in fp32 with the test suite
-    running beside it. `native`: the CPU's support, as oneDNN reports it unless given."""
+    """Why training with these settings on this CPU will crawl, or None. oneDNN computes bf16 matrix multiplies
+    natively only with AVX512 or AMX, fp16 ones only with AVX512-FP16 or AMX-FP16; elsewhere PyTorch emulates them.
+    Measured on an AMD EPYC with AVX2 only (benchmarks/README, cpu_matmul.py): a SmolLM2 block's matrix multiplies
+    ran at 0.05x fp32's speed in bf16, and a quick start step took 88 s in bf16, 95 % of it in them, against 27-33 s
+    in fp32 with the test suite running beside it. `native`: the CPU's support, as oneDNN reports it unless given."""
     # DeepSpeed casts the model to bf16 or fp16 when the precision is one of those; fp32 computes in the load dtype.
     half = precision != "fp32"
     dtype = DTYPES[PRECISION_DTYPE[precision]] if half else load_dtype(spec, precision)
@@ -46,9 +46,10 @@ def emulated_on_cpu(spec: ModelSpec, precision: str, native: bool | None = None)
     if check is None or (native if native is not None else getattr(torch.ops.mkldnn, check)()):
         return None
     field = f"training.precision {precision}" if half else f"model.dtype {spec.dtype}"
-    return (f"{field} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX512 or AMX): PyTorch emulates "
-            f"{str(dtype).removeprefix('torch.')} matrix multiplies here, about 20x slower than fp32's; "
-            f"set training.precision: fp32 and model.dtype: auto")  # fmt: skip
+    name = str(dtype).removeprefix("torch.")
+    return (f"{field} on this CPU ({torch.backends.cpu.get_cpu_capability()}): it has no native {name} matrix "
+            f"multiply, so PyTorch emulates it (about 20x slower than fp32 on an AVX2 CPU); set training.precision: "
+            f"fp32 and model.dtype: auto")  # fmt: skip
 
 
 def resolve_model_dir(spec: ModelSpec, downloaded: Path | None = None) -> Path | str:
