@@ -103,6 +103,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 return 2
         size = args.gpu_memory or res.gpu_memory
         capacity, where = (parse_memory(size, "--gpu-memory"), "per GPU") if size else _local_capacity(res)
+        if not res.gpus_per_node and spec.training.precision == "auto":  # a local run: this CPU decides, as there
+            from lorafinetune.trainer.model import with_concrete_precision
+
+            spec = with_concrete_precision(spec, on_gpu=False)
         plan = estimate(spec, config, capacity)
     except (PlanError, OSError, json.JSONDecodeError) as err:
         print(f"cannot plan {args.manifest}: {err}", file=sys.stderr)
@@ -110,7 +114,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     device = f"{res.gpus_per_node} GPU(s)" if res.gpus_per_node else "CPU"
     print(f"{lft.metadata.name}: {plan.base_parameters / 1e9:.2f} B parameters, LoRA r={spec.lora.r} "
           f"({plan.trainable_parameters / 1e6:.1f} M trainable), {res.nodes} node(s) x {res.procs_per_node} "
-          f"process(es) on {device}, ZeRO-{spec.deepspeed.zero_stage}, {spec.training.precision}")  # fmt: skip
+          f"process(es) on {device}, ZeRO-{spec.deepspeed.zero_stage}, {plan.precision}"
+          f"{' (training.precision auto)' if lft.spec.training.precision == 'auto' else ''}")  # fmt: skip
     print(f"peak memory per {'GPU' if res.gpus_per_node else 'process'} (estimate):")
     print(plan.table())
     if plan.fits is None or capacity is None:

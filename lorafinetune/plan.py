@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lorafinetune.api.spec import PRECISION_DTYPE, LoRAFineTuneSpec
+from lorafinetune.api.spec import PRECISION_DTYPE, LoRAFineTuneSpec, concrete_precision
 from lorafinetune.contract import CPU_MMAP_THRESHOLD_BYTES, LOSS_CHUNK_ELEMENTS
 
 GIB = 1024**3
@@ -141,6 +141,7 @@ class Plan:
     base_parameters: int
     capacity: int | None = None  # bytes per GPU (or per CPU rank), when known
     suggestions: tuple[str, ...] = ()
+    precision: str = "fp32"  # what it trains in, training.precision auto resolved as _estimate says
 
     @property
     def total(self) -> int:
@@ -190,8 +191,11 @@ def _estimate(spec: LoRAFineTuneSpec, shape: Shape, capacity: int | None) -> Pla
     t, ds, lora, res = spec.training, spec.deepspeed, spec.lora, spec.resources
     world = res.world_size
     device = "gpu" if res.gpus_per_node > 0 else "cpu"
-    weight_dtype = PRECISION_DTYPE[t.precision]
-    if t.precision == "fp32" and spec.model.dtype != "auto":
+    # auto: bf16 on a GPU (fp16 on one before Ampere: the same bytes); fp32 on a CPU, the larger of the two a CPU
+    # may pick (callers that know the CPU resolve it first, as the trainer does)
+    precision = concrete_precision(t.precision, gpu=device == "gpu", native_bf16=device == "gpu")
+    weight_dtype = PRECISION_DTYPE[precision]
+    if precision == "fp32" and spec.model.dtype != "auto":
         weight_dtype = spec.model.dtype  # DeepSpeed casts to bf16/fp16 when those are on; fp32 keeps the load dtype
     wb = DTYPE_BYTES[weight_dtype]
     d = wb  # activations follow the weights' dtype; RMSNorm computes in fp32 (counted below)
@@ -277,7 +281,7 @@ def _estimate(spec: LoRAFineTuneSpec, shape: Shape, capacity: int | None) -> Pla
         items.append(Item("DeepSpeed gradient bucket", lora_params * (4 if ds.zero_stage == 1 else wb)))
     items.append(Item("runtime reserve" + (" (CUDA context, cuBLAS, NCCL)" if device == "gpu" else
                                            " (interpreter and libraries)"), RUNTIME_RESERVE[device]))  # fmt: skip
-    return Plan(tuple(items), device, world, lora_params, base, capacity)
+    return Plan(tuple(items), device, world, lora_params, base, capacity, precision=precision)
 
 
 # Which tensor each linear layer of a block reads: layers that share an input share one saved copy of it.

@@ -41,6 +41,7 @@ def main() -> int:
     from lorafinetune.api.spec import LoRAFineTuneSpec
     from lorafinetune.trainer.errors import TrainerError
     from lorafinetune.trainer.fingerprint import changed_sections, spec_fingerprint
+    from lorafinetune.trainer.model import with_concrete_precision
     from lorafinetune.trainer.output import adapter_of, published_adapter
     from lorafinetune.trainer.recipe import LoRAFineTuneRecipe
 
@@ -48,6 +49,12 @@ def main() -> int:
     spec = LoRAFineTuneSpec.model_validate(config["spec"])
     run = Path(run_dir)
     rank = int(os.environ.get("RANK", "0"))
+    # training.precision auto becomes what this device computes natively, before anything is compared with it
+    on_gpu = spec.resources.gpus_per_node > 0 and _has_cuda()
+    written = spec.training.precision
+    spec = with_concrete_precision(spec, on_gpu, int(os.environ.get("LOCAL_RANK", "0")))
+    if written != spec.training.precision and rank == 0:
+        print(f"training.precision auto: {spec.training.precision} on this {'GPU' if on_gpu else 'CPU'}", flush=True)
     from lorafinetune.trainer.remote import OutputMirror
 
     mirror = OutputMirror(spec, run)

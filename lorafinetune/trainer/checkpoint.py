@@ -67,8 +67,9 @@ def complete_checkpoints(run_dir: Path) -> list[Checkpoint]:
     return sorted(found, key=lambda c: c.step)
 
 
-def latest_checkpoint(run_dir: Path, world_size: int, fingerprint: dict[str, Any]) -> Checkpoint | None:
-    """The newest complete checkpoint, if it can be resumed by this run; a clear error if it cannot."""
+def latest_checkpoint(run_dir: Path, world_size: int, fingerprint: dict[str, Any], precision: str) -> Checkpoint | None:
+    """The newest complete checkpoint, if it can be resumed by this run; a clear error if it cannot. `precision`:
+    what this run trains in, training.precision auto resolved for this device."""
     done = complete_checkpoints(run_dir)
     if not done:
         return None
@@ -78,6 +79,13 @@ def latest_checkpoint(run_dir: Path, world_size: int, fingerprint: dict[str, Any
             f"checkpoint {last.path} was written by {last.meta.get('worldSize')} processes but this run has "
             f"{world_size}; ZeRO optimizer state is sharded per process. Keep resources.nodes x processesPerNode "
             f"as before, or write to a new output.uri to start over"
+        )
+    trained_in = last.meta.get("precision", precision)  # checkpoints before auto existed did not record it
+    if trained_in != precision:  # a change of the written field is named as one below; this is auto on other nodes
+        raise ConfigError(
+            f"checkpoint {last.path} was trained in {trained_in} but this run trains in {precision} (training."
+            f"precision auto picks what the device computes natively, and these nodes differ from the ones before). "
+            f"Set training.precision: {trained_in} to resume on them, or write to a new output.uri to start over"
         )
     changed = changed_sections(last.meta.get("fingerprint", {}), fingerprint)
     if changed:

@@ -43,12 +43,12 @@ class TrainerMetrics:
         )
         self.eta_seconds = Gauge(name.ETA, "Estimated seconds until the last step", registry=r)
         self.world_size = Gauge(name.WORLD_SIZE, "Training processes in this run", registry=r)
-        self.info = Info(name.INFO, "Versions and base model of this trainer", registry=r)
+        self.info = Info(name.INFO, "Versions, base model and precision of this trainer", registry=r)
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
 
-    def describe(self, model: str, world_size: int) -> None:
+    def describe(self, model: str, world_size: int, precision: str) -> None:
         import deepspeed
         import peft
         import torch
@@ -58,6 +58,7 @@ class TrainerMetrics:
         self.info.info(
             {
                 "model": model,
+                "precision": precision,  # what training.precision auto resolved to on this machine
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
                 "peft": peft.__version__,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lorafinetune.api.spec import PRECISION_DTYPE, LoRASpec, ModelSpec
+from lorafinetune.api.spec import PRECISION_DTYPE, LoRAFineTuneSpec, LoRASpec, ModelSpec, concrete_precision
 from lorafinetune.contract import COMPLETE_MARKER, ENV_CACHE_DIR, write_json_atomic
 from lorafinetune.storage import StorageError, local_path
 from lorafinetune.trainer.errors import ConfigError, ModelError
@@ -31,6 +31,25 @@ def cache_dir() -> Path:
 
 def load_dtype(spec: ModelSpec, precision: str) -> torch.dtype:
     return DTYPES[PRECISION_DTYPE[precision] if spec.dtype == "auto" else spec.dtype]
+
+
+def native_bf16(on_gpu: bool, device_index: int = 0) -> bool:
+    """Whether this process's device computes bf16 matrix multiplies natively: a GPU from Ampere (compute capability
+    8.0) on, or a CPU whose oneDNN has AVX512-BF16 or AMX. Reads device properties only (no CUDA context)."""
+    if on_gpu:
+        return torch.cuda.get_device_capability(device_index) >= (8, 0)
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def with_concrete_precision(spec: LoRAFineTuneSpec, on_gpu: bool, device_index: int = 0) -> LoRAFineTuneSpec:
+    """`spec` with training.precision `auto` replaced by what this device trains in (api.spec.concrete_precision).
+    The trainer resolves it once, first: checkpoints, published adapters and DeepSpeed's config all see the
+    precision actually used, so a resume on a node that would resolve differently is refused, not mixed."""
+    t = spec.training
+    precision = concrete_precision(t.precision, gpu=on_gpu, native_bf16=native_bf16(on_gpu, device_index))
+    if precision == t.precision:
+        return spec
+    return spec.model_copy(update={"training": t.model_copy(update={"precision": precision})})
 
 
 def emulated_on_cpu(spec: ModelSpec, precision: str, native: bool | None = None) -> str | None:
@@ -49,7 +68,7 @@ def emulated_on_cpu(spec: ModelSpec, precision: str, native: bool | None = None)
     name = str(dtype).removeprefix("torch.")
     return (f"{field} on this CPU ({torch.backends.cpu.get_cpu_capability()}): it has no native {name} matrix "
             f"multiply, so PyTorch emulates it (about 20x slower than fp32 on an AVX2 CPU); set training.precision: "
-            f"fp32 and model.dtype: auto")  # fmt: skip
+            f"auto (which picks what this CPU computes natively) and model.dtype: auto")  # fmt: skip
 
 
 def resolve_model_dir(spec: ModelSpec, downloaded: Path | None = None) -> Path | str:

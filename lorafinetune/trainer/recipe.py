@@ -124,6 +124,7 @@ class LoRAFineTuneRecipe:
         # process group: transformers only writes weights on rank 0 once one exists.
         self.model_dir = model.resolve_model_dir(spec.model, downloaded)
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", verbose=False)
+        self._check_same_precision()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._request_stop)
 
@@ -175,7 +176,8 @@ class LoRAFineTuneRecipe:
         # 4. Resume from the newest complete checkpoint, if any (collective load).
         self.start_step = 0
         try:
-            last, problem = checkpoint.latest_checkpoint(self.run_dir, self.world, self.fingerprint), None
+            precision = spec.training.precision
+            last, problem = checkpoint.latest_checkpoint(self.run_dir, self.world, self.fingerprint, precision), None
         except TrainerError as err:  # raised after the collective below, so that no rank is left waiting in it
             last, problem = None, err
         # Collective: with per-node run folders each node picked its own checkpoint; they must be the same step.
@@ -202,7 +204,21 @@ class LoRAFineTuneRecipe:
             random.seed(seed), np.random.seed(seed % 2**32), torch.manual_seed(seed)
 
         port = int(os.environ.get(ENV_METRICS_PORT, "0") or 0)
-        self.report.started(self.schedule, self.total_steps, self.start_step, spec.model.uri, self.world, port)
+        self.report.started(self.schedule, self.total_steps, self.start_step, spec.model.uri, self.world,
+                            spec.training.precision, port)
+
+    def _check_same_precision(self) -> None:
+        """training.precision auto is resolved by each process for its own device (__main__); nodes with different
+        GPUs or CPUs would resolve it differently, and DeepSpeed cannot reduce gradients across two precisions."""
+        chosen: list[str | None] = [None] * self.world
+        dist.all_gather_object(chosen, self.spec.training.precision)
+        if len(set(chosen)) > 1:
+            by_rank = ", ".join(f"rank {r}: {p}" for r, p in enumerate(chosen))
+            raise ConfigError(
+                f"training.precision auto picks a different precision on different nodes ({by_rank}): their GPUs "
+                f"or CPUs differ. Set training.precision to one of them, or select alike nodes with "
+                f"resources.nodeSelector"
+            )
 
     def _data_path(self, uri: StorageURI) -> Path:
         return remote.fetch_input(self.spec, uri, model.cache_dir(), is_model=False)
@@ -370,6 +386,7 @@ class LoRAFineTuneRecipe:
     def _meta(self) -> dict[str, Any]:
         return {
             "worldSize": self.world,
+            "precision": self.spec.training.precision,
             "fingerprint": self.fingerprint,
             "modelRevision": self.model_revision,
             **self.state.to_meta(),

@@ -26,13 +26,13 @@ class Reporter:
         self.tokens_per_second: float | None = None
 
     def started(self, schedule: Schedule, total_steps: int, start_step: int, model_uri: str, world: int,
-                port: int) -> None:  # fmt: skip
+                precision: str, port: int) -> None:  # fmt: skip
         self.schedule, self.total_steps = schedule, total_steps
         if (m := self.metrics) is None:
             return
         if port:
             m.serve(port)
-        m.describe(model_uri, world)
+        m.describe(model_uri, world, precision)
         m.total_steps.set(total_steps)
         m.global_step.set(start_step)
 

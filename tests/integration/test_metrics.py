@@ -73,6 +73,7 @@ def test_prometheus_scrapes_training_and_operator_and_every_dashboard_query_retu
         assert prom.value(f"lorafinetune_world_size{sel}") == 2
         [info] = prom.query(f"lorafinetune_trainer_info{sel}")
         assert info["metric"]["model"].startswith("file://") and info["metric"]["torch"].startswith("2.")
+        assert info["metric"]["precision"] == "fp32", "what the run trains in (tiny_cpu_run writes fp32)"
         # No unbounded labels: every trainer series carries only the target's labels (+ info's fixed keys).
         for series in prom.query('{job="trainer", __name__=~"lorafinetune_.*", __name__!="lorafinetune_trainer_info"}'):
             assert set(series["metric"]) - {"__name__", "le"} == {"job", "instance", "namespace", "finetune"}, series

@@ -379,6 +379,28 @@ def test_a_failure_after_the_last_step_resumes_there_instead_of_training_again(t
     assert summary(out)["steps"] == 6
 
 
+def test_auto_precision_trains_in_what_this_cpu_computes_natively_and_refuses_another_precisions_checkpoint(
+    tmp_path, tiny_model, chat_data
+):  # fmt: skip
+    """training.precision auto resolves per device; a checkpoint trained in the other precision (as on nodes with
+    other CPUs or GPUs) is refused by name and kept, never resumed into a mixed training."""
+    native, other = ("bf16", "fp32") if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ("fp32", "bf16")
+    spec = {"training": {"maxSteps": 4, "precision": other}, "checkpointing": {"everySteps": 2}}
+    proc, out = train(tmp_path, tiny_model, chat_data, "precision", env={"LFT_FAIL_AT_STEP": "3"}, **spec)
+    assert proc.returncode == ExitCode.FAILED, proc.stdout + proc.stderr
+    marker = out / "checkpoints" / "step-00000002" / "COMPLETE.json"
+    assert json.loads(marker.read_text())["precision"] == other
+
+    spec["training"]["precision"] = "auto"
+    proc, _ = train(tmp_path, tiny_model, chat_data, "precision", **spec)
+    assert proc.returncode == ExitCode.INVALID_CONFIG, proc.stdout + proc.stderr
+    log = (out / "logs" / "node-0.log").read_text()
+    assert f"training.precision auto: {native} on this CPU" in log
+    assert f"was trained in {other} but this run trains in {native}" in proc.stderr
+    assert f"Set training.precision: {other} to resume" in proc.stderr
+    assert json.loads(marker.read_text())["precision"] == other, "the checkpoint is kept as it was"
+
+
 def _hub_cache(root: Path, repo: str, model_dir: Path, commits: list[str], main: str) -> Path:
     """A Hugging Face cache as huggingface_hub lays it out (models--org--name/{refs,snapshots}), holding the tiny
     model at each commit, with the branch `main` naming one of them: what an earlier download leaves offline."""

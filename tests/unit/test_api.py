@@ -11,6 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from lorafinetune.api import LoRAFineTuneSpec, ManifestError, StorageURI, load_manifest, parse_manifest, parse_uri
+from lorafinetune.api.spec import concrete_precision
 from lorafinetune.generate.crd import build_crd
 from tests.conftest import REPO, run_cli
 from tests.invalid_manifests import CASES
@@ -215,3 +216,19 @@ def test_plot_command_draws_loss_curves_from_a_summary(tmp_path: Path):
     assert (tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
     proc = run_cli("plot", "--prometheus", "http://127.0.0.1:9")
     assert proc.returncode == 2 and "--prometheus needs --finetune NAME" in proc.stderr
+
+
+@pytest.mark.parametrize(("gpu", "native_bf16", "expected"), [
+    (True, True, "bf16"),  # Ampere and later
+    (True, False, "fp16"),  # V100, T4: fp16 with loss scaling
+    (False, True, "bf16"),  # a CPU with AVX512-BF16 or AMX
+    (False, False, "fp32"),  # an AVX2 CPU emulates both half types
+])  # fmt: skip
+def test_auto_precision_is_what_the_device_computes_natively_and_a_written_one_is_kept(gpu, native_bf16, expected):
+    assert concrete_precision("auto", gpu=gpu, native_bf16=native_bf16) == expected
+    for written in ("bf16", "fp16", "fp32"):
+        assert concrete_precision(written, gpu=gpu, native_bf16=native_bf16) == written
+
+
+def test_precision_defaults_to_auto():
+    assert LoRAFineTuneSpec.model_validate(manifest("defaults", MINIMAL)["spec"]).training.precision == "auto"

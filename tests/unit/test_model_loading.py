@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafinetune.api.spec import LoRASpec, ModelSpec
+from lorafinetune.api.spec import LoRAFineTuneSpec, LoRASpec, ModelSpec
 from lorafinetune.trainer import model
 from lorafinetune.trainer.errors import ModelError
 
@@ -122,8 +122,23 @@ def test_half_precision_on_a_cpu_that_emulates_it_is_named_with_its_field(precis
     spec = ModelSpec(uri="file:///models/m", dtype=dtype)
     warning = model.emulated_on_cpu(spec, precision, native=False)
     assert warning is not None and warning.startswith(f"{field} on this CPU")
-    assert "training.precision: fp32" in warning
+    assert "training.precision: auto" in warning
     assert model.emulated_on_cpu(spec, precision, native=True) is None
+
+
+def test_auto_precision_resolves_to_what_this_cpu_computes_natively_and_never_to_an_emulated_one():
+    import torch
+
+    from tests.manifests import MINIMAL, manifest
+
+    spec = LoRAFineTuneSpec.model_validate(manifest("auto", MINIMAL)["spec"])
+    resolved = model.with_concrete_precision(spec, on_gpu=False)
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolved.training.precision == ("bf16" if native else "fp32")
+    assert model.emulated_on_cpu(resolved.model, resolved.training.precision) is None
+    assert spec.training.precision == "auto", "the spec given is left as written"
+    fp16 = LoRAFineTuneSpec.model_validate(manifest("fp16", MINIMAL, training={"precision": "fp16"})["spec"])
+    assert model.with_concrete_precision(fp16, on_gpu=False) is fp16, "a written precision is kept"
 
 
 @pytest.mark.parametrize("dtype", ["auto", "float32"])

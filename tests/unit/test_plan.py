@@ -104,6 +104,19 @@ def test_a_cpu_in_bf16_keeps_attentions_fp32_copies():
     assert acts("fp32") - acts("bf16") == 2 * halved - 2 * q  # attention not halved; o_proj's input added
 
 
+def test_auto_precision_is_planned_as_bf16_on_gpus_and_as_fp32_on_cpus():
+    """fp32, the larger of what a CPU may train in, unless the caller resolved auto for the CPU first (the command
+    below does, for a local run, as the trainer will)."""
+    def planned(gpus: int, precision: str) -> tuple[str, int]:
+        plan = estimate(spec(training={"precision": precision}, resources={"nodes": 1, "gpusPerNode": gpus}),
+                        SMOLLM2_135M)  # fmt: skip
+        return plan.precision, plan.total
+
+    assert planned(1, "auto") == planned(1, "bf16") and planned(1, "auto")[0] == "bf16"
+    assert planned(0, "auto") == planned(0, "fp32") and planned(0, "auto")[0] == "fp32"
+    assert planned(0, "bf16")[1] < planned(0, "auto")[1]
+
+
 def test_zero3_shards_the_frozen_weights_over_the_ranks():
     def weights(**override):
         return estimate(spec(**override), LLAMA_8B).items[0].bytes
@@ -272,6 +285,18 @@ def test_plan_command_prints_the_breakdown_and_exits_1_when_it_does_not_fit(tmp_
     assert "no verdict: pass --gpu-memory" in capsys.readouterr().out
     assert cli(["plan", path, "--model-config", config, "--gpu-memory", "lots"]) == 2
     assert "--gpu-memory 'lots': expected a size such as 80Gi" in capsys.readouterr().err
+
+
+def test_plan_command_resolves_auto_precision_for_this_cpu_as_a_local_run_would(tmp_path, capsys):
+    import torch
+
+    native = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    cpu_run = {**ONE_GPU_RUN, "resources": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1}}
+    path, config = write(tmp_path, manifest("local", cpu_run), SMOLLM2_135M)
+    assert cli(["plan", path, "--model-config", config]) == 0
+    out = capsys.readouterr().out
+    assert f"ZeRO-2, {native} (training.precision auto)" in out
+    assert f"base weights ({'bfloat16' if native == 'bf16' else 'float32'}, " in out
 
 
 def test_a_cpu_plan_counts_the_heap_holes_left_by_activations_under_the_mmap_threshold():
