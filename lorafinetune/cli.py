@@ -103,7 +103,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 return 2
         size = args.gpu_memory or res.gpu_memory
         capacity, where = (parse_memory(size, "--gpu-memory"), "per GPU") if size else _local_capacity(res)
-        if not res.gpus_per_node and spec.training.precision == "auto":  # a local run: this CPU decides, as there
+        if not res.gpus_per_node and spec.training.precision == "auto":  # a local run: auto as the trainer resolves it
             from lorafinetune.trainer.model import with_concrete_precision
 
             spec = with_concrete_precision(spec, on_gpu=False)
@@ -115,7 +115,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{lft.metadata.name}: {plan.base_parameters / 1e9:.2f} B parameters, LoRA r={spec.lora.r} "
           f"({plan.trainable_parameters / 1e6:.1f} M trainable), {res.nodes} node(s) x {res.procs_per_node} "
           f"process(es) on {device}, ZeRO-{spec.deepspeed.zero_stage}, {plan.precision}"
-          f"{' (training.precision auto)' if lft.spec.training.precision == 'auto' else ''}")  # fmt: skip
+          f"{_auto_note(plan.device) if lft.spec.training.precision == 'auto' else ''}")  # fmt: skip
     print(f"peak memory per {'GPU' if res.gpus_per_node else 'process'} (estimate):")
     print(plan.table())
     if plan.fits is None or capacity is None:
@@ -127,6 +127,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if plan.fits is False and not plan.suggestions:
         print("  nothing this planner tries makes it fit: a larger GPU, a smaller model or shorter sequences")
     return 0 if plan.fits else 1
+
+
+def _auto_note(device: str) -> str:
+    return " (training.precision auto; fp16, the same size, on GPUs before Ampere)" if device == "gpu" else (
+        " (training.precision auto, on this CPU)")
 
 
 def _local_capacity(res) -> tuple[int | None, str]:

@@ -193,7 +193,7 @@ def _estimate(spec: LoRAFineTuneSpec, shape: Shape, capacity: int | None) -> Pla
     device = "gpu" if res.gpus_per_node > 0 else "cpu"
     # auto: bf16 on a GPU (fp16 on one before Ampere: the same bytes); fp32 on a CPU, the larger of the two a CPU
     # may pick (callers that know the CPU resolve it first, as the trainer does)
-    precision = concrete_precision(t.precision, gpu=device == "gpu", native_bf16=device == "gpu")
+    precision = concrete_precision(t.precision, on_gpu=device == "gpu", native_bf16=device == "gpu")
     weight_dtype = PRECISION_DTYPE[precision]
     if precision == "fp32" and spec.model.dtype != "auto":
         weight_dtype = spec.model.dtype  # DeepSpeed casts to bf16/fp16 when those are on; fp32 keeps the load dtype

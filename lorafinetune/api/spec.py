@@ -195,7 +195,7 @@ class LoRASpec(APIModel):
 PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def concrete_precision(precision: str, *, gpu: bool, native_bf16: bool) -> str:
+def concrete_precision(precision: str, *, on_gpu: bool, native_bf16: bool) -> str:
     """What training.precision trains in on this hardware: `auto` is bf16 where it is computed natively (GPUs from
     Ampere on, CPUs with AVX512-BF16 or AMX), else fp16 with loss scaling on a GPU and fp32 on a CPU, which emulates
     both half types (a quick start step: 88 s in bf16 against about 30 s in fp32 on an AVX2 CPU)."""
@@ -203,7 +203,7 @@ def concrete_precision(precision: str, *, gpu: bool, native_bf16: bool) -> str:
         return precision
     if native_bf16:
         return "bf16"
-    return "fp16" if gpu else "fp32"
+    return "fp16" if on_gpu else "fp32"
 
 
 class TrainingSpec(APIModel):

@@ -40,20 +40,23 @@ def main() -> int:
 
     from lorafinetune.api.spec import LoRAFineTuneSpec
     from lorafinetune.trainer.errors import TrainerError
-    from lorafinetune.trainer.fingerprint import changed_sections, spec_fingerprint
+    from lorafinetune.trainer.fingerprint import changed_sections, spec_fingerprint, trained_in_other_precision
     from lorafinetune.trainer.model import with_concrete_precision
     from lorafinetune.trainer.output import adapter_of, published_adapter
     from lorafinetune.trainer.recipe import LoRAFineTuneRecipe
 
     config = json.loads(Path(config_path).read_text())
-    spec = LoRAFineTuneSpec.model_validate(config["spec"])
+    written = LoRAFineTuneSpec.model_validate(config["spec"])  # as the manifest says it; the recipe resolves it too
     run = Path(run_dir)
     rank = int(os.environ.get("RANK", "0"))
-    # training.precision auto becomes what this device computes natively, before anything is compared with it
-    on_gpu = spec.resources.gpus_per_node > 0 and _has_cuda()
-    written = spec.training.precision
-    spec = with_concrete_precision(spec, on_gpu, int(os.environ.get("LOCAL_RANK", "0")))
-    if written != spec.training.precision and rank == 0:
+    on_gpu = written.resources.gpus_per_node > 0 and _has_cuda()
+    try:  # training.precision auto becomes what this device computes natively, before anything is compared with it
+        spec = with_concrete_precision(written, on_gpu, int(os.environ.get("LOCAL_RANK", "0")))
+    except TrainerError as unusable:  # a GPU this rank cannot have
+        print(f"[rank {rank}] {type(unusable).__name__}: {unusable}", file=sys.stderr, flush=True)
+        _write_termination(unusable.exit_code, type(unusable).__name__, str(unusable))
+        return unusable.exit_code
+    if spec is not written and rank == 0:
         print(f"training.precision auto: {spec.training.precision} on this {'GPU' if on_gpu else 'CPU'}", flush=True)
     from lorafinetune.trainer.remote import OutputMirror
 
@@ -61,8 +64,12 @@ def main() -> int:
     # An s3:// output is published once its marker is in S3: a scratch folder's own may predate a push that failed.
     published = mirror.published_marker() if mirror.remote else published_adapter(run)
     if published is not None:  # never retrain over, or overwrite, a published adapter
-        changed = changed_sections(published.get("fingerprint", {}), spec_fingerprint(spec))
-        if changed:
+        stored = published.get("fingerprint", {})
+        changed = changed_sections(stored, spec_fingerprint(spec))
+        # auto may have picked another precision where the adapter was trained: the same spec, as written
+        precision = written.training.precision
+        trained = trained_in_other_precision(stored, spec, precision) if changed == ["training"] else None
+        if changed and not trained:
             message = (f"{run} already holds an adapter trained with a different spec (changed: "
                        f"{', '.join(changed)}); it is left untouched. Use a new output.uri to train again")
             if rank == 0:
@@ -72,7 +79,8 @@ def main() -> int:
             _write_termination(ExitCode.INVALID_CONFIG, "OutputHoldsAnotherAdapter", message)
             return ExitCode.INVALID_CONFIG
         if rank == 0:
-            print(f"{run} already holds a complete adapter of this spec; nothing to do")
+            how = f" (trained in {trained}, which training.precision auto picked there)" if trained else ""
+            print(f"{run} already holds a complete adapter of this spec{how}; nothing to do")
             # A retry after the adapter was published (the pod lost before it reported): report it again.
             adapter = adapter_of(published)
             if adapter is not None and mirror.remote:  # an older trainer's marker names the scratch folder
@@ -80,7 +88,7 @@ def main() -> int:
             _write_termination(ExitCode.OK, "Completed", "the adapter was already published", adapter)
         return ExitCode.OK
     started = time.time()
-    recipe = LoRAFineTuneRecipe(config["name"], spec, run)
+    recipe = LoRAFineTuneRecipe(config["name"], written, run)
     crash_after = int(os.environ.get(ENV_FAIL_AT_STEP, "0") or 0)
     if crash_after and rank == 0:
         recipe.after_step.append(lambda step: _crash(step, crash_after))

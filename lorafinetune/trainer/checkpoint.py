@@ -35,10 +35,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.contract import CHECKPOINTS_DIR, COMPLETE_MARKER, write_json_atomic
 from lorafinetune.trainer import fence
 from lorafinetune.trainer.errors import ConfigError
-from lorafinetune.trainer.fingerprint import changed_sections
+from lorafinetune.trainer.fingerprint import changed_sections, trained_in_other_precision
 
 _NAME = re.compile(r"^step-(\d{8})$")
 DS_TAG = "ds"
@@ -67,9 +68,10 @@ def complete_checkpoints(run_dir: Path) -> list[Checkpoint]:
     return sorted(found, key=lambda c: c.step)
 
 
-def latest_checkpoint(run_dir: Path, world_size: int, fingerprint: dict[str, Any], precision: str) -> Checkpoint | None:
-    """The newest complete checkpoint, if it can be resumed by this run; a clear error if it cannot. `precision`:
-    what this run trains in, training.precision auto resolved for this device."""
+def latest_checkpoint(run_dir: Path, world_size: int, fingerprint: dict[str, Any], spec: LoRAFineTuneSpec,
+                      written_precision: str) -> Checkpoint | None:  # fmt: skip
+    """The newest complete checkpoint, if it can be resumed by this run; a clear error if it cannot. `spec`: this
+    run's, training.precision auto resolved for this device; `written_precision`: the manifest's."""
     done = complete_checkpoints(run_dir)
     if not done:
         return None
@@ -80,14 +82,16 @@ def latest_checkpoint(run_dir: Path, world_size: int, fingerprint: dict[str, Any
             f"{world_size}; ZeRO optimizer state is sharded per process. Keep resources.nodes x processesPerNode "
             f"as before, or write to a new output.uri to start over"
         )
-    trained_in = last.meta.get("precision", precision)  # checkpoints before auto existed did not record it
-    if trained_in != precision:  # a change of the written field is named as one below; this is auto on other nodes
+    stored = last.meta.get("fingerprint", {})
+    changed = changed_sections(stored, fingerprint)
+    trained = trained_in_other_precision(stored, spec, written_precision) if changed == ["training"] else None
+    if trained:
+        before = "" if "precision" in last.meta else "; bf16 was the default before auto"
         raise ConfigError(
-            f"checkpoint {last.path} was trained in {trained_in} but this run trains in {precision} (training."
-            f"precision auto picks what the device computes natively, and these nodes differ from the ones before). "
-            f"Set training.precision: {trained_in} to resume on them, or write to a new output.uri to start over"
+            f"checkpoint {last.path} was trained in {trained}, but training.precision auto picks "
+            f"{spec.training.precision} here (what the device computes natively{before}); resuming would mix two "
+            f"precisions. Set training.precision: {trained} to resume it, or write to a new output.uri to start over"
         )
-    changed = changed_sections(last.meta.get("fingerprint", {}), fingerprint)
     if changed:
         raise ConfigError(
             f"checkpoint {last.path} was made with a different spec (changed: {', '.join(changed)}); resuming "

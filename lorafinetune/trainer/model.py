@@ -35,20 +35,29 @@ def load_dtype(spec: ModelSpec, precision: str) -> torch.dtype:
 
 def native_bf16(on_gpu: bool, device_index: int = 0) -> bool:
     """Whether this process's device computes bf16 matrix multiplies natively: a GPU from Ampere (compute capability
-    8.0) on, or a CPU whose oneDNN has AVX512-BF16 or AMX. Reads device properties only (no CUDA context)."""
-    if on_gpu:
-        return torch.cuda.get_device_capability(device_index) >= (8, 0)
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    8.0) on, or a CPU with AVX512-BF16 or AMX. Reads device properties only (no CUDA context)."""
+    if not on_gpu:
+        return cpu_native_bf16()
+    if device_index >= torch.cuda.device_count():
+        raise ConfigError(f"this is local rank {device_index} but only {torch.cuda.device_count()} GPUs are visible: "
+                          f"resources.processesPerNode must not exceed gpusPerNode")  # fmt: skip
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def cpu_native_bf16() -> bool:
+    """AVX512-BF16 or AMX. (oneDNN's own check, torch.ops.mkldnn._is_mkldnn_bf16_supported, also says yes for plain
+    AVX512, where it emulates bf16.)"""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def with_concrete_precision(spec: LoRAFineTuneSpec, on_gpu: bool, device_index: int = 0) -> LoRAFineTuneSpec:
-    """`spec` with training.precision `auto` replaced by what this device trains in (api.spec.concrete_precision).
-    The trainer resolves it once, first: checkpoints, published adapters and DeepSpeed's config all see the
-    precision actually used, so a resume on a node that would resolve differently is refused, not mixed."""
+    """`spec` with training.precision `auto` replaced by what this device trains in (api.spec.concrete_precision);
+    `spec` itself when it names one. The trainer resolves it before anything compares with it: checkpoints,
+    published adapters and DeepSpeed's config all see the precision actually used."""
     t = spec.training
-    precision = concrete_precision(t.precision, gpu=on_gpu, native_bf16=native_bf16(on_gpu, device_index))
-    if precision == t.precision:
+    if t.precision != "auto":
         return spec
+    precision = concrete_precision(t.precision, on_gpu=on_gpu, native_bf16=native_bf16(on_gpu, device_index))
     return spec.model_copy(update={"training": t.model_copy(update={"precision": precision})})
 
 
@@ -61,8 +70,11 @@ def emulated_on_cpu(spec: ModelSpec, precision: str, native: bool | None = None)
     # DeepSpeed casts the model to bf16 or fp16 when the precision is one of those; fp32 computes in the load dtype.
     half = precision != "fp32"
     dtype = DTYPES[PRECISION_DTYPE[precision]] if half else load_dtype(spec, precision)
-    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
-    if check is None or (native if native is not None else getattr(torch.ops.mkldnn, check)()):
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if native is None:
+        native = cpu_native_bf16() if dtype == torch.bfloat16 else torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    if native:
         return None
     field = f"training.precision {precision}" if half else f"model.dtype {spec.dtype}"
     name = str(dtype).removeprefix("torch.")

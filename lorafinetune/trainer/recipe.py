@@ -64,14 +64,17 @@ class Interrupted(TrainerError):
 
 class LoRAFineTuneRecipe:
     def __init__(self, name: str, spec: LoRAFineTuneSpec, run_dir: Path):
-        self.name, self.spec, self.run_dir = name, spec, run_dir
         self.rank = int(os.environ.get("RANK", "0"))
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.on_gpu = spec.resources.gpus_per_node > 0 and torch.cuda.is_available()
+        # training.precision auto: this device's choice (__main__ resolves it first, for the published adapter's check)
+        self.written_precision = spec.training.precision
+        spec = model.with_concrete_precision(spec, self.on_gpu, self.local_rank)
+        self.name, self.spec, self.run_dir = name, spec, run_dir
         self.is_main = self.rank == 0
         # The folder's leader creates, renames and prunes checkpoints in it: one per node with per-node scratch.
         self.run_dir_leader = self.local_rank == 0 if spec.output.per_node_scratch else self.is_main
-        self.on_gpu = spec.resources.gpus_per_node > 0 and torch.cuda.is_available()
         self.stop_requested = False
         self.state = TrainState()
         self.report = Reporter(run_dir, active=self.is_main)
@@ -176,8 +179,10 @@ class LoRAFineTuneRecipe:
         # 4. Resume from the newest complete checkpoint, if any (collective load).
         self.start_step = 0
         try:
-            precision = spec.training.precision
-            last, problem = checkpoint.latest_checkpoint(self.run_dir, self.world, self.fingerprint, precision), None
+            last = checkpoint.latest_checkpoint(
+                self.run_dir, self.world, self.fingerprint, spec, self.written_precision
+            )
+            problem = None
         except TrainerError as err:  # raised after the collective below, so that no rank is left waiting in it
             last, problem = None, err
         # Collective: with per-node run folders each node picked its own checkpoint; they must be the same step.
@@ -208,14 +213,14 @@ class LoRAFineTuneRecipe:
                             spec.training.precision, port)
 
     def _check_same_precision(self) -> None:
-        """training.precision auto is resolved by each process for its own device (__main__); nodes with different
-        GPUs or CPUs would resolve it differently, and DeepSpeed cannot reduce gradients across two precisions."""
+        """training.precision auto is resolved by each rank for its own device; ranks on different GPUs or CPUs
+        may resolve it differently, and DeepSpeed cannot reduce gradients across two precisions."""
         chosen: list[str | None] = [None] * self.world
         dist.all_gather_object(chosen, self.spec.training.precision)
         if len(set(chosen)) > 1:
             by_rank = ", ".join(f"rank {r}: {p}" for r, p in enumerate(chosen))
             raise ConfigError(
-                f"training.precision auto picks a different precision on different nodes ({by_rank}): their GPUs "
+                f"training.precision auto picks different precisions on different ranks ({by_rank}): their GPUs "
                 f"or CPUs differ. Set training.precision to one of them, or select alike nodes with "
                 f"resources.nodeSelector"
             )

@@ -225,9 +225,9 @@ def test_plot_command_draws_loss_curves_from_a_summary(tmp_path: Path):
     (False, False, "fp32"),  # an AVX2 CPU emulates both half types
 ])  # fmt: skip
 def test_auto_precision_is_what_the_device_computes_natively_and_a_written_one_is_kept(gpu, native_bf16, expected):
-    assert concrete_precision("auto", gpu=gpu, native_bf16=native_bf16) == expected
+    assert concrete_precision("auto", on_gpu=gpu, native_bf16=native_bf16) == expected
     for written in ("bf16", "fp16", "fp32"):
-        assert concrete_precision(written, gpu=gpu, native_bf16=native_bf16) == written
+        assert concrete_precision(written, on_gpu=gpu, native_bf16=native_bf16) == written
 
 
 def test_precision_defaults_to_auto():

@@ -126,15 +126,18 @@ def test_half_precision_on_a_cpu_that_emulates_it_is_named_with_its_field(precis
     assert model.emulated_on_cpu(spec, precision, native=True) is None
 
 
-def test_auto_precision_resolves_to_what_this_cpu_computes_natively_and_never_to_an_emulated_one():
-    import torch
+def test_a_cpu_computes_bf16_natively_when_its_flags_name_avx512_bf16_or_amx():
+    """Not oneDNN's own check, which says yes for any AVX512 CPU, where it emulates bf16."""
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    assert model.cpu_native_bf16() == bool(set(flags.split(":")[1].split()) & {"avx512_bf16", "amx_bf16"})
 
+
+def test_auto_precision_resolves_to_what_this_cpu_computes_natively_and_never_to_an_emulated_one():
     from tests.manifests import MINIMAL, manifest
 
     spec = LoRAFineTuneSpec.model_validate(manifest("auto", MINIMAL)["spec"])
     resolved = model.with_concrete_precision(spec, on_gpu=False)
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert resolved.training.precision == ("bf16" if native else "fp32")
+    assert resolved.training.precision == ("bf16" if model.cpu_native_bf16() else "fp32")
     assert model.emulated_on_cpu(resolved.model, resolved.training.precision) is None
     assert spec.training.precision == "auto", "the spec given is left as written"
     fp16 = LoRAFineTuneSpec.model_validate(manifest("fp16", MINIMAL, training={"precision": "fp16"})["spec"])

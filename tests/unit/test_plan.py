@@ -288,14 +288,14 @@ def test_plan_command_prints_the_breakdown_and_exits_1_when_it_does_not_fit(tmp_
 
 
 def test_plan_command_resolves_auto_precision_for_this_cpu_as_a_local_run_would(tmp_path, capsys):
-    import torch
+    from lorafinetune.trainer.model import cpu_native_bf16
 
-    native = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    native = "bf16" if cpu_native_bf16() else "fp32"
     cpu_run = {**ONE_GPU_RUN, "resources": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1}}
     path, config = write(tmp_path, manifest("local", cpu_run), SMOLLM2_135M)
     assert cli(["plan", path, "--model-config", config]) == 0
     out = capsys.readouterr().out
-    assert f"ZeRO-2, {native} (training.precision auto)" in out
+    assert f"ZeRO-2, {native} (training.precision auto, on this CPU)" in out
     assert f"base weights ({'bfloat16' if native == 'bf16' else 'float32'}, " in out
 
 
