@@ -23,6 +23,8 @@
 #    per arm (more arms: TRL packed when installed, `ours-packed-nf4` on an nf4 base, `ours-packed-masks`).
 # 4. benchmarks/memory_plan.py --device cuda: `lorafinetune plan`'s estimate against torch.cuda.max_memory_allocated,
 #    an nf4 configuration included.
+# 5. benchmarks/step_profile.py --arms fp16: the trainer in fp16 with loss scaling (training.precision auto's choice
+#    on GPUs before Ampere), never run on a GPU yet; last, so with the 590 s limit it needs STEPS="... fp16".
 # benchmarks/loss_path.py --device cuda (the output layer and loss alone) is left out for time; run it by hand.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
@@ -118,4 +120,8 @@ step memory-plan 115 python3 benchmarks/memory_plan.py --device cuda --model-dir
   --configs mb8-s1024-checkpointing mb4-s1024-nf4 --out "$OUT/memory_plan-cuda.json"
 step trainers-quickstart 110 python3 benchmarks/trainers.py --device cuda --model-dir "$MODEL" --datasets quickstart \
   --rows 1280 --micro 32 --max-len 1024 --out "$OUT/trainers-quickstart.json" --arms hf-padded ours-padded
+# fp16 with loss scaling, what training.precision auto picks on GPUs before Ampere (none in the device pool; a
+# Hopper GPU runs the same code): that it trains (finite, falling losses) and its step time beside bf16's above.
+step fp16 100 python3 benchmarks/step_profile.py --device cuda --model-dir "$MODEL" --micro 16 --max-len 1024 \
+  --steps 11 --out "$OUT/step_profile-fp16.json" --arms fp16
 cat "$OUT/steps.txt"

