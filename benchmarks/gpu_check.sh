@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check and benchmark, for a machine with one NVIDIA GPU and no network (run from the repository root); about
-# 10.5 minutes on one H100 or H200 (with a 590 s limit the quick start's last arm is cut; STEPS="step-profile
-# trainers-varlen" runs only those, PROFILE_ARMS and VARLEN_ARMS choose arms).
+# 10.5 minutes on one H100 or H200 before the fp16 step was added (with a 590 s limit the quick start's last arm is
+# cut and the fp16 step not reached; STEPS="step-profile trainers-varlen fp16" runs only those, PROFILE_ARMS and
+# VARLEN_ARMS choose arms).
 # Every step writes its results as it finishes, so a step cut short loses only itself.
 #
 #   benchmarks/gpu_check.sh OUT_DIR

@@ -124,7 +124,7 @@ def arm_main(args: argparse.Namespace) -> None:
         "tokensPerSecond": round(sum(step_tokens) / sum(timed), 1),
         "peakGpuMemoryGiB": round(torch.cuda.max_memory_allocated() / 1024**3, 2) if gpu else None,
         # finite and falling, in fp16 too (an overflow there shows as inf/nan or steps the loss scaler skipped)
-        "trainLosses": [h["trainLoss"] for h in recipe.state.history],
+        "trainLosses": [h["trainLoss"] for h in recipe.state.history if "trainLoss" in h],  # evaluations too
         "lossScalerSkippedSteps": getattr(recipe.engine, "skipped_steps", None),
         "precision": recipe.spec.training.precision,
     }
@@ -172,7 +172,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--model-dir", type=Path, help="a model folder instead of the quick start's packaged model")
-    ap.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS))
+    ap.add_argument("--arms", nargs="+", choices=sorted(ARMS),
+                    default=[a for a in ARMS if a != "fp16"])  # DeepSpeed trains fp16 only on a GPU (or AVX512-FP16)
     ap.add_argument("--micro", type=int, default=2, help="packed rows per micro-batch")
     ap.add_argument("--max-len", type=int, default=1024, help="maxSeqLength: the width of a packed row")
     ap.add_argument("--steps", type=int, default=12,

@@ -40,7 +40,12 @@ def main() -> int:
 
     from lorafinetune.api.spec import LoRAFineTuneSpec
     from lorafinetune.trainer.errors import TrainerError
-    from lorafinetune.trainer.fingerprint import changed_sections, spec_fingerprint, trained_in_other_precision
+    from lorafinetune.trainer.fingerprint import (
+        changed_sections,
+        picked_where,
+        spec_fingerprint,
+        trained_in_other_precision,
+    )
     from lorafinetune.trainer.model import with_concrete_precision
     from lorafinetune.trainer.output import adapter_of, published_adapter
     from lorafinetune.trainer.recipe import LoRAFineTuneRecipe
@@ -67,8 +72,9 @@ def main() -> int:
         stored = published.get("fingerprint", {})
         changed = changed_sections(stored, spec_fingerprint(spec))
         # auto may have picked another precision where the adapter was trained: the same spec, as written
-        precision = written.training.precision
-        trained = trained_in_other_precision(stored, spec, precision) if changed == ["training"] else None
+        stored_written, precision = published.get("writtenPrecision"), written.training.precision
+        trained = (trained_in_other_precision(stored, spec, precision, stored_written)
+                   if changed == ["training"] else None)  # fmt: skip
         if changed and not trained:
             message = (f"{run} already holds an adapter trained with a different spec (changed: "
                        f"{', '.join(changed)}); it is left untouched. Use a new output.uri to train again")
@@ -79,7 +85,7 @@ def main() -> int:
             _write_termination(ExitCode.INVALID_CONFIG, "OutputHoldsAnotherAdapter", message)
             return ExitCode.INVALID_CONFIG
         if rank == 0:
-            how = f" (trained in {trained}, which training.precision auto picked there)" if trained else ""
+            how = f" (trained in {trained}, {picked_where(stored_written)})" if trained else ""
             print(f"{run} already holds a complete adapter of this spec{how}; nothing to do")
             # A retry after the adapter was published (the pod lost before it reported): report it again.
             adapter = adapter_of(published)

@@ -39,7 +39,7 @@ from lorafinetune.api.spec import LoRAFineTuneSpec
 from lorafinetune.contract import CHECKPOINTS_DIR, COMPLETE_MARKER, write_json_atomic
 from lorafinetune.trainer import fence
 from lorafinetune.trainer.errors import ConfigError
-from lorafinetune.trainer.fingerprint import changed_sections, trained_in_other_precision
+from lorafinetune.trainer.fingerprint import changed_sections, picked_where, trained_in_other_precision
 
 _NAME = re.compile(r"^step-(\d{8})$")
 DS_TAG = "ds"
@@ -82,16 +82,17 @@ def latest_checkpoint(run_dir: Path, world_size: int, fingerprint: dict[str, Any
             f"{world_size}; ZeRO optimizer state is sharded per process. Keep resources.nodes x processesPerNode "
             f"as before, or write to a new output.uri to start over"
         )
-    stored = last.meta.get("fingerprint", {})
+    stored, stored_written = last.meta.get("fingerprint", {}), last.meta.get("writtenPrecision")
     changed = changed_sections(stored, fingerprint)
-    trained = trained_in_other_precision(stored, spec, written_precision) if changed == ["training"] else None
-    if trained:
-        before = "" if "precision" in last.meta else "; bf16 was the default before auto"
-        raise ConfigError(
-            f"checkpoint {last.path} was trained in {trained}, but training.precision auto picks "
-            f"{spec.training.precision} here (what the device computes natively{before}); resuming would mix two "
-            f"precisions. Set training.precision: {trained} to resume it, or write to a new output.uri to start over"
-        )
+    if changed == ["training"]:
+        trained = trained_in_other_precision(stored, spec, written_precision, stored_written)
+        if trained:
+            raise ConfigError(
+                f"checkpoint {last.path} was trained in {trained} ({picked_where(stored_written)}), but "
+                f"training.precision auto picks {spec.training.precision} here; resuming would mix two precisions. "
+                f"Write training.precision: {trained} to resume it (on a cluster: create the LoRAFineTune again "
+                f"with it; training is immutable), or use a new output.uri to start over"
+            )
     if changed:
         raise ConfigError(
             f"checkpoint {last.path} was made with a different spec (changed: {', '.join(changed)}); resuming "

@@ -22,15 +22,22 @@ def changed_sections(old: dict[str, str], new: dict[str, str]) -> list[str]:
     return sorted(k for k in new if old.get(k) != new[k])
 
 
-def trained_in_other_precision(stored: dict[str, str], spec: LoRAFineTuneSpec, written: str) -> str | None:
-    """The precision a result was trained in when its training section differs from `spec`'s (auto resolved for
-    this device) in that alone and `written`, the manifest's training.precision, is auto: nothing the user wrote
-    changed; auto picked differently (other nodes, or before auto existed, when bf16 was the default)."""
-    if written != "auto":
+def trained_in_other_precision(stored: dict[str, str], spec: LoRAFineTuneSpec, written: str,
+                               stored_written: str | None) -> str | None:  # fmt: skip
+    """The precision a result was trained in when its training section differs from `spec`'s (auto resolved for this
+    device) in that alone and neither side chose it: `written` (this manifest's training.precision) is auto, and
+    `stored_written` (the result's) was auto too, or is unknown (a result from before auto, when the default was
+    bf16). Then nothing the user wrote changed: auto picked differently, on other nodes."""
+    if written != "auto" or stored_written not in ("auto", None):
         return None
     t = spec.training
-    for precision in ("bf16", "fp16", "fp32"):
+    for precision in ("bf16", "fp16", "fp32") if stored_written == "auto" else ("bf16",):
         other = spec.model_copy(update={"training": t.model_copy(update={"precision": precision})})
         if precision != t.precision and spec_fingerprint(other)["training"] == stored.get("training"):
             return precision
     return None
+
+
+def picked_where(stored_written: str | None) -> str:
+    """How a result came to be trained in another precision (see trained_in_other_precision), for messages."""
+    return "which training.precision auto picked there" if stored_written else "the default before auto"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import platform
 import re
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from lorafinetune.api.spec import PRECISION_DTYPE, LoRAFineTuneSpec, LoRASpec, ModelSpec, concrete_precision
 from lorafinetune.contract import COMPLETE_MARKER, ENV_CACHE_DIR, write_json_atomic
 from lorafinetune.storage import StorageError, local_path
-from lorafinetune.trainer.errors import ConfigError, ModelError
+from lorafinetune.trainer.errors import ConfigError, ModelError, TrainerError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -35,19 +36,22 @@ def load_dtype(spec: ModelSpec, precision: str) -> torch.dtype:
 
 def native_bf16(on_gpu: bool, device_index: int = 0) -> bool:
     """Whether this process's device computes bf16 matrix multiplies natively: a GPU from Ampere (compute capability
-    8.0) on, or a CPU with AVX512-BF16 or AMX. Reads device properties only (no CUDA context)."""
+    8.0) on, or a CPU as cpu_native_bf16 says. Reads device properties only (no CUDA context)."""
     if not on_gpu:
         return cpu_native_bf16()
-    if device_index >= torch.cuda.device_count():
-        raise ConfigError(f"this is local rank {device_index} but only {torch.cuda.device_count()} GPUs are visible: "
-                          f"resources.processesPerNode must not exceed gpusPerNode")  # fmt: skip
+    if device_index >= (visible := torch.cuda.device_count()):  # a node fault more often than a spec's: retried
+        raise TrainerError(f"local rank {device_index} has no GPU: {visible} are visible to this process, fewer "
+                           f"than resources.gpusPerNode")  # fmt: skip
     return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
 def cpu_native_bf16() -> bool:
-    """AVX512-BF16 or AMX. (oneDNN's own check, torch.ops.mkldnn._is_mkldnn_bf16_supported, also says yes for plain
-    AVX512, where it emulates bf16.)"""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """An x86 CPU with AVX512-BF16 or AMX-BF16, or an Arm one with the BF16 extension. (On x86 oneDNN's own check,
+    torch.ops.mkldnn._is_mkldnn_bf16_supported, also says yes for plain AVX512, where it emulates bf16.)"""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
 def with_concrete_precision(spec: LoRAFineTuneSpec, on_gpu: bool, device_index: int = 0) -> LoRAFineTuneSpec:
@@ -62,11 +66,11 @@ def with_concrete_precision(spec: LoRAFineTuneSpec, on_gpu: bool, device_index: 
 
 
 def emulated_on_cpu(spec: ModelSpec, precision: str, native: bool | None = None) -> str | None:
-    """Why training with these settings on this CPU will crawl, or None. oneDNN computes bf16 matrix multiplies
-    natively only with AVX512 or AMX, fp16 ones only with AVX512-FP16 or AMX-FP16; elsewhere PyTorch emulates them.
+    """Why training with these settings on this CPU will crawl, or None. bf16 matrix multiplies are native only
+    where cpu_native_bf16 says so, fp16 ones only with AVX512-FP16 or AMX-FP16; elsewhere PyTorch emulates them.
     Measured on an AMD EPYC with AVX2 only (benchmarks/README, cpu_matmul.py): a SmolLM2 block's matrix multiplies
     ran at 0.05x fp32's speed in bf16, and a quick start step took 88 s in bf16, 95 % of it in them, against 27-33 s
-    in fp32 with the test suite running beside it. `native`: the CPU's support, as oneDNN reports it unless given."""
+    in fp32 with the test suite running beside it. `native`: the CPU's support, as detected unless given."""
     # DeepSpeed casts the model to bf16 or fp16 when the precision is one of those; fp32 computes in the load dtype.
     half = precision != "fp32"
     dtype = DTYPES[PRECISION_DTYPE[precision]] if half else load_dtype(spec, precision)

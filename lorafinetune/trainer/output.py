@@ -112,9 +112,10 @@ def adapter_ref(staging: Path, uri: str, base_model_revision: str | None, merged
 
 
 def publish(run_dir: Path, summary: TrainingSummary, card: str, fingerprint: dict[str, str],
-            attempt: str | None = None) -> None:  # fmt: skip
+            attempt: str | None = None, written_precision: str | None = None) -> None:  # fmt: skip
     """Write summary and card into the verified staging folder, mark it complete, and rename it into place (only
-    while this attempt still holds the run folder: see fence.py)."""
+    while this attempt still holds the run folder: see fence.py). The marker keeps the fingerprint and the
+    manifest's training.precision (auto or not: fingerprint.trained_in_other_precision)."""
     staging = staging_dir(run_dir)
     write_json_atomic(staging / SUMMARY_FILE, summary.dumps())
     (staging / MODEL_CARD_FILE).write_text(card)
@@ -126,7 +127,8 @@ def publish(run_dir: Path, summary: TrainingSummary, card: str, fingerprint: dic
     else:  # a failed earlier attempt's, with mergeAdapter on then: not this adapter's
         shutil.rmtree(merged, ignore_errors=True)
     ref = summary.adapter.to_manifest() if summary.adapter else {}
-    write_json_atomic(staging / COMPLETE_MARKER, {**ref, "fingerprint": fingerprint})
+    written = {"writtenPrecision": written_precision} if written_precision else {}
+    write_json_atomic(staging / COMPLETE_MARKER, {**ref, "fingerprint": fingerprint, **written})
     final = run_dir / ADAPTER_DIR
     if final.exists():  # only an incomplete leftover can be here: a complete one stops the run before training
         shutil.rmtree(final)

@@ -392,6 +392,7 @@ class LoRAFineTuneRecipe:
         return {
             "worldSize": self.world,
             "precision": self.spec.training.precision,
+            "writtenPrecision": self.written_precision,  # auto's choice is not the user's (fingerprint.py)
             "fingerprint": self.fingerprint,
             "modelRevision": self.model_revision,
             **self.state.to_meta(),
@@ -465,7 +466,8 @@ class LoRAFineTuneRecipe:
         adapter = output.adapter_ref(staging, self._published_uri(ADAPTER_DIR), self.model_revision,
                                      merged.uri if merged else None)  # fmt: skip
         record = summary.training_summary(self, adapter, count, merged, started)
-        output.publish(self.run_dir, record, summary.model_card(record), self.fingerprint, self.attempt)
+        output.publish(self.run_dir, record, summary.model_card(record), self.fingerprint, self.attempt,
+                       self.written_precision)
         if self.mirror.remote:
             self.mirror.check(self.attempt, "publishing the adapter")
             if merged:
