@@ -130,8 +130,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _auto_note(device: str) -> str:
-    return " (training.precision auto; fp16, the same size, on GPUs before Ampere)" if device == "gpu" else (
-        " (training.precision auto, on this CPU)")
+    if device == "gpu":
+        return " (training.precision auto; fp16, the same size, on GPUs before Ampere)"
+    return " (training.precision auto, on this CPU)"
 
 
 def _local_capacity(res) -> tuple[int | None, str]:

@@ -127,7 +127,8 @@ class LoRAFineTuneRecipe:
         # process group: transformers only writes weights on rank 0 once one exists.
         self.model_dir = model.resolve_model_dir(spec.model, downloaded)
         deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", verbose=False)
-        self._check_same_precision()
+        if self.written_precision == "auto":  # a written one is the same on every rank: nothing to gather
+            self._check_same_precision()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._request_stop)
 
