@@ -33,11 +33,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("LFT_BENCH_DIR", "/tmp/lft-bench-trainers"))
-ARMS = ("hf-padded", "trl-packed", "ours-padded", "ours-padded-peft-lora", "ours-packed", "ours-packed-masks",
-        "ours-packed-nf4")  # fmt: skip
+ARMS = ("hf-padded", "trl-packed", "ours-padded", "ours-padded-unshared", "ours-padded-peft-lora", "ours-packed",
+        "ours-packed-masks", "ours-packed-nf4")  # fmt: skip
 # ours-packed-masks: packed with the 4-D block-diagonal masks, where ours-packed takes varlen attention (on a GPU);
 # ours-padded-peft-lora: PEFT's LoRA layers instead of the fused ones (trainer/lora_linear.py)
 ARM_ENV = {"ours-packed-masks": {"LFT_ATTENTION": "sdpa"}, "ours-padded-peft-lora": {"LFT_LORA_KERNEL": "peft"}}
+ARM_DATASET = {"ours-padded-unshared": {"sharePrefix": False}}  # every row computed whole, as before prefix sharing
 GPU_ONLY = {"ours-packed-nf4": "QLoRA (nf4) needs bitsandbytes' CUDA kernels: minutes a step on a CPU"}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 TRAINING = {"learningRate": 0.001, "lrScheduler": "cosine", "warmupRatio": 0.1, "seed": 42, "maxGradNorm": 1.0}
@@ -112,6 +113,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     spec = manifest(f"bench-{args.arm}", args.train, args.validation, args.max_len, args.micro,
                     args.arm.startswith("ours-packed"), out, args.model_dir, args.device == "cuda", args.precision,
                     "nf4" if args.arm.endswith("-nf4") else None)  # fmt: skip
+    spec["spec"]["dataset"] |= ARM_DATASET.get(args.arm, {})
     path = WORK / f"{args.arm}.yaml"
     path.write_text(yaml.safe_dump(spec))
     subprocess.run([sys.executable, "-m", "lorafinetune.cli", "run", str(path), "--quiet"], check=True,

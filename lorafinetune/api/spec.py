@@ -156,6 +156,14 @@ class DatasetSpec(APIModel):
         default=False,
         description="Also train on prompt / user tokens. Off by default: the loss is on completions only.",
     )
+    share_prefix: bool = Field(
+        default=True,
+        description="Compute the tokens that every row of a micro-batch begins with (a system prompt, an "
+        "instruction template) once per micro-batch: each row's other tokens attend to that one copy with their "
+        "own positions, so losses and gradients equal separate rows' (LoRA dropout draws one mask for the shared "
+        "tokens). Applied where it costs less (rows short next to the shared part; not with packing or on GPUs' "
+        "variable-length attention).",
+    )
 
     @property
     def effective_validation_split(self) -> float:

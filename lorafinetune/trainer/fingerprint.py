@@ -9,13 +9,18 @@ import json
 from lorafinetune.api.spec import LoRAFineTuneSpec
 
 SECTIONS = ("model", "dataset", "lora", "training", "deepspeed")
+# Fields that change how a result is computed, not what it is: a checkpoint resumes across a change of them (and
+# across their introduction, which would otherwise change every earlier result's section).
+HOW_NOT_WHAT = {"dataset": ("sharePrefix",)}
 
 
 def spec_fingerprint(spec: LoRAFineTuneSpec) -> dict[str, str]:
-    return {
-        name: hashlib.sha256(json.dumps(getattr(spec, name).to_manifest(), sort_keys=True).encode()).hexdigest()[:16]
-        for name in SECTIONS
-    }
+    return {name: _digest(getattr(spec, name).to_manifest(), HOW_NOT_WHAT.get(name, ())) for name in SECTIONS}
+
+
+def _digest(section: dict, left_out: tuple[str, ...]) -> str:
+    kept = {k: v for k, v in section.items() if k not in left_out}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def changed_sections(old: dict[str, str], new: dict[str, str]) -> list[str]:

@@ -34,6 +34,7 @@ from lorafinetune.contract import (
     ExitCode,
     MergedModel,
 )
+from lorafinetune.plan import PlanError
 from lorafinetune.plots import plot_loss_curves
 from lorafinetune.trainer import (
     attention,
@@ -147,6 +148,7 @@ class LoRAFineTuneRecipe:
             print(f"warning: {slow}", flush=True)
         base = model.load_base_model(self.model_dir, spec.model, dtype, revision, quantized_on=device)
         self.attention = self._use_attention(base, device, dtype)
+        self.share_prefix = self._prefix_sharing(base.config.to_dict())
         self.quantized_layers = sum(1 for m in base.modules() if type(m).__name__ in model.QUANTIZED_LINEARS)
         self.peft_model = model.wrap_with_lora(base, spec.lora, spec.training.gradient_checkpointing)
         if spec.deepspeed.zero_stage < 3:  # ZeRO-3 gathers weights in each module's own call
@@ -271,8 +273,28 @@ class LoRAFineTuneRecipe:
             print(f"attention: {chosen} ({why})", flush=True)
         return chosen
 
+    def _prefix_sharing(self, config: dict[str, Any]) -> float | None:
+        """The model's attention_pairs_per_token where micro-batches may share their first tokens (batching.py),
+        None where they may not; logged either way."""
+        ds, why = self.spec.dataset, ""
+        if not ds.share_prefix:
+            why = "dataset.sharePrefix is false"
+        elif ds.packing:
+            why = "packed rows"
+        elif self.attention == attention.VARLEN:
+            why = "varlen attention takes no tree-shaped mask"
+        else:
+            try:
+                pairs = batching.attention_pairs_per_token(config)
+            except PlanError as err:
+                why = str(err)
+        if self.is_main:
+            print(f"prefix sharing: {f'off ({why})' if why else 'on where a micro-batch begins alike'}", flush=True)
+        return None if why else pairs
+
     def _collate(self, units: list[batching.Unit], packing: bool) -> dict[str, Any]:
-        return batching.collate(units, self.tokenizer.pad_token_id, packing, varlen=self.attention == attention.VARLEN)
+        varlen = self.attention == attention.VARLEN
+        return batching.collate(units, self.tokenizer.pad_token_id, packing, varlen, self.share_prefix)
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -8,7 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorafinetune.trainer.batching import Schedule, Unit, collate, make_units, trained_token_count
+from lorafinetune.trainer.batching import (
+    Schedule,
+    Unit,
+    attention_pairs_per_token,
+    collate,
+    make_units,
+    shared_prefix_length,
+    trained_token_count,
+)
 from lorafinetune.trainer.data import IGNORE, Example, Formatter
 from lorafinetune.trainer.engine import lr_multiplier
 from tests.tiny_model import chat_rows
@@ -85,6 +93,91 @@ def test_padding_is_never_a_target():
     assert batch["labels"][1].tolist() == [IGNORE, 6, IGNORE, IGNORE]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert trained_token_count(batch) == 3
+
+
+X = IGNORE  # short, for rows of labels
+CHEAP_ATTENTION = 1e9  # attention_pairs_per_token of a model whose attention costs nothing next to its layers
+
+
+def units_of(*examples: Example) -> list[Unit]:
+    return [Unit((e,)) for e in examples]
+
+
+def test_rows_that_begin_alike_become_one_row_of_their_shared_tokens_then_each_rest():
+    a = Example([1, 2, 3, 4, 5, 6], [X, X, X, X, 5, 6], "a")
+    b = Example([1, 2, 3, 9, 7], [X, X, X, X, 7], "b")
+    batch = collate(units_of(a, b), pad_id=0, packing=False, share_prefix=CHEAP_ATTENTION)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 9, 7]]
+    assert batch["labels"].tolist() == [[X, X, X, X, 5, 6, X, 7]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 3, 4]]  # each rest where it was in its own row
+    allowed = (batch["attention_mask"][0, 0] == 0).int().tolist()
+    assert allowed[6] == [1, 1, 1, 0, 0, 0, 1, 0]  # b's 9: the shared tokens and itself, nothing of a's
+    assert allowed[5] == [1, 1, 1, 1, 1, 1, 0, 0]  # a's last token: its own row, causally
+    assert allowed[1] == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert trained_token_count(batch) == 3 == a.trained_tokens + b.trained_tokens
+
+
+def test_sharing_stops_before_the_token_before_the_first_target():
+    # In one row the first token after the shared ones follows another example: it must not be a target.
+    a = Example([1, 2, 3, 4, 5], [X, X, X, 4, 5], "a")
+    b = Example([1, 2, 3, 4, 8], [X, X, X, X, 8], "b")
+    assert shared_prefix_length(units_of(a, b), CHEAP_ATTENTION) == 2
+    text = Example([1, 2, 3], [1, 2, 3], "t")  # every token trained: the second is the first predicted
+    assert shared_prefix_length(units_of(text, text), CHEAP_ATTENTION) == 0
+
+
+def test_rows_are_kept_apart_where_sharing_saves_nothing_or_costs_more():
+    a, b = Example([1, 2, 3, 4], [X, X, 3, 4], "a"), Example([7, 2, 3, 4], [X, X, 3, 4], "b")
+    assert shared_prefix_length(units_of(a, b), CHEAP_ATTENTION) == 0  # nothing in common
+    assert shared_prefix_length(units_of(a), CHEAP_ATTENTION) == 0  # one row
+    assert shared_prefix_length([Unit((a, a)), Unit((a,))], CHEAP_ATTENTION) == 0  # packed rows
+    few = [Example([1, 2] + [5 + i] * 300, [X, X] + [5] * 300, f"{i}") for i in range(8)]
+    assert shared_prefix_length(units_of(*few), CHEAP_ATTENTION) == 0  # 7 tokens fewer of 2,416: not worth it
+    long = [Example([1] * 300 + [5 + i] * 700, [X] * 300 + [5] * 700, f"{i}") for i in range(4)]
+    assert shared_prefix_length(units_of(*long), CHEAP_ATTENTION) == 299
+    # Where attention costs something, one row of 3,103 tokens under a dense mask is dearer than 4 rows of 1,000.
+    assert shared_prefix_length(units_of(*long), 3072.0) == 0
+    assert collate(units_of(*long), 0, False, share_prefix=3072.0)["input_ids"].shape == (4, 1000)
+    assert collate(units_of(a, a), 0, False, varlen=True, share_prefix=CHEAP_ATTENTION)["input_ids"].shape == (2, 4)
+
+
+def test_a_shared_prefix_row_gives_the_padded_rows_loss_and_lora_gradients(tiny_model, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from lorafinetune.api.spec import LoRASpec
+    from lorafinetune.trainer.lora_linear import fuse_lora_linears
+    from lorafinetune.trainer.loss import TokenLoss
+    from lorafinetune.trainer.model import wrap_with_lora
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+    model = wrap_with_lora(base, LoRASpec(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), False)
+    assert fuse_lora_linears(model, keep_dropped=False) > 0
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero, which would leave A's gradient zero
+            torch.nn.init.normal_(p, std=0.5)
+    loss = TokenLoss(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    system = {"role": "system", "content": "you are alice the nurse of paris and rome, answer with a city"}
+    fmt = Formatter(tiny_tokenizer, "chat", 256)
+    examples = [fmt(f"x:{i}", {"messages": [system, *row["messages"]]}) for i, row in enumerate(chat_rows(4, 7))]
+    pairs = attention_pairs_per_token(base.config.to_dict())
+
+    def loss_and_grads(batch):
+        for p in params:
+            p.grad = None
+        value = loss(model, batch)
+        value.backward()
+        return value.item(), [p.grad.clone() for p in params]
+
+    padded = collate(units_of(*examples), tiny_tokenizer.pad_token_id, False)
+    shared = collate(units_of(*examples), tiny_tokenizer.pad_token_id, False, share_prefix=pairs)
+    assert shared["input_ids"].shape[0] == 1 and shared["input_ids"].numel() < padded["input_ids"].numel() * 0.8
+    expected_loss, expected_grads = loss_and_grads(padded)
+    got_loss, got_grads = loss_and_grads(shared)
+    assert got_loss == pytest.approx(expected_loss, rel=1e-5)
+    for got, expected in zip(got_grads, expected_grads, strict=True):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
 
 
 def cosine(progress: float) -> float:

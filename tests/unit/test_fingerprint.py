@@ -35,6 +35,16 @@ def test_only_a_precision_auto_picked_on_both_sides_or_bf16_from_before_auto_cou
     assert trained_in_other_precision({}, here, "auto", "auto") is None
 
 
+def test_prefix_sharing_changes_how_a_result_is_computed_not_which_result():
+    def dataset_fingerprint(**dataset) -> str:
+        lft = manifest("fp", MINIMAL, dataset=dataset)
+        return spec_fingerprint(LoRAFineTuneSpec.model_validate(lft["spec"]))["dataset"]
+
+    shared, unshared = dataset_fingerprint(sharePrefix=True), dataset_fingerprint(sharePrefix=False)
+    assert shared == unshared == dataset_fingerprint()  # also a checkpoint from before the field existed
+    assert dataset_fingerprint(packing=True) != shared
+
+
 def write_checkpoint(run_dir, step: int, meta: dict) -> None:
     folder = run_dir / CHECKPOINTS_DIR / f"step-{step:08d}"
     folder.mkdir(parents=True)
