@@ -190,6 +190,8 @@ class TrainingSummary(_Record):
     epochs: float
     trained_tokens: int = Field(description="Tokens in the loss (the completion tokens).")
     input_tokens: int = Field(default=0, description="Non-padding tokens fed to the model.")
+    computed_tokens: int = Field(default=0, description="Token positions the model ran: padding included, the "
+                                 "first tokens a micro-batch's rows share (dataset.sharePrefix) once.")  # fmt: skip
     train_seconds: float = Field(default=0.0, description="Time in optimizer steps (not evaluation or checkpoints).")
     tokens_per_second: float = Field(default=0.0, description="input_tokens / train_seconds.")
     peak_gpu_memory_bytes: int | None = Field(default=None, description="Rank 0's max_memory_allocated; CPU: None.")

@@ -77,7 +77,7 @@ def print_summary(run_dir: Path, output_uri: str) -> None:
     rows = [
         ("steps", f"{s.steps} / {s.total_steps} ({s.epochs:.2f} epochs)"),
         ("processes", str(s.world_size)),
-        ("tokens", f"{s.input_tokens} non-padding, {s.trained_tokens} in the loss; "
+        ("tokens", f"{s.input_tokens} non-padding, {s.trained_tokens} in the loss{_computed(s.computed_tokens)}; "
                    f"{s.tokens_per_second:.0f} tokens/s over {s.train_seconds:.0f} s of optimizer steps"),
         ("trainable params", f"{s.trainable_parameters:,} of {s.total_parameters:,}"),
         ("eval loss", f"{_num(s.initial_eval_loss)} before -> {_num(s.final_eval_loss)} after "
@@ -92,3 +92,8 @@ def print_summary(run_dir: Path, output_uri: str) -> None:
     print(f"\n{s.name}: done")
     for k, v in rows:
         print(f"  {k.ljust(width)}  {v}")
+
+
+def _computed(positions: int) -> str:
+    """What the model ran, where the summary says (padding included, a shared prefix once: dataset.sharePrefix)."""
+    return f", {positions} positions computed" if positions else ""

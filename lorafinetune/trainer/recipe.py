@@ -322,12 +322,13 @@ class LoRAFineTuneRecipe:
             # Collective: the global count of trained tokens in this optimizer step normalises the loss, so
             # batch 8 x accum 1 equals batch 1 x accum 8 and ranks with more tokens weigh more.
             counts = torch.tensor(
-                [sum(batching.trained_token_count(b) for b in micro), sum(x.length for u in units for x in u)],
+                [sum(batching.trained_token_count(b) for b in micro), sum(x.length for u in units for x in u),
+                 sum(b["input_ids"].numel() for b in micro)],
                 dtype=torch.float64,
                 device=self.device,
-            )
+            )  # fmt: skip
             dist.all_reduce(counts)
-            global_tokens, input_tokens = counts.tolist()
+            global_tokens, input_tokens, computed_tokens = counts.tolist()
             loss_total = 0.0
             for b in micro:
                 loss_sum = self._loss_sum(b)
@@ -341,7 +342,8 @@ class LoRAFineTuneRecipe:
             dist.all_reduce(stats)
             train_loss, stop = stats[0].item() / global_tokens, stats[1].item() > 0
             seconds, lr = time.perf_counter() - t0, self.engine.get_lr()[0]
-            self.state.record_step(step, train_loss, lr, int(global_tokens), int(input_tokens), seconds)
+            self.state.record_step(step, train_loss, lr, int(global_tokens), int(input_tokens), seconds,
+                                   int(computed_tokens))  # fmt: skip
             self.report.stepped(step, self.state, train_loss, lr, global_tokens, input_tokens, seconds)
 
             evaluated = False

@@ -15,6 +15,7 @@ _META_KEYS = {
     "initialEvalLoss": "initial_eval",
     "trainedTokens": "trained_tokens",
     "inputTokens": "input_tokens",
+    "computedTokens": "computed_tokens",
     "trainSeconds": "train_seconds",
     "evalsWithoutGain": "evals_without_gain",
 }
@@ -28,6 +29,7 @@ class TrainState:
     evals_without_gain: int = 0
     trained_tokens: int = 0  # tokens in the loss (all ranks)
     input_tokens: int = 0  # non-padding tokens processed (all ranks): the honest throughput measure
+    computed_tokens: int = 0  # positions the model ran (all ranks): padding included, a shared prefix once
     train_seconds: float = 0.0  # optimizer steps only, without start-up, evaluation and checkpoints
     last_eval: float | None = None  # kept, not searched for in the history: progress is written every step
 
@@ -40,10 +42,12 @@ class TrainState:
         state.last_eval = next((h["evalLoss"] for h in reversed(state.history) if "evalLoss" in h), None)
         return state
 
-    def record_step(self, step: int, train_loss: float, lr: float, trained: int, tokens: int, seconds: float) -> None:
+    def record_step(self, step: int, train_loss: float, lr: float, trained: int, tokens: int, seconds: float,
+                    computed: int = 0) -> None:  # fmt: skip
         self.history.append({"step": step, "trainLoss": round(train_loss, 6), "learningRate": lr})
         self.trained_tokens += trained
         self.input_tokens += tokens
+        self.computed_tokens += computed
         self.train_seconds += seconds
 
     def record_eval(self, step: int, loss: float, min_delta: float) -> None:

@@ -39,6 +39,7 @@ def training_summary(recipe: LoRAFineTuneRecipe, adapter: AdapterRef, adapter_te
         epochs=r.schedule.epoch_of(r.steps_done),
         trained_tokens=state.trained_tokens,
         input_tokens=state.input_tokens,
+        computed_tokens=state.computed_tokens,
         train_seconds=round(state.train_seconds, 2),
         tokens_per_second=round(state.tokens_per_second, 1),
         # Rank 0's peaks (all ranks hold about the same): what `lorafinetune plan` estimates, measured.

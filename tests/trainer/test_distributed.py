@@ -30,6 +30,7 @@ from lorafinetune.contract import (
 )
 from tests.conftest import REPO, free_port, run_cli, write_manifest
 from tests.manifests import manifest, tiny_cpu_run
+from tests.tiny_model import chat_rows, write_jsonl
 
 pytestmark = pytest.mark.multiprocess
 
@@ -191,6 +192,30 @@ def test_batch_8_accum_1_equals_batch_1_accum_8_on_variable_length_data(tmp_path
     la = [h.get("trainLoss") for h in summary(runs[(8, 1)])["history"] if "trainLoss" in h]
     lb = [h.get("trainLoss") for h in summary(runs[(1, 8)])["history"] if "trainLoss" in h]
     assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_rows_sharing_a_system_prompt_train_it_once_per_micro_batch_and_give_the_same_adapter(tmp_path, tiny_model):
+    system = {"role": "system", "content": "you are alice the nurse of paris, answer in the fewest words"}
+    rows = [{"messages": [system, *row["messages"]]} for row in chat_rows(64, seed=3)]
+    data = write_jsonl(tmp_path / "system-prompt.jsonl", rows)
+    spec = {"training": {"maxSteps": 3, "microBatchSize": 4}, "dataset": {"maxSeqLength": 96}}
+    runs = {}
+    for share in (True, False):
+        dataset = {**spec["dataset"], "sharePrefix": share}
+        proc, runs[share] = train(tmp_path, tiny_model, data, f"share-{share}", **{**spec, "dataset": dataset})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        log = (runs[share] / "logs" / "node-0.log").read_text()
+        assert ("prefix sharing: on" if share else "prefix sharing: off (dataset.sharePrefix is false)") in log
+    shared, separate = summary(runs[True]), summary(runs[False])
+    assert shared["inputTokens"] == separate["inputTokens"]
+    assert shared["computedTokens"] < 0.8 * shared["inputTokens"] < separate["computedTokens"], (shared, separate)
+    a, b = adapter_tensors(runs[True]), adapter_tensors(runs[False])
+    for name in a:  # without LoRA dropout the same computation, in another summation order
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4 * b[name].abs().max().item(), msg=name)
+    def eval_losses(s: dict) -> list[float]:
+        return [h["evalLoss"] for h in s["history"] if "evalLoss" in h]
+
+    assert len(eval_losses(shared)) == 3 and eval_losses(shared) == pytest.approx(eval_losses(separate), rel=1e-4)
 
 
 def test_bad_data_fails_permanently_naming_file_and_line(tmp_path, tiny_model, chat_data):

@@ -11,13 +11,14 @@ def test_the_state_round_trips_through_checkpoint_metadata_as_json():
     state = TrainState()
     state.record_eval(0, 2.5, min_delta=0.0)
     state.record_step(1, 2.4, 1e-3, trained=100, tokens=300, seconds=0.5)
-    state.record_step(2, 2.2, 9e-4, trained=120, tokens=280, seconds=0.7)
+    state.record_step(2, 2.2, 9e-4, trained=120, tokens=280, seconds=0.7, computed=250)
     state.record_eval(2, 2.1, min_delta=0.0)
 
     restored = TrainState.from_meta(json.loads(json.dumps(state.to_meta())))  # COMPLETE.json is JSON
     assert restored == state
     assert restored.last_eval == 2.1, "the last evaluation is found again in the history"
     assert (restored.trained_tokens, restored.input_tokens, restored.train_seconds) == (220, 580, 1.2)
+    assert restored.computed_tokens == 250
     assert restored.initial_eval == 2.5 and restored.best_eval == 2.1
     assert restored.final_train_loss == 2.2 and restored.final_eval_loss == 2.1
 
