@@ -160,9 +160,10 @@ class DatasetSpec(APIModel):
         default=True,
         description="Compute the tokens that every row of a micro-batch begins with (a system prompt, an "
         "instruction template) once per micro-batch: each row's other tokens attend to that one copy with their "
-        "own positions, so losses and gradients equal separate rows' (LoRA dropout draws one mask for the shared "
-        "tokens). Applied where it costs less (rows short next to the shared part; not with packing or on GPUs' "
-        "variable-length attention).",
+        "own positions, so losses and gradients equal separate rows' (dropout draws one mask for the shared "
+        "tokens). Applied where it costs less (rows short next to the shared part, at most 2,048 tokens in all); not "
+        "with packing, on GPUs' variable-length attention or for models whose attention is not plain causal "
+        "attention (sliding windows, recurrent layers).",
     )
 
     @property

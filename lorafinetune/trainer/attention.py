@@ -128,6 +128,17 @@ def register(name: str) -> None:
         AttentionMaskInterface.register(SDPA_FP32, sdpa_mask)
 
 
+def config_of(config: Any) -> dict[str, Any]:
+    """A model's config as a dict for choose() and not_plain_attention(), the language model's `layer_types`
+    included where a config computes it (Jamba, Bamba) or names it otherwise (Zamba, Falcon-H1: recurrent layers)
+    instead of storing it, which to_dict() would leave out."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    out = config.to_dict()
+    if (kinds := getattr(text, "layer_types", None)) is not None:
+        (out.get("text_config") or out)["layer_types"] = list(kinds)
+    return out
+
+
 def choose(device: torch.device, dtype: torch.dtype, model_config: dict[str, Any]) -> tuple[str, str]:
     """(implementation, why): VARLEN on a GPU whose torch has the kernel and where it agrees with SDPA on a small
     case of the model's own head shape (forward and backward, two sequences), for a model whose attention is plain
@@ -140,10 +151,9 @@ def choose(device: torch.device, dtype: torch.dtype, model_config: dict[str, Any
         return SDPA, "varlen attention runs on CUDA only"
     if dtype not in (torch.bfloat16, torch.float16):
         return SDPA, f"varlen attention needs bf16 or fp16, not {dtype}"
+    if why := not_plain_attention(model_config):
+        return SDPA, f"the model's attention has {why}"
     text = model_config.get("text_config") or model_config  # a multimodal model's language model
-    for config in (model_config, text):
-        if why := _not_plain_attention(config):
-            return SDPA, f"the model's attention has {why}"
     heads = text["num_attention_heads"]
     shape = (heads, text.get("num_key_value_heads") or heads, text.get("head_dim") or text["hidden_size"] // heads)
     try:
@@ -155,10 +165,12 @@ def choose(device: torch.device, dtype: torch.dtype, model_config: dict[str, Any
     return VARLEN, f"varlen attention agrees with SDPA (largest difference {error:.2g})"
 
 
-def _not_plain_attention(config: dict[str, Any]) -> str | None:
-    """What in a model's config makes its attention more than causal attention over each whole sequence with one
-    head size and the usual scale (all of which transformers would express in a mask or in arguments varlen
-    attention does not take), or None."""
+def not_plain_attention(config: dict[str, Any]) -> str | None:
+    """What in a model's config (or its language model's, `text_config`) makes its attention more than causal
+    attention over each whole sequence with one head size and the usual scale (all of which transformers would
+    express in a mask or in arguments varlen attention does not take), or None."""
+    if (text := config.get("text_config")) and (why := not_plain_attention(text)):
+        return why
     if any(config.get(k) for k in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")):
         return "dropout"
     if config.get("sliding_window") and config.get("use_sliding_window", True):

@@ -14,7 +14,8 @@ Prefix sharing turns a micro-batch of rows that begin alike (a system prompt, an
 the shared tokens once, then each example's remaining tokens with the positions they had, attending to the shared
 tokens and to themselves (a tree-shaped causal mask). Every example's attention and loss are what they were in its
 own row; the shared tokens are computed once instead of once per row, and their gradient sums every row's. Only
-LoRA dropout differs: it draws one mask for the shared tokens where separate rows would draw one each.
+dropout differs (LoRA's, and the model's own if it has any): it draws one mask for the shared tokens where separate
+rows would draw one each.
 """
 
 from __future__ import annotations
@@ -97,9 +98,10 @@ class Schedule:
 
 
 # A shared-prefix row must cost at most this share of the padded batch it replaces (see shared_prefix_length), and be
-# at most this long: its dense mask is width^2 floats (64 MiB in fp32 at 4,096).
+# at most this long: its dense mask is width^2 floats, 16 MiB in fp32 at 2,048 (attention in fp32 on a CPU in bf16
+# keeps an fp32 copy per layer for backward).
 SHARING_MAX_COST = 0.9
-SHARING_MAX_WIDTH = 4096
+SHARING_MAX_WIDTH = 2048
 SHARED = -2  # the segment of the tokens a shared-prefix row's examples share
 
 

@@ -10,7 +10,8 @@ from lorafinetune.api.spec import LoRAFineTuneSpec
 
 SECTIONS = ("model", "dataset", "lora", "training", "deepspeed")
 # Fields that change how a result is computed, not what it is: a checkpoint resumes across a change of them (and
-# across their introduction, which would otherwise change every earlier result's section).
+# across their introduction, which would otherwise change every earlier result's section). sharePrefix changes only
+# how dropout masks are drawn for shared tokens: the same training, not bit for bit the same run.
 HOW_NOT_WHAT = {"dataset": ("sharePrefix",)}
 
 

@@ -148,7 +148,7 @@ class LoRAFineTuneRecipe:
             print(f"warning: {slow}", flush=True)
         base = model.load_base_model(self.model_dir, spec.model, dtype, revision, quantized_on=device)
         self.attention = self._use_attention(base, device, dtype)
-        self.share_prefix = self._prefix_sharing(base.config.to_dict())
+        self.share_prefix = self._prefix_sharing(attention.config_of(base.config))
         self.quantized_layers = sum(1 for m in base.modules() if type(m).__name__ in model.QUANTIZED_LINEARS)
         self.peft_model = model.wrap_with_lora(base, spec.lora, spec.training.gradient_checkpointing)
         if spec.deepspeed.zero_stage < 3:  # ZeRO-3 gathers weights in each module's own call
@@ -263,7 +263,7 @@ class LoRAFineTuneRecipe:
     def _use_attention(self, base: Any, device: torch.device, dtype: torch.dtype) -> str:
         """Varlen attention where it can run, SDPA in fp32 on a CPU in half precision (see attention.py), else SDPA
         with masks; logged either way."""
-        chosen, why = attention.choose(device, dtype, base.config.to_dict())
+        chosen, why = attention.choose(device, dtype, attention.config_of(base.config))
         if chosen != attention.SDPA:
             attention.register(chosen)
             base.set_attn_implementation(chosen)
@@ -283,6 +283,8 @@ class LoRAFineTuneRecipe:
             why = "packed rows"
         elif self.attention == attention.VARLEN:
             why = "varlen attention takes no tree-shaped mask"
+        elif plain := attention.not_plain_attention(config):
+            why = f"the model's attention has {plain}, which a mask of ours would leave out"
         else:
             try:
                 pairs = batching.attention_pairs_per_token(config)

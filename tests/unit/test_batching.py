@@ -133,11 +133,13 @@ def test_rows_are_kept_apart_where_sharing_saves_nothing_or_costs_more():
     assert shared_prefix_length([Unit((a, a)), Unit((a,))], CHEAP_ATTENTION) == 0  # packed rows
     few = [Example([1, 2] + [5 + i] * 300, [X, X] + [5] * 300, f"{i}") for i in range(8)]
     assert shared_prefix_length(units_of(*few), CHEAP_ATTENTION) == 0  # 7 tokens fewer of 2,416: not worth it
-    long = [Example([1] * 300 + [5 + i] * 700, [X] * 300 + [5] * 700, f"{i}") for i in range(4)]
-    assert shared_prefix_length(units_of(*long), CHEAP_ATTENTION) == 299
-    # Where attention costs something, one row of 3,103 tokens under a dense mask is dearer than 4 rows of 1,000.
+    long = [Example([1] * 200 + [5 + i] * 400, [X] * 200 + [5] * 400, f"{i}") for i in range(4)]
+    assert shared_prefix_length(units_of(*long), CHEAP_ATTENTION) == 199
+    # Where attention costs something, one row of 1,803 tokens under a dense mask is dearer than 4 rows of 600.
     assert shared_prefix_length(units_of(*long), 3072.0) == 0
-    assert collate(units_of(*long), 0, False, share_prefix=3072.0)["input_ids"].shape == (4, 1000)
+    assert collate(units_of(*long), 0, False, share_prefix=3072.0)["input_ids"].shape == (4, 600)
+    wide = [Example([1] * 100 + [5 + i] * 300, [X] * 100 + [5] * 300, f"{i}") for i in range(8)]
+    assert shared_prefix_length(units_of(*wide), CHEAP_ATTENTION) == 0  # 2,507 tokens: over SHARING_MAX_WIDTH
     assert collate(units_of(a, a), 0, False, varlen=True, share_prefix=CHEAP_ATTENTION)["input_ids"].shape == (2, 4)
 
 
